@@ -1,0 +1,195 @@
+"""The export job: checkpoint folder -> self-contained model folder, verified against eager PyTorch.
+
+The folder is built under a temporary name beside OUT and renamed into place only after the
+parity check passes, so a failed or interrupted export never leaves a folder that loads as complete.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from models import family_for_model_type
+from runtime.manifest import FORMAT_VERSION, MANIFEST
+
+from . import assets
+
+EXPORT_FAMILIES = {"qwen3_vl": "export.qwen3_vl"}
+
+
+class ExportError(Exception):
+    """The export cannot proceed; the message says why and what to do."""
+
+
+class Progress:
+    """Numbered step lines on stderr, with a heartbeat during long steps."""
+
+    def __init__(self, total: int, stream=sys.stderr, heartbeat_s: float = 20.0):
+        self.total, self.index, self.stream, self.heartbeat_s = total, 0, stream, heartbeat_s
+
+    def log(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+    @contextmanager
+    def step(self, name: str):
+        self.index += 1
+        start = time.perf_counter()
+        self.log(f"[{self.index}/{self.total}] {name} ...")
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(self.heartbeat_s):
+                self.log(f"      ... {name}: {time.perf_counter() - start:.0f} s")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+        self.log(f"      done in {time.perf_counter() - start:.1f} s")
+
+
+def _read_config(source: str) -> dict:
+    path = os.path.join(source, "config.json")
+    if os.path.isdir(source):
+        if not os.path.isfile(path):
+            raise ExportError(f"{source!r} has no config.json: pass a Hugging Face checkpoint folder "
+                              f"(config.json, *.safetensors, tokenizer.json, ...)")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(source, "config.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except Exception as e:
+        raise ExportError(f"{source!r} is not a local folder and could not be fetched from the Hugging Face hub "
+                          f"({type(e).__name__}); pass a local checkpoint folder") from None
+
+
+def _resolve_source(source: str) -> str:
+    """A local folder for `source` (a hub id is downloaded to the local cache first)."""
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source)
+
+
+def prepare_output(out: str, force: bool) -> str:
+    """Check OUT and return the temporary folder to build in (beside OUT, same filesystem)."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"output {out!r} exists and is not a folder; choose another -o")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise ExportError(f"output folder {out!r} is not empty; pass --force to replace it or choose another -o")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def _publish(staging: str, out: str) -> None:
+    """Move the finished folder into place (replacing an old OUT only now, when the new one is complete)."""
+    out = os.path.abspath(out)
+    if os.path.isdir(out):
+        trash = out + f".old-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+
+
+def versions() -> dict:
+    found = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy"):
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except Exception:  # a missing optional package is recorded as absent
+            found[name] = None
+    return found
+
+
+def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
+               parity_tokens: int = 8) -> dict:
+    """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity."""
+    progress = progress or Progress(total=6)
+    config = _read_config(source)
+    try:
+        family_name = family_for_model_type(config.get("model_type", "?"))
+    except KeyError as e:
+        raise ExportError(f"{source!r}: {e.args[0]}") from None
+    family = importlib.import_module(EXPORT_FAMILIES[family_name])
+    staging = prepare_output(out, force)
+    try:
+        manifest = _build(source, staging, family, family_name, quantize, progress, parity_tokens)
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress.log(f"exported {source} -> {os.path.abspath(out)}")
+    return manifest
+
+
+def _build(source, staging, family, family_name, quantize, progress, parity_tokens) -> dict:
+    with progress.step(f"loading checkpoint {source}"):
+        folder = _resolve_source(source)
+        model = family.load_model(folder)
+    with progress.step("computing the eager PyTorch reference"):
+        reference = family.reference_case(model, new_tokens=parity_tokens)
+    manifest = {"format_version": FORMAT_VERSION, "family": family_name, **family.manifest_sections(model)}
+    graphs = {}
+    with progress.step("exporting the vision graph"):
+        extra = family.export_vision(model, os.path.join(staging, "vision.onnx"))
+        graphs["vision"] = {"file": "vision.onnx", "external_data": extra}
+    with progress.step("exporting the decoder graph"):
+        extra = family.export_decoder(model, os.path.join(staging, "decoder.onnx"))
+        graphs["decoder"] = {"file": "decoder.onnx", "external_data": extra}
+        table = family.embedding_table(model)
+    del model
+    gc.collect()
+    with progress.step("writing embeddings, tokenizer, chat template and configs"):
+        np.save(os.path.join(staging, "embed_tokens.npy"), table)
+        manifest["embeddings"] = {"file": "embed_tokens.npy", "dtype": str(table.dtype), "shape": list(table.shape)}
+        del table
+        manifest.update(assets.copy_assets(folder, staging))
+        manifest["special_tokens"]["eos_token_ids"] = manifest["generation"].pop("eos_token_ids")
+        try:
+            manifest["preprocessing"] = family.preprocessing_params(manifest["preprocessing"], manifest)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+    manifest["graphs"] = graphs
+    manifest["quantization"] = {"method": quantize}
+    manifest["source"] = {"checkpoint": os.path.abspath(source) if os.path.isdir(source) else source}
+    manifest["versions"] = versions()
+    for name, graph in graphs.items():
+        graph.update(assets.graph_io(os.path.join(staging, graph["file"])))
+    _write_manifest(staging, manifest)
+    with progress.step("checking the ONNX graphs against eager PyTorch"):
+        from .parity import check_parity
+
+        figures = check_parity(staging, reference)
+    manifest["parity"] = figures
+    _write_manifest(staging, manifest)
+    progress.log("parity: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    if not figures["passed"]:
+        raise ExportError("the exported graphs do not match eager PyTorch: " + json.dumps(figures))
+    return manifest
+
+
+def _write_manifest(folder: str, manifest: dict) -> None:
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        f.write("\n")

@@ -1,0 +1,96 @@
+"""Qwen3-VL prompt construction: image placeholder expansion and tokenization.
+
+Mirrors what ``Qwen3VLProcessor.__call__`` (transformers 5.x) does to the text after the chat
+template has rendered it:
+
+1. ``ProcessorMixin.validate_inputs``: the number of ``<|image_pad|>`` in the text must equal the
+   number of images (``ValueError`` otherwise);
+2. ``ProcessorMixin.get_text_with_replacements`` + ``Qwen3VLProcessor.replace_image_token``: the
+   i-th ``<|image_pad|>`` (in text order) becomes ``image_grid_thw[i].prod() // merge_size**2``
+   copies of ``<|image_pad|>``. Nothing else in the text changes for images: the surrounding
+   ``<|vision_start|>`` / ``<|vision_end|>`` come from the chat template, and no timestamps or
+   extra markers are added (Qwen3-VL only adds ``<t seconds>`` text and per-frame
+   vision_start/end around *video* placeholders, which are not handled here);
+3. ``tokenizer(text)`` with the default ``add_special_tokens=True`` -- the processor only turns it
+   off when a BOS token is defined and the prompt starts with it. Qwen has no BOS token and its
+   ``tokenizer.json`` post-processor is plain ``ByteLevel`` (adds nothing), so the ids are those of
+   ``Tokenizer.encode(text)``.
+
+Serve-time module: numpy + tokenizers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["IMAGE_PAD", "expand_image_pads", "num_image_tokens", "tokenize_prompt"]
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+def _grid_array(image_grid_thw: Any) -> np.ndarray:
+    grid = np.asarray(image_grid_thw)
+    if grid.size == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    if grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {grid.shape}")
+    if not np.issubdtype(grid.dtype, np.integer):
+        if not np.all(np.equal(np.mod(grid, 1), 0)):
+            raise ValueError(f"image_grid_thw must hold integers, got {grid.tolist()}")
+        grid = grid.astype(np.int64)
+    if np.any(grid <= 0):
+        raise ValueError(f"image_grid_thw entries must be positive, got {grid.tolist()}")
+    return grid.astype(np.int64, copy=False)
+
+
+def num_image_tokens(image_grid_thw: Any, merge_size: int) -> list[int]:
+    """LLM tokens per image: ``t * h * w // merge_size**2`` for each (t, h, w) row."""
+    if not isinstance(merge_size, (int, np.integer)) or merge_size <= 0:
+        raise ValueError(f"merge_size must be a positive integer, got {merge_size!r}")
+    grid = _grid_array(image_grid_thw)
+    return [int(n) for n in grid.prod(axis=1) // (int(merge_size) ** 2)]
+
+
+def expand_image_pads(text: str, image_grid_thw: Any, merge_size: int, image_pad: str = IMAGE_PAD) -> str:
+    """Replace the i-th `image_pad` in `text` with ``prod(image_grid_thw[i]) // merge_size**2``
+    copies of it, exactly as ``Qwen3VLProcessor`` does.
+
+    Raises ``ValueError`` when the number of `image_pad` occurrences in `text` differs from the
+    number of rows of `image_grid_thw` (the processor's "number of <|image_pad|> tokens ... should be
+    the same as the number of images" check), or when the grid is malformed.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    if not image_pad:
+        raise ValueError("image_pad must be a non-empty string")
+    counts = num_image_tokens(image_grid_thw, merge_size)
+    pieces = text.split(image_pad)  # non-overlapping, left to right: same as the processor's regex
+    n_pads = len(pieces) - 1
+    if n_pads != len(counts):
+        raise ValueError(
+            f"The prompt has {n_pads} {image_pad} placeholder(s) but {len(counts)} image(s) were given; "
+            "each image needs exactly one placeholder (the chat template emits one per image part)"
+        )
+    if not counts:
+        return text
+    out = [pieces[0]]
+    for count, piece in zip(counts, pieces[1:]):
+        out.append(image_pad * count)
+        out.append(piece)
+    return "".join(out)
+
+
+def tokenize_prompt(tokenizer: Any, text: str, add_special_tokens: bool = True) -> np.ndarray:
+    """Token ids (1-D int64) of the expanded prompt, as the processor's ``tokenizer(text)`` gives.
+
+    `tokenizer` is a ``tokenizers.Tokenizer`` (loaded from the model's ``tokenizer.json``).
+    ``add_special_tokens=True`` is what the processor uses; it is a no-op for Qwen (no BOS, and the
+    ByteLevel post-processor adds nothing). Special tokens in `text` (``<|im_start|>``,
+    ``<|image_pad|>``, ...) are matched as single tokens.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    encoding = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return np.asarray(encoding.ids, dtype=np.int64)

@@ -1,0 +1,235 @@
+"""The serve-time model: load an exported folder once, answer many prompts.
+
+Layered like mlx-lm: `generate_step` yields token ids from prepared inputs, `stream_generate`
+yields text deltas with timings, `generate` joins them. Never imports torch or transformers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.sampling import SamplingParams, make_sampler, min_new_tokens_processor, repetition_penalty_processor
+from models import get_family
+
+from .chat import build_user_messages, normalize_messages, render_chat
+from .detokenize import StopStringMatcher, StreamingDetokenizer
+from .errors import ContextLengthError, ModelFolderError, UserError
+from .kv_cache import KVCache
+from .manifest import load_manifest
+from .sessions import create_session
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed piece of an answer."""
+
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A whole answer with its statistics (what `--json` prints)."""
+
+    text: str
+    token_ids: list
+    prompt_tokens: int
+    image_tokens: int
+    finish_reason: str
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "image_tokens": self.image_tokens, "finish_reason": self.finish_reason,
+                "timings": self.timings, **self.timings}
+
+
+class VisionLanguageModel:
+    """An exported model folder, loaded: ONNX Runtime sessions, tokenizer, chat template, embeddings.
+
+    Args:
+        folder: the OUT folder written by `python -m export`.
+        threads: intra-op threads for ONNX Runtime (default: all cores).
+    """
+
+    def __init__(self, folder: str, threads: int | None = None):
+        start = time.perf_counter()
+        self.folder = folder
+        self.manifest = manifest = load_manifest(folder)
+        try:
+            self.family = get_family(manifest["family"]).Family(manifest)
+        except KeyError as e:
+            raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
+        from tokenizers import Tokenizer  # serve-time dependency, imported here to keep `import runtime` light
+
+        self.tokenizer = Tokenizer.from_file(os.path.join(folder, manifest["tokenizer"]))
+        template = manifest.get("chat_template")
+        self.chat_template = open(os.path.join(folder, template), encoding="utf-8").read() if template else None
+        table = manifest["embeddings"]
+        self.embeddings = np.load(os.path.join(folder, table["file"]), mmap_mode="r")
+        self.embedding_scale = (np.load(os.path.join(folder, table["scale_file"]), mmap_mode="r")
+                                if table.get("scale_file") else None)
+        self.sessions = {name: create_session(folder, graph, threads) for name, graph in manifest["graphs"].items()}
+        text = manifest["text_config"]
+        self.num_layers, self.num_kv_heads = int(text["num_layers"]), int(text["num_kv_heads"])
+        self.head_dim, self.max_context = int(text["head_dim"]), int(text["max_context"])
+        self.eos_token_ids = [int(t) for t in manifest["special_tokens"].get("eos_token_ids", [])]
+        self.generation_defaults = manifest.get("generation", {})
+        self.load_s = time.perf_counter() - start
+
+    # --- inputs -------------------------------------------------------------------------------
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids [S] -> float32 [S, H], from the memory-mapped table."""
+        rows = np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+        if self.embedding_scale is not None:
+            rows *= np.asarray(self.embedding_scale[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+        return rows
+
+    def render(self, messages: list) -> tuple[str, list]:
+        """Chat messages -> (prompt text with one image pad per image, image sources in order)."""
+        if self.chat_template is None:
+            raise ModelFolderError(f"{self.folder!r} has no chat template; pass token ids instead")
+        template_messages, images = normalize_messages(messages)
+        variables = self.manifest.get("template_variables", {})
+        return render_chat(self.chat_template, template_messages, add_generation_prompt=True, **variables), images
+
+    def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None):
+        """Chat messages (transformers' processor format) -> the family's PreparedPrompt."""
+        text, images = self.render(messages)
+        pixel_values = grid = None
+        if images:
+            pixel_values, grid = self.family.preprocess(images, min_pixels=min_pixels, max_pixels=max_pixels)
+        input_ids = self.family.tokenize(self.tokenizer, text, grid)
+        return self.family.prepare(input_ids, pixel_values, grid)
+
+    # --- generation ---------------------------------------------------------------------------
+    def _run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
+        new_tokens = feeds["inputs_embeds"].shape[1]
+        feeds = dict(feeds, attention_mask=cache.attention_mask(new_tokens), **cache.feeds())
+        outputs = self.sessions["decoder"].run(None, feeds)
+        cache.append(outputs[1:])
+        return outputs[0][0]  # logits [vocab] of the last position
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, before any work, a request that cannot fit the context."""
+        if prompt_tokens + max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens and --max-new-tokens is {max_new_tokens}: together "
+                f"{prompt_tokens + max_new_tokens}, over this model's context of {self.max_context} tokens; "
+                f"shorten the prompt, use fewer or smaller images (--max-pixels), or lower --max-new-tokens")
+
+    def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                      min_new_tokens: int = 0, timings: dict | None = None):
+        """Yield generated token ids one at a time (EOS included, then stop).
+
+        Args:
+            prompt: a PreparedPrompt from `prepare` (or the family's `prepare` on raw ids).
+            sampling: SamplingParams (default: greedy).
+            timings: a dict filled with vision_s, prefill_s, ttft_s, decode_s as the work happens.
+        """
+        sampling = sampling or SamplingParams(greedy=True)
+        sampling.validate()
+        timings = {} if timings is None else timings
+        prompt_len = len(prompt.input_ids)
+        self.check_context(prompt_len, max_new_tokens)
+        start = time.perf_counter()
+        vision_outputs = None
+        if prompt.pixel_values is not None:
+            feeds = self.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw)
+            vision_outputs = self.sessions["vision"].run(None, feeds)
+        timings["vision_s"] = time.perf_counter() - start
+
+        sampler = make_sampler(sampling)
+        processors = []
+        if sampling.repetition_penalty != 1.0:
+            processors.append(repetition_penalty_processor(sampling.repetition_penalty))
+        if min_new_tokens > 0 and self.eos_token_ids:
+            processors.append(min_new_tokens_processor(self.eos_token_ids, min_new_tokens, prompt_len))
+        cache = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context)
+        cache.reserve(prompt_len + min(max_new_tokens, 256))
+        tokens = [int(t) for t in prompt.input_ids]
+
+        prefill_start = time.perf_counter()
+        feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
+        cache_before = cache.offset
+        logits = self._run_decoder(feeds, cache)
+        assert cache.offset == cache_before + prompt_len
+        timings["prefill_s"] = time.perf_counter() - prefill_start
+        decode_start = None
+        for step in range(max_new_tokens):
+            for process in processors:
+                logits = process(np.asarray(tokens), logits)
+            token = int(sampler(logits))
+            if step == 0:
+                timings["ttft_s"] = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            tokens.append(token)
+            yield token
+            if token in self.eos_token_ids or step == max_new_tokens - 1:
+                break
+            feeds = self.family.decode_feeds(prompt, self.embed([token])[0], cache.offset)
+            logits = self._run_decoder(feeds, cache)
+            timings["decode_s"] = time.perf_counter() - decode_start
+            timings["decode_steps"] = step + 1
+
+    def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                        min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None):
+        """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
+
+        `prompt` is a PreparedPrompt or a list of chat messages.
+        """
+        if isinstance(prompt, list):
+            prompt = self.prepare(prompt)
+        detokenizer = StreamingDetokenizer(self.tokenizer)
+        stopper = StopStringMatcher(stop or [])
+        finish_reason = "length"
+        for token in self.generate_step(prompt, sampling, max_new_tokens, min_new_tokens, timings):
+            if token in self.eos_token_ids:
+                finish_reason = "stop"
+                break
+            text, stopped = stopper.feed(detokenizer.add_token(token))
+            if stopped:
+                yield GenerationChunk(text, token, "stop")
+                return
+            yield GenerationChunk(text, token)
+        text, _ = stopper.feed(detokenizer.finalize())
+        yield GenerationChunk(text + stopper.flush(), None, finish_reason)
+
+    def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                 min_new_tokens: int = 0, stop: list | None = None) -> GenerationResult:
+        """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult."""
+        if isinstance(prompt, list):
+            prompt = self.prepare(prompt)
+        timings, pieces, token_ids, finish = {}, [], [], "length"
+        for chunk in self.stream_generate(prompt, sampling, max_new_tokens, min_new_tokens, stop, timings):
+            pieces.append(chunk.text)
+            if chunk.token_id is not None:
+                token_ids.append(chunk.token_id)
+            finish = chunk.finish_reason or finish
+        return GenerationResult("".join(pieces), token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
+                                summarize_timings(timings, self.load_s))
+
+    def ask(self, prompt: str, images=(), system: str | None = None, **kwargs) -> str:
+        """Convenience: one user turn (images then text) -> answer text."""
+        return self.generate(build_user_messages(prompt, list(images), system), **kwargs).text
+
+
+def summarize_timings(timings: dict, load_s: float) -> dict:
+    """Seconds and tokens/s as `--json` reports them."""
+    steps = timings.get("decode_steps", 0)
+    decode_s = timings.get("decode_s", 0.0)
+    return {"load_s": round(load_s, 4), "vision_s": round(timings.get("vision_s", 0.0), 4),
+            "prefill_s": round(timings.get("prefill_s", 0.0), 4), "ttft_s": round(timings.get("ttft_s", 0.0), 4),
+            "decode_tokens_per_s": round(steps / decode_s, 3) if decode_s > 0 else 0.0}
+
+
+def load(folder: str, threads: int | None = None) -> VisionLanguageModel:
+    """Load an exported model folder (see VisionLanguageModel)."""
+    return VisionLanguageModel(folder, threads)
+
+
+__all__ = ["VisionLanguageModel", "GenerationChunk", "GenerationResult", "load", "UserError"]

@@ -1,0 +1,64 @@
+"""A KV cache the runtime owns: per-layer buffers that grow in steps, written in place.
+
+The decoder graph reads the whole buffer (unused slots masked out) and returns only the new
+entries, which `append` writes at the current offset. Growth reallocates once per `step` tokens
+(like mlx-lm's KVCache), so no decode step copies the cache.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    """Keys and values for `num_layers` layers, batch 1, layout [1, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 step: int = 256, dtype=np.float32):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.max_length, self.step, self.dtype = max_length, step, dtype
+        self.offset = 0
+        self.capacity = 0
+        self.keys = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
+        self.values = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` tokens in total, rounding up to the growth step (copies only on growth)."""
+        if length <= self.capacity:
+            return
+        capacity = min(self.max_length, -(-length // self.step) * self.step)
+        capacity = max(capacity, length)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = np.zeros((1, self.num_kv_heads, capacity, self.head_dim), self.dtype)
+                new[:, :, : self.offset] = old[:, :, : self.offset]
+                store[i] = new
+        self.capacity = capacity
+
+    def feeds(self) -> dict:
+        """Graph inputs past_key_values.{i}.key|value: the buffers themselves (no copy)."""
+        feeds = {}
+        for i in range(self.num_layers):
+            feeds[f"past_key_values.{i}.key"] = self.keys[i]
+            feeds[f"past_key_values.{i}.value"] = self.values[i]
+        return feeds
+
+    def attention_mask(self, new_tokens: int) -> np.ndarray:
+        """int64 [1, capacity + new_tokens]: filled slots and the new tokens are 1."""
+        mask = np.zeros((1, self.capacity + new_tokens), dtype=np.int64)
+        mask[0, : self.offset] = 1
+        mask[0, self.capacity:] = 1
+        return mask
+
+    def append(self, presents: list) -> None:
+        """Write the graph's present.{i}.key|value ([1, kv, S, d] each, in layer order) at the offset."""
+        new = presents[0].shape[2]
+        self.reserve(self.offset + new)
+        end = self.offset + new
+        for i in range(self.num_layers):
+            self.keys[i][:, :, self.offset:end] = presents[2 * i]
+            self.values[i][:, :, self.offset:end] = presents[2 * i + 1]
+        self.offset = end
+
+    def trim(self, length: int) -> None:
+        """Forget everything after the first `length` tokens."""
+        self.offset = min(self.offset, length)

@@ -1,0 +1,28 @@
+"""ONNX Runtime sessions with settings that fit a small CPU host."""
+from __future__ import annotations
+
+import os
+
+from .errors import ModelFolderError
+
+
+def create_session(folder: str, graph: dict, threads: int | None = None):
+    """An InferenceSession for one manifest graph entry, on the CPU.
+
+    Args:
+        folder: the model folder; graph["file"] is relative to it.
+        threads: intra-op threads (default: the cores this process may use).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    path = os.path.join(folder, graph["file"])
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
+        raise ModelFolderError(f"{path} cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:300]}); "
+                               f"re-export the model") from None
