@@ -67,7 +67,7 @@ def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**(config or tiny_config())))
     model.save_pretrained(folder, safe_serialization=True)
-    write_qwen_tokenizer_json(os.path.join(folder, "tokenizer.json"), with_tool_tokens=True)
+    write_qwen_tokenizer_json(os.path.join(folder, "tokenizer.json"), with_qwen3_tokens=True)
     with open(TEMPLATE, encoding="utf-8") as f:
         template = f.read()
     with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:

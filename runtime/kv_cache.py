@@ -13,11 +13,13 @@ class KVCache:
     """Keys and values for `num_layers` layers, batch 1, layout [1, kv_heads, capacity, head_dim]."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int,
-                 step: int = 256, dtype=np.float32):
+                 step: int = 256, dtype=np.float32, expected_length: int = 0):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.max_length, self.step, self.dtype = max_length, step, dtype
         self.offset = 0
         self.capacity = 0
+        # The first write (the prompt) sizes the buffer for the whole expected answer at once.
+        self.expected_length = min(expected_length, max_length)
         self.keys = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
         self.values = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
 
@@ -52,7 +54,7 @@ class KVCache:
     def append(self, presents: list) -> None:
         """Write the graph's present.{i}.key|value ([1, kv, S, d] each, in layer order) at the offset."""
         new = presents[0].shape[2]
-        self.reserve(self.offset + new)
+        self.reserve(max(self.offset + new, self.expected_length if self.capacity == 0 else 0))
         end = self.offset + new
         for i in range(self.num_layers):
             self.keys[i][:, :, self.offset:end] = presents[2 * i]

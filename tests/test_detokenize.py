@@ -11,12 +11,8 @@ import pytest
 
 from runtime.detokenize import StopStringMatcher, StreamingDetokenizer
 
-try:  # tests/ on sys.path (pytest rootdir insertion) or repo root on sys.path
-    from qwen_vocab import (PRETOKENIZE_REGEX, QWEN2_SPECIAL_TOKENS, build_qwen_tokenizer, bytes_to_unicode,
-                            load_qwen_ranks)
-except ImportError:  # pragma: no cover
-    from tests.qwen_vocab import (PRETOKENIZE_REGEX, QWEN2_SPECIAL_TOKENS, build_qwen_tokenizer,
-                                  bytes_to_unicode, load_qwen_ranks)
+from export.qwen_vocab import (PRETOKENIZE_REGEX, QWEN2_SPECIAL_TOKENS, build_qwen_tokenizer, bytes_to_unicode,
+                               load_qwen_ranks)
 
 CHINESE = "你好，世界！今天天气很好，我们去公园散步吧。量子力学与鳄鱼、饕餮、龘。"
 EMOJI = "Party 🎉🎉 thumbs 👍🏽, family 👨‍👩‍👧‍👦, flag 🇯🇵, 🫠 melting."

@@ -63,7 +63,7 @@ def template() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from qwen_vocab import build_qwen_tokenizer
+    from export.qwen_vocab import build_qwen_tokenizer
     from tokenizers import AddedToken, Tokenizer
 
     tok = Tokenizer.from_str(build_qwen_tokenizer(with_tool_tokens=True).to_str())  # private copy

@@ -1,0 +1,127 @@
+"""`python -m runtime.generate -m OUT [--image PATH ...] -p TEXT`: answer a prompt, streaming to stdout.
+
+Serve-time only: numpy, onnxruntime, tokenizers, pillow, jinja2. Never imports torch or transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+
+from kernels.image import ImageError
+from kernels.sampling import SamplingParams
+
+from .errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.generate",
+                                description="Answer an image + text prompt with an exported model (CPU, no PyTorch).")
+    p.add_argument("-m", "--model", required=True, help="exported model folder (from `python -m export`)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image; repeat for several (they come before the text, in the order given)")
+    p.add_argument("-p", "--prompt", required=True, help="the user's text")
+    p.add_argument("--system", help="a system message (none is added unless given)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is suppressed until this many (default 0)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (overrides the sampling options)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's generation config)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, help="CTRL-style repetition penalty (1 = off)")
+    p.add_argument("--seed", type=int, help="sampler seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text; repeatable")
+    p.add_argument("--min-pixels", type=int, help="smallest image area in pixels after resizing (token budget)")
+    p.add_argument("--max-pixels", type=int, help="largest image area in pixels after resizing (token budget)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--dump-inputs", metavar="DIR",
+                   help="write the model inputs (input_ids, pixel_values, image_grid_thw, position_ids) as .npy")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    return p
+
+
+def sampling_from_args(args, defaults: dict) -> SamplingParams:
+    """Flags over the model's generation_config defaults; --greedy wins."""
+    explicit = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+                if getattr(args, name) is not None}
+    wants_sampling = defaults.get("do_sample", False) or any(k in explicit for k in ("temperature", "top_k", "top_p", "min_p"))
+    values = {k: defaults[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if k in defaults}
+    values.update(explicit)
+    params = SamplingParams(greedy=args.greedy or not wants_sampling, seed=args.seed, **values)
+    return params.validate()
+
+
+def check_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise UserError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
+                        f"got {args.min_new_tokens}")
+    for flag in ("min_pixels", "max_pixels", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min-pixels ({args.min_pixels}) is larger than --max-pixels ({args.max_pixels})")
+    for image in args.image:
+        if not os.path.isfile(image):
+            raise UserError(f"image {image!r} does not exist or is not a file")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(args) -> int:
+    check_args(args)
+    from .chat import build_user_messages
+    from .engine import VisionLanguageModel
+
+    model = VisionLanguageModel(args.model, threads=args.threads)
+    sampling = sampling_from_args(args, model.generation_defaults)
+    messages = build_user_messages(args.prompt, args.image, args.system)
+    prompt = model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.dump_inputs:
+        import numpy as np
+
+        os.makedirs(args.dump_inputs, exist_ok=True)
+        for name, array in prompt.dump().items():
+            np.save(os.path.join(args.dump_inputs, name + ".npy"), array)
+    timings, pieces, token_ids, finish = {}, [], [], "length"
+    for chunk in model.stream_generate(prompt, sampling, args.max_new_tokens, args.min_new_tokens, args.stop, timings):
+        if not args.json and chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        pieces.append(chunk.text)
+        if chunk.token_id is not None:
+            token_ids.append(chunk.token_id)
+        finish = chunk.finish_reason or finish
+    from .engine import summarize_timings
+
+    if args.json:
+        result = {"text": "".join(pieces), "token_ids": token_ids, "prompt_tokens": int(len(prompt.input_ids)),
+                  "image_tokens": prompt.image_tokens, "finish_reason": finish,
+                  "timings": summarize_timings(timings, model.load_s), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        result.update(result["timings"])
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, ImageError, ValueError) as e:  # user mistakes: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
