@@ -10,7 +10,6 @@ import os
 import sys
 import tempfile
 
-QUANTIZE_CHOICES = ("none",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,8 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true",
                         help="export a tiny random-weight Qwen3-VL with the real Qwen vocabulary instead of SRC")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                        help="weight format of the graphs (default: none = float32)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                        help="weights: none = float32 (default); int8 = dynamic int8 MatMuls; int4 = 4-bit "
+                             "MatMulNBits decoder (block 32, accuracy level 4) + int8 vision")
     parser.add_argument("--parity-tokens", type=int, default=8,
                         help="greedy tokens compared with eager PyTorch after export (default: 8)")
     args = parser.parse_args(argv)

@@ -36,3 +36,23 @@ def check_parity(folder: str, reference: dict, logits_rtol: float = LOGITS_RTOL,
                              and all(v <= features_rtol for k, v in figures.items() if k.endswith("_rel_err")
                                      and k != "first_logits_rel_err"))
     return {k: (round(v, 9) if isinstance(v, float) else v) for k, v in figures.items()}
+
+
+def quantized_agreement(folder: str, reference: dict) -> dict:
+    """How close a quantized folder stays to eager fp32 on the reference case (reported, not enforced)."""
+    model = VisionLanguageModel(folder)
+    image_embeds, _ = model.sessions["vision"].run(None, reference["vision_feeds"])
+    prompt = model.family.prepare(reference["input_ids"], reference["pixel_values"], reference["image_grid_thw"])
+    logits = model.prefill(prompt)
+    expected = reference["tokens"]
+    tokens = list(model.generate_step(prompt, max_new_tokens=len(expected), min_new_tokens=len(expected)))
+    same_prefix = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(expected))
+    return {"image_embeds_cosine": round(cosine(image_embeds, reference["image_embeds"]), 6),
+            "first_logits_cosine": round(cosine(logits, reference["first_logits"]), 6),
+            "first_token_equal": bool(np.argmax(logits) == np.argmax(reference["first_logits"])),
+            "greedy_tokens_equal_prefix": f"{same_prefix}/{len(expected)}"}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))

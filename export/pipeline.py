@@ -64,8 +64,16 @@ def _read_config(source: str) -> dict:
         if not os.path.isfile(path):
             raise ExportError(f"{source!r} has no config.json: pass a Hugging Face checkpoint folder "
                               f"(config.json, *.safetensors, tokenizer.json, ...)")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportError(f"{path} cannot be read as JSON ({e}); pass a valid Hugging Face checkpoint "
+                              f"folder") from None
+        if not isinstance(config, dict):
+            raise ExportError(f"{path} is not a JSON object (got {type(config).__name__}); pass a valid "
+                              f"Hugging Face checkpoint folder")
+        return config
     try:
         from huggingface_hub import hf_hub_download
 
@@ -171,7 +179,7 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
         except ValueError as e:
             raise ExportError(str(e)) from None
     manifest["graphs"] = graphs
-    manifest["quantization"] = {"method": quantize}
+    manifest["quantization"] = {"method": "none"}
     manifest["source"] = {"checkpoint": os.path.abspath(source) if os.path.isdir(source) else source}
     manifest["versions"] = versions()
     for name, graph in graphs.items():
@@ -186,7 +194,51 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
     progress.log("parity: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if not figures["passed"]:
         raise ExportError("the exported graphs do not match eager PyTorch: " + json.dumps(figures))
+    if quantize != "none":
+        with progress.step(f"quantizing ({quantize}) and measuring agreement with eager PyTorch"):
+            manifest["quantization"] = _quantize(staging, manifest, quantize)
+            _write_manifest(staging, manifest)
+            from .parity import quantized_agreement
+
+            manifest["quantization"]["agreement"] = quantized_agreement(staging, reference)
+            _write_manifest(staging, manifest)
+        progress.log("quantized agreement with eager fp32: " + ", ".join(
+            f"{k}={v}" for k, v in manifest["quantization"]["agreement"].items()))
     return manifest
+
+
+def _quantize(staging: str, manifest: dict, method: str) -> dict:
+    """Replace the fp32 graphs and embeddings in `staging` by quantized ones; returns the manifest entry."""
+    from . import quantize
+
+    record = {"method": method}
+    for name, graph in manifest["graphs"].items():
+        path = os.path.join(staging, graph["file"])
+        weight_format = "int4" if method == "int4" and name == "decoder" else "int8"
+        quantized = os.path.join(staging, f"{name}.{weight_format}.onnx")
+        if weight_format == "int4":
+            graph["external_data"] = quantize.quantize_int4(path, quantized)
+            record[name] = {"format": "MatMulNBits", "bits": 4, "block_size": quantize.INT4_BLOCK_SIZE,
+                            "accuracy_level": quantize.INT4_ACCURACY_LEVEL, "symmetric": True}
+        else:
+            graph["external_data"] = quantize.quantize_int8(path, quantized)
+            record[name] = {"format": "dynamic int8 (MatMulInteger)", "per_channel": True}
+        for old in [graph["file"]] + [graph["file"] + ".data"]:
+            if os.path.exists(os.path.join(staging, old)):
+                os.remove(os.path.join(staging, old))
+        graph["file"] = os.path.basename(quantized)
+        graph.update(assets.graph_io(quantized))
+        record[name]["ops"] = {k: v for k, v in quantize.count_ops(quantized).items()
+                               if k in ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm")}
+    table_path = os.path.join(staging, manifest["embeddings"]["file"])
+    rows, scale = quantize.quantize_embeddings(np.load(table_path))
+    os.remove(table_path)
+    np.save(os.path.join(staging, "embed_tokens.int8.npy"), rows)
+    np.save(os.path.join(staging, "embed_tokens.scale.npy"), scale)
+    manifest["embeddings"] = {"file": "embed_tokens.int8.npy", "scale_file": "embed_tokens.scale.npy",
+                              "dtype": "int8", "shape": list(rows.shape)}
+    record["embeddings"] = {"format": "int8 rows, float32 scale per row"}
+    return record
 
 
 def _write_manifest(folder: str, manifest: dict) -> None:

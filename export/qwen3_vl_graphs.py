@@ -147,6 +147,6 @@ class Qwen3VLDecoderGraph(nn.Module):
             if index < self.num_deepstack:
                 hidden = hidden + deepstack_embeds[index]
             presents += [key, value]
-        hidden = model.norm(hidden[:, -1, :])
-        logits = self.lm_head(hidden)  # [B, vocab]
+        hidden = model.norm(hidden[:, -1:, :])  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+        logits = self.lm_head(hidden)[:, 0]  # [B, vocab]
         return (logits, *presents)
