@@ -56,7 +56,7 @@ TOKENIZER_CONFIG = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bo
                     "model_max_length": 262144, "tokenizer_class": "Qwen2Tokenizer"}
 
 
-def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0) -> str:
+def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0, dtype=None) -> str:
     """Write a random-weight Qwen3-VL checkpoint (safetensors) with tokenizer and templates to `folder`."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -66,6 +66,8 @@ def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0) -> 
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**(config or tiny_config())))
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(folder, safe_serialization=True)
     write_qwen_tokenizer_json(os.path.join(folder, "tokenizer.json"), with_qwen3_tokens=True)
     with open(TEMPLATE, encoding="utf-8") as f:

@@ -1,0 +1,179 @@
+"""`python -m runtime.generate` on bad input: one clear `error:` line on stderr, a non-zero exit,
+nothing on stdout, no traceback.
+
+Every case runs as a real subprocess (the user's view); they are independent, so they run in
+parallel once per module and each test only checks its own result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _generate(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.generate", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _copy_model(src: str, dst: str, edit=None) -> str:
+    shutil.copytree(src, dst)
+    if edit:
+        edit(dst)
+    return dst
+
+
+def _set_format_version(folder: str) -> None:
+    path = os.path.join(folder, "manifest.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["format_version"] = 99
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+
+
+def _write_images(folder: str, photos: dict) -> dict:
+    from PIL import Image
+
+    paths = {}
+    real_jpeg = os.path.join(folder, "real.jpg")
+    Image.open(photos["astronaut"]).convert("RGB").save(real_jpeg, quality=90)
+    with open(real_jpeg, "rb") as f:
+        data = f.read()
+    paths["truncated"] = os.path.join(folder, "truncated.jpg")
+    with open(paths["truncated"], "wb") as f:
+        f.write(data[: len(data) // 2])
+    paths["corrupt"] = os.path.join(folder, "corrupt.jpg")
+    with open(paths["corrupt"], "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    paths["text"] = os.path.join(folder, "notes.txt")
+    with open(paths["text"], "w", encoding="utf-8") as f:
+        f.write("These are notes, not an image.\n" * 20)
+    paths["wide"] = os.path.join(folder, "wide.png")
+    Image.new("RGB", (2010, 10), (200, 30, 30)).save(paths["wide"])  # aspect ratio 201
+    paths["missing"] = os.path.join(folder, "no-such-photo.jpg")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cases(qwen_export, photos, tmp_path_factory) -> dict:
+    """name -> (argv, fragments the error line must contain)."""
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    images = _write_images(str(tmp), photos)
+    with open(os.path.join(qwen_export, "manifest.json"), encoding="utf-8") as f:
+        max_context = json.load(f)["text_config"]["max_context"]
+    not_a_model = str(tmp / "not-a-model")
+    os.makedirs(not_a_model)
+    with open(os.path.join(not_a_model, "weights.bin"), "wb") as f:
+        f.write(b"\0" * 16)
+    bad_version = _copy_model(qwen_export, str(tmp / "bad-version"), _set_format_version)
+    no_decoder = _copy_model(qwen_export, str(tmp / "no-decoder"),
+                             lambda d: os.remove(os.path.join(d, "decoder.onnx")))
+
+    def junk_decoder(folder):
+        with open(os.path.join(folder, "decoder.onnx"), "wb") as f:
+            f.write(b"this is not a protobuf\x00\xff" * 64)
+
+    corrupt_decoder = _copy_model(qwen_export, str(tmp / "corrupt-decoder"), junk_decoder)
+
+    good = photos["astronaut"]
+    base = ["-m", qwen_export, "--threads", "1", "--image", good, "-p", "Describe the picture."]
+
+    def on(model, image=good, *extra):
+        return ["-m", model, "--threads", "1", "--image", image, "-p", "Describe the picture.", *extra]
+
+    long_prompt = "word " * (max_context + 100)
+    return {
+        "missing image": (on(qwen_export, images["missing"]), ["no-such-photo.jpg", "not"]),
+        "corrupt image": (on(qwen_export, images["corrupt"]), ["corrupt.jpg", "not an image"]),
+        "truncated jpeg": (on(qwen_export, images["truncated"]), ["truncated.jpg", "truncated"]),
+        "text file as image": (on(qwen_export, images["text"]), ["notes.txt", "not an image"]),
+        "folder is not a model": (on(not_a_model), ["not-a-model", "manifest.json"]),
+        "unknown format_version": (on(bad_version), ["format_version", "99", "re-export"]),
+        "missing graph": (on(no_decoder), ["decoder.onnx", "missing"]),
+        "corrupt graph": (on(corrupt_decoder), ["decoder.onnx", "cannot be loaded"]),
+        "max-new-tokens over context": (base + ["--max-new-tokens", str(max_context * 4)],
+                                        ["context", str(max_context), "--max-new-tokens"]),
+        "prompt over context": (["-m", qwen_export, "--threads", "1", "-p", long_prompt, "--max-new-tokens", "4"],
+                                ["context", str(max_context), "shorten the prompt"]),
+        "top-p 1.5": (base + ["--top-p", "1.5"], ["--top-p", "1.5"]),
+        "temperature -1": (base + ["--temperature", "-1"], ["--temperature", "-1"]),
+        "top-k -2": (base + ["--top-k", "-2"], ["--top-k", "-2"]),
+        "min-p 2": (base + ["--min-p", "2"], ["--min-p", "2"]),
+        "repetition-penalty 0": (base + ["--repetition-penalty", "0"], ["--repetition-penalty", "0"]),
+        "min-new-tokens over max": (base + ["--max-new-tokens", "4", "--min-new-tokens", "9"],
+                                    ["--min-new-tokens", "--max-new-tokens", "9"]),
+        "aspect ratio over 200": (on(qwen_export, images["wide"]), ["wide.png", "aspect ratio", "200"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(cases) -> dict:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(_generate, argv) for name, (argv, _) in cases.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+CASES = ["missing image", "corrupt image", "truncated jpeg", "text file as image", "folder is not a model",
+         "unknown format_version", "missing graph", "corrupt graph", "max-new-tokens over context",
+         "prompt over context", "top-p 1.5", "temperature -1", "top-k -2", "min-p 2", "repetition-penalty 0",
+         "min-new-tokens over max", "aspect ratio over 200"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_gives_one_clear_line(name, cases, results):
+    proc = results[name]
+    fragments = cases[name][1]
+    report = f"rc={proc.returncode}\nstdout={proc.stdout!r}\nstderr={proc.stderr!r}"
+    assert proc.returncode != 0, report
+    assert "Traceback" not in proc.stderr, report
+    assert proc.stdout == "", report
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, report
+    line = lines[0]
+    assert line.startswith("error: "), report
+    assert len(line) < 600, report  # a message, not a dump (the long prompt must not be echoed)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in the error line\n{report}"
+
+
+def test_cases_cover_the_list(cases):
+    assert sorted(cases) == sorted(CASES)
+
+
+def test_good_input_still_answers(qwen_export, photos):
+    """The control: the same command line without the mistake succeeds (so the cases fail for their reason)."""
+    proc = _generate(["-m", qwen_export, "--threads", "1", "--image", photos["astronaut"], "-p", "Describe the picture.",
+                      "--greedy", "--max-new-tokens", "3", "--min-new-tokens", "3", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["token_ids"]) == 3
+
+
+def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypatch, capsys):
+    """An over-long request is refused before the vision graph or the decoder runs."""
+    from runtime import generate
+    from runtime.engine import VisionLanguageModel
+
+    calls = []
+
+    def forbidden(self, *args, **kwargs):
+        calls.append(args)
+        raise AssertionError("model work started before the context check")
+
+    for method in ("encode_images", "prefill", "_run_decoder"):
+        monkeypatch.setattr(VisionLanguageModel, method, forbidden)
+    rc = generate.main(["-m", qwen_export, "--threads", "1", "--image", photos["coffee"], "-p", "hi",
+                        "--max-new-tokens", "100000"])
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert calls == []
+    assert captured.out == ""
+    assert "context" in captured.err and len(captured.err.strip().splitlines()) == 1
