@@ -16,6 +16,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm written as x / sqrt(mean(x²) + eps) * w, the pattern ONNX Runtime fuses
+    into one SimplifiedLayerNormalization kernel (rsqrt-then-multiply is left as six ops)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x.float() / torch.sqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+
 class Qwen3VLVisionGraph(nn.Module):
     """ViT + patch merger + deepstack mergers.
 
@@ -107,8 +114,8 @@ class Qwen3VLDecoderGraph(nn.Module):
     def _attention(self, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
         batch, seq, _ = x.shape
         shape = (batch, seq, -1, self.head_dim)
-        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)  # [B, heads, S, d]
-        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)  # [B, kv, S, d]
+        q = _rms_norm(attn.q_norm, attn.q_proj(x).view(shape)).transpose(1, 2)  # [B, heads, S, d]
+        k = _rms_norm(attn.k_norm, attn.k_proj(x).view(shape)).transpose(1, 2)  # [B, kv, S, d]
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -140,13 +147,13 @@ class Qwen3VLDecoderGraph(nn.Module):
         new_bias = torch.where(new_allowed, 0.0, lowest).to(hidden.dtype)[:, None, None]
         presents = []
         for index, layer in enumerate(model.layers):
-            attn_out, key, value = self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin,
+            attn_out, key, value = self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin,
                                                    past_bias, new_bias, past[2 * index], past[2 * index + 1])
             hidden = hidden + attn_out
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
             if index < self.num_deepstack:
                 hidden = hidden + deepstack_embeds[index]
             presents += [key, value]
-        hidden = model.norm(hidden[:, -1:, :])  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+        hidden = _rms_norm(model.norm, hidden[:, -1:, :])  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
         logits = self.lm_head(hidden)[:, 0]  # [B, vocab]
         return (logits, *presents)

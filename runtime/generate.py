@@ -69,6 +69,7 @@ def check_args(args) -> None:
     for image in args.image:
         if not os.path.isfile(image):
             raise UserError(f"image {image!r} does not exist or is not a file")
+    sampling_from_args(args, {})  # the explicit sampling flags, checked before a model is loaded
 
 
 def peak_rss_mb() -> float:

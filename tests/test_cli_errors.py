@@ -177,3 +177,20 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
     assert calls == []
     assert captured.out == ""
     assert "context" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", [["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "-2"], ["--min-p", "2"],
+                                   ["--repetition-penalty", "0"], ["--min-new-tokens", "3", "--max-new-tokens", "2"]])
+def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos, monkeypatch, capsys):
+    from runtime import generate
+    from runtime.engine import VisionLanguageModel
+
+    def no_load(self, *args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(VisionLanguageModel, "__init__", no_load)
+    rc = generate.main(["-m", qwen_export, "--image", photos["noise"], "-p", "hi", *flags])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {flags[0]} must be"), captured.err
