@@ -22,7 +22,7 @@ from runtime.manifest import FORMAT_VERSION, MANIFEST
 
 from . import assets
 
-EXPORT_FAMILIES = {"qwen3_vl": "export.qwen3_vl"}
+EXPORT_FAMILIES = {"qwen3_vl": "export.qwen3_vl", "minigpt4": "export.minigpt4"}
 
 
 class ExportError(Exception):
@@ -32,11 +32,13 @@ class ExportError(Exception):
 class Progress:
     """Numbered step lines on stderr, with a heartbeat during long steps."""
 
-    def __init__(self, total: int, stream=sys.stderr, heartbeat_s: float = 20.0):
+    def __init__(self, total: int, stream=None, heartbeat_s: float = 20.0):
+        # stream None: whatever sys.stderr is when a line is written (a default bound at import time
+        # would keep writing to a stream that was swapped out and closed since, e.g. by a test harness)
         self.total, self.index, self.stream, self.heartbeat_s = total, 0, stream, heartbeat_s
 
     def log(self, message: str) -> None:
-        print(message, file=self.stream, flush=True)
+        print(message, file=self.stream if self.stream is not None else sys.stderr, flush=True)
 
     @contextmanager
     def step(self, name: str):
@@ -131,7 +133,7 @@ def versions() -> dict:
 
 
 def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
-               parity_tokens: int = 8) -> dict:
+               parity_tokens: int = 8, isolate: bool | None = None) -> dict:
     """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity."""
     progress = progress or Progress(total=6)
     config = _read_config(source)
@@ -142,7 +144,7 @@ def run_export(source: str, out: str, force: bool = False, quantize: str = "none
     family = importlib.import_module(EXPORT_FAMILIES[family_name])
     staging = prepare_output(out, force)
     try:
-        manifest = _build(source, staging, family, family_name, quantize, progress, parity_tokens)
+        manifest = _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -151,14 +153,18 @@ def run_export(source: str, out: str, force: bool = False, quantize: str = "none
     return manifest
 
 
-def _build(source, staging, family, family_name, quantize, progress, parity_tokens) -> dict:
+def _torch_stage(source, staging, family_name, parity_tokens, progress) -> tuple[dict, dict, str]:
+    """Everything that needs PyTorch: load, eager reference, graph export, embedding table.
+
+    Returns (manifest so far, reference case, local checkpoint folder)."""
+    family = importlib.import_module(EXPORT_FAMILIES[family_name])
     with progress.step(f"loading checkpoint {source}"):
         folder = _resolve_source(source)
         model = family.load_model(folder)
     with progress.step("computing the eager PyTorch reference"):
         reference = family.reference_case(model, new_tokens=parity_tokens)
     manifest = {"format_version": FORMAT_VERSION, "family": family_name, **family.manifest_sections(model)}
-    graphs = {}
+    graphs = manifest["graphs"] = {}
     with progress.step("exporting the vision graph"):
         extra = family.export_vision(model, os.path.join(staging, "vision.onnx"))
         graphs["vision"] = {"file": "vision.onnx", "external_data": extra}
@@ -166,19 +172,70 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
         extra = family.export_decoder(model, os.path.join(staging, "decoder.onnx"))
         graphs["decoder"] = {"file": "decoder.onnx", "external_data": extra}
         table = family.embedding_table(model)
-    del model
-    gc.collect()
-    with progress.step("writing embeddings, tokenizer, chat template and configs"):
         np.save(os.path.join(staging, "embed_tokens.npy"), table)
         manifest["embeddings"] = {"file": "embed_tokens.npy", "dtype": str(table.dtype), "shape": list(table.shape)}
-        del table
+    return manifest, reference, folder
+
+
+def _torch_stage_child(args, result_path) -> None:
+    """Child-process entry: run the torch stage and pickle its result (or the error) to `result_path`."""
+    import pickle
+
+    try:
+        result = ("ok", _torch_stage(*args))
+    except BaseException as e:  # reported by the parent as one line
+        result = ("error", f"{type(e).__name__}: {e}")
+    with open(result_path, "wb") as f:
+        pickle.dump(result, f)
+
+
+def _checkpoint_bytes(source: str) -> int:
+    if not os.path.isdir(source):
+        return 1 << 40  # a hub id: assume large
+    return sum(os.path.getsize(os.path.join(source, n)) for n in os.listdir(source)
+               if n.endswith((".safetensors", ".bin", ".pth")))
+
+
+def _run_torch_stage(source, staging, family_name, parity_tokens, progress, isolate: bool):
+    """Run the torch stage in this process, or in a child process so that every byte PyTorch held
+    (weights, export caches) is returned before the ONNX Runtime checks and quantization start."""
+    args = (source, staging, family_name, parity_tokens, progress)
+    if not isolate:
+        return _torch_stage(*args)
+    import multiprocessing
+    import pickle
+
+    result_path = os.path.join(staging, "_torch_stage.pkl")
+    child = multiprocessing.get_context("spawn").Process(target=_torch_stage_child, args=(args, result_path))
+    child.start()
+    child.join()
+    if not os.path.exists(result_path):
+        raise ExportError(f"the export process died (exit code {child.exitcode}"
+                          f"{', killed: out of memory?' if child.exitcode == -9 else ''})")
+    with open(result_path, "rb") as f:
+        status, payload = pickle.load(f)
+    os.remove(result_path)
+    if status != "ok":
+        raise ExportError(f"export of {source!r} failed: {payload}")
+    progress.index += 4
+    return payload
+
+
+def _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate=None) -> dict:
+    if isolate is None:  # big checkpoints: keep PyTorch's memory out of the later steps
+        isolate = _checkpoint_bytes(source) > (1 << 30)
+    manifest, reference, folder = _run_torch_stage(source, staging, family_name, parity_tokens, progress, isolate)
+    graphs = manifest["graphs"]
+    gc.collect()
+    with progress.step("writing tokenizer, chat template and configs"):
         manifest.update(assets.copy_assets(folder, staging))
+        if hasattr(family, "extra_assets"):  # a family's own files (e.g. a prompt template the checkpoint lacks)
+            manifest.update(family.extra_assets(folder, staging, manifest))
         manifest["special_tokens"]["eos_token_ids"] = manifest["generation"].pop("eos_token_ids")
         try:
             manifest["preprocessing"] = family.preprocessing_params(manifest["preprocessing"], manifest)
         except ValueError as e:
             raise ExportError(str(e)) from None
-    manifest["graphs"] = graphs
     manifest["quantization"] = {"method": "none"}
     manifest["source"] = {"checkpoint": os.path.abspath(source) if os.path.isdir(source) else source}
     manifest["versions"] = versions()
@@ -189,6 +246,7 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
         from .parity import check_parity
 
         figures = check_parity(staging, reference)
+        gc.collect()  # the fp32 sessions go before quantization loads the graphs again
     manifest["parity"] = figures
     _write_manifest(staging, manifest)
     progress.log("parity: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

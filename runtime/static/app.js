@@ -1,0 +1,196 @@
+// Chat page for runtime.serve: plain JS, no build step, no external resources.
+// Streams answers from POST /v1/chat/completions (SSE read with fetch + ReadableStream), stop = AbortController.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { model: null, history: [], pending: [], controller: null, auth: false };
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value || localStorage.getItem("vlm-api-key") || "";
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function loadModel() {
+  try {
+    const health = await (await fetch("/health")).json();
+    state.auth = !!health.auth;
+    state.model = health.model;
+    $("model").textContent = health.model;
+    if (state.auth) {
+      $("key-row").hidden = false;
+      $("api-key").value = localStorage.getItem("vlm-api-key") || "";
+      if (!$("api-key").value) $("settings").open = true;
+    }
+    const r = await fetch("/v1/models", { headers: headers() });
+    if (r.ok) {
+      const card = (await r.json()).data[0];
+      state.model = card.id;
+      $("model").textContent = card.id + (card.max_context ? " · " + card.max_context + " ctx" : "");
+    }
+  } catch (e) {
+    $("model").textContent = "server unreachable";
+  }
+}
+
+function addMessage(role, text, images) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  for (const url of images || []) {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "attached image";
+    div.appendChild(img);
+  }
+  const span = document.createElement("span");
+  span.className = "text";
+  span.textContent = text;
+  div.appendChild(span);
+  $("log").appendChild(div);
+  $("log").scrollTop = $("log").scrollHeight;
+  return div;
+}
+
+function renderAttachments() {
+  const box = $("attachments");
+  box.innerHTML = "";
+  state.pending.forEach((url, i) => {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "image to send";
+    const rm = document.createElement("button");
+    rm.type = "button";
+    rm.textContent = "×";
+    rm.title = "remove";
+    rm.onclick = () => { state.pending.splice(i, 1); renderAttachments(); };
+    fig.append(img, rm);
+    box.appendChild(fig);
+  });
+}
+
+function addFiles(files) {
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) continue;
+    const reader = new FileReader();
+    reader.onload = () => { state.pending.push(reader.result); renderAttachments(); };
+    reader.readAsDataURL(file);
+  }
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").hidden = !busy;
+}
+
+function errorText(status, body) {
+  try { return JSON.parse(body).error.message; } catch (e) { return body || ("HTTP " + status); }
+}
+
+async function send(event) {
+  event.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text && !state.pending.length) return;
+  if (state.auth) localStorage.setItem("vlm-api-key", $("api-key").value);
+  const images = state.pending.splice(0);
+  renderAttachments();
+  $("prompt").value = "";
+  addMessage("user", text, images);
+  const content = images.map((url) => ({ type: "image_url", image_url: { url } }));
+  content.push({ type: "text", text });
+  state.history.push({ role: "user", content });
+
+  const body = { model: state.model, messages: state.history, stream: true, stream_options: { include_usage: true } };
+  const maxTokens = parseInt($("max-tokens").value, 10);
+  if (maxTokens > 0) body.max_tokens = maxTokens;
+  if ($("temperature").value !== "") body.temperature = parseFloat($("temperature").value);
+
+  const bubble = addMessage("assistant", "");
+  const out = bubble.querySelector(".text");
+  out.classList.add("cursor");
+  const stats = document.createElement("small");
+  stats.className = "stats";
+  bubble.appendChild(stats);
+  state.controller = new AbortController();
+  setBusy(true);
+  const t0 = performance.now();
+  let firstAt = null, answer = "", usage = null, timings = null, finish = null, chunks = 0;
+  try {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
+    });
+    if (!r.ok) throw new Error(errorText(r.status, await r.text()));
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const line = buffer.slice(0, cut).trim();
+        buffer = buffer.slice(cut + 2);
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") continue;
+        const msg = JSON.parse(data);
+        if (msg.error) throw new Error(msg.error.message);
+        if (msg.usage) usage = msg.usage;
+        if (msg.timings) timings = msg.timings;
+        for (const choice of msg.choices || []) {
+          const delta = (choice.delta && choice.delta.content) || "";
+          if (delta) {
+            if (firstAt === null) firstAt = performance.now();
+            answer += delta;
+            chunks += 1;
+            out.textContent = answer;
+            $("log").scrollTop = $("log").scrollHeight;
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") finish = "stopped";
+    else addMessage("error", String(e.message || e));
+  } finally {
+    out.classList.remove("cursor");
+    setBusy(false);
+    state.controller = null;
+  }
+  const end = performance.now();
+  state.history.push({ role: "assistant", content: answer });
+  const parts = [];
+  if (firstAt !== null) parts.push("first token " + ((firstAt - t0) / 1000).toFixed(2) + " s");
+  const tokens = usage ? usage.completion_tokens : chunks;
+  if (timings && timings.decode_tokens_per_s) parts.push(timings.decode_tokens_per_s.toFixed(1) + " tokens/s");
+  else if (firstAt !== null && end > firstAt && tokens > 1) parts.push(((tokens - 1) / ((end - firstAt) / 1000)).toFixed(1) + " tokens/s");
+  parts.push(tokens + " tokens");
+  if (usage) parts.push(usage.prompt_tokens + " prompt tokens");
+  if (finish) parts.push(finish);
+  stats.textContent = parts.join(" · ");
+  stats.dataset.finish = finish || "";
+}
+
+$("composer").addEventListener("submit", send);
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("file").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
+$("camera").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+});
+document.addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+  if (files.length) { e.preventDefault(); addFiles(files); }
+});
+document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
+document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
+document.addEventListener("drop", (e) => {
+  e.preventDefault();
+  document.body.classList.remove("dragging");
+  addFiles(e.dataTransfer.files);
+});
+$("clear").addEventListener("click", () => { state.history = []; $("log").innerHTML = ""; });
+$("api-key").addEventListener("change", () => { localStorage.setItem("vlm-api-key", $("api-key").value); loadModel(); });
+loadModel();

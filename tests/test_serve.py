@@ -1,0 +1,430 @@
+"""The HTTP server (`python -m runtime.serve`): OpenAI client parity with the CLI, streaming, concurrency,
+the bounded queue, disconnects, hostile input, auth, and the chat page in a real (headless) browser.
+
+Servers run as subprocesses on free loopback ports with the tiny exported model (`qwen_export`)."""
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the 'serve' extra (starlette, uvicorn)")
+pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra (starlette, uvicorn)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "Describe."
+IMAGE = os.path.join(ROOT, "assets", "astronaut.jpg")  # the tiny random model answers it in readable pieces
+N_TOKENS = 12
+LONG = {"max_tokens": 3000, "min_tokens": 3000}  # ~20 s of decoding for the tiny model: holds a worker
+
+
+class Server:
+    def __init__(self, model: str, *args: str):
+        cmd = [sys.executable, "-m", "runtime.serve", "-m", model, "--port", "0", "--threads", "1",
+               "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            match = re.search(r"on http://127\.0\.0\.1:(\d+)/", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            line = ""
+        if not getattr(self, "port", None):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{self.port}"
+        # keep draining its output so the pipe never fills
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout=60):
+        """(status, headers, parsed JSON or text) of one request."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=body, headers=hdrs)
+        response = conn.getresponse()
+        data = response.read().decode("utf-8", "replace")
+        conn.close()
+        try:
+            data = json.loads(data)
+        except ValueError:
+            pass
+        return response.status, dict(response.getheaders()), data
+
+    def health(self) -> dict:
+        return self.request("GET", "/health")[2]
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.health()
+            if health["active"] == 0 and health["queued"] == 0:
+                return health
+            time.sleep(0.05)
+        raise AssertionError(f"the server did not become idle: {self.health()}")
+
+
+def data_url(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    kind = "jpeg" if path.endswith((".jpg", ".jpeg")) else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+def image_messages(path: str, text: str = PROMPT) -> list:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(path)}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def server(qwen_export):
+    srv = Server(qwen_export, "--max-body-mb", "2")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(qwen_export, photos) -> dict:
+    """What `python -m runtime.generate --greedy` answers: the reference for every greedy request here."""
+    out = subprocess.run([sys.executable, "-m", "runtime.generate", "-m", qwen_export, "--image", IMAGE,
+                          "-p", PROMPT, "--greedy", "--max-new-tokens", str(N_TOKENS), "--threads", "1", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai", reason="the official openai client is a test dependency")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_matches_the_cli(server, client, expected, photos):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["qwen3-vl-tiny-onnx"]
+    messages = image_messages(IMAGE)
+
+    answer = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, temperature=0,
+                                            max_tokens=N_TOKENS)
+    assert answer.choices[0].message.content == expected["text"]
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].finish_reason == expected["finish_reason"]
+    assert answer.usage.prompt_tokens == expected["prompt_tokens"]
+    assert answer.usage.completion_tokens == len(expected["token_ids"])
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+    stream = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, temperature=0,
+                                            max_completion_tokens=N_TOKENS, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) > 1  # really streamed, piece by piece
+    assert "".join(deltas) == expected["text"]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == expected["finish_reason"] and not any(finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == len(expected["token_ids"])
+    assert chunks[-1].usage.prompt_tokens == expected["prompt_tokens"]
+
+    # stop strings cut the text (string or list)
+    cut = expected["text"][len(expected["text"]) // 2:][:3]
+    if cut.strip():
+        stopped = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, temperature=0,
+                                                 max_tokens=N_TOKENS, stop=[cut])
+        assert stopped.choices[0].finish_reason == "stop"
+        assert expected["text"].startswith(stopped.choices[0].message.content)
+        assert cut not in stopped.choices[0].message.content
+
+
+def test_concurrent_streams_and_memory(server, client, expected, photos):
+    messages = image_messages(IMAGE)
+
+    def one(results, i):
+        try:
+            stream = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, temperature=0,
+                                                    max_tokens=N_TOKENS, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except Exception as e:  # reported below
+            results[i] = e
+
+    def burst(n=4):
+        results = [None] * n
+        threads = [threading.Thread(target=one, args=(results, i)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return results
+
+    assert burst() == [expected["text"]] * 4
+    server.wait_idle()
+    before = server.rss_mb()
+    for _ in range(3):
+        assert burst() == [expected["text"]] * 4
+    server.wait_idle()
+    after = server.rss_mb()
+    # Each generation's KV cache and activations are freed when it ends; what may stay is allocator slack
+    # (glibc arenas, ONNX Runtime's arena) -- tens of MB at most, not growth per request.
+    assert after < before + 40, (before, after)
+
+
+def test_disconnect_mid_stream_frees_the_worker(server, client, expected, photos):
+    stream = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=image_messages(IMAGE),
+                                            temperature=0, stream=True, extra_body=LONG)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert server.health()["active"] == 1
+    stats_before = server.health()["stats"]
+    stream.close()  # the client goes away mid-answer
+    start = time.monotonic()
+    health = server.wait_idle(5)
+    assert time.monotonic() - start < 5
+    assert health["stats"].get("cancelled", 0) == stats_before.get("cancelled", 0) + 1
+    start = time.monotonic()
+    answer = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=image_messages(IMAGE),
+                                            temperature=0, max_tokens=N_TOKENS)
+    assert answer.choices[0].message.content == expected["text"]
+    assert time.monotonic() - start < 10  # promptly: the cancelled generation is not still running
+
+
+def _open_stream(port: int, body: dict, headers: dict) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", **headers})
+    return conn
+
+
+def test_queue_full_auth_and_cancelled_waiters(qwen_export, photos):
+    srv = Server(qwen_export, "--max-queue", "1", "--api-key", "sekrit")
+    try:
+        auth = {"Authorization": "Bearer sekrit"}
+        # auth: /v1 needs the key; the page and /health do not
+        status, headers, body = srv.request("GET", "/v1/models")
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert srv.request("GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert srv.request("POST", "/v1/chat/completions", {"messages": []})[0] == 401
+        assert srv.request("GET", "/v1/models", headers=auth)[0] == 200
+        assert srv.request("GET", "/health")[0] == 200
+        assert srv.request("GET", "/")[0] == 200
+
+        body = {"messages": image_messages(photos["coffee"]), "stream": True, "temperature": 0, **LONG}
+        running = _open_stream(srv.port, body, auth)
+        first = running.getresponse()
+        assert first.status == 200
+        first.fp.readline()  # streaming has started
+        waiting = _open_stream(srv.port, body, auth)
+        deadline = time.monotonic() + 10
+        while srv.health()["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.health()["queued"] == 1 and srv.health()["active"] == 1
+        start = time.monotonic()
+        status, headers, error = srv.request("POST", "/v1/chat/completions", body, headers=auth)
+        assert status == 429 and time.monotonic() - start < 2  # refused at once, not queued
+        assert error["error"]["type"] == "rate_limit_error" and "busy" in error["error"]["message"]
+        assert headers.get("retry-after") or headers.get("Retry-After")
+        # both clients go away: the running generation stops, the queued one never starts
+        for conn in (waiting, running):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        first.close()
+        health = srv.wait_idle(5)
+        assert health["stats"]["rejected"] == 1
+        status, _, answer = srv.request("POST", "/v1/chat/completions",
+                                        {"messages": image_messages(photos["coffee"]), "temperature": 0,
+                                         "max_tokens": 4}, headers=auth, timeout=20)
+        assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+    finally:
+        srv.stop()
+
+
+def _png(size, mode="RGB") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _with_image(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "hi"}]}], "max_tokens": 4}
+
+
+def _read_reply(sock) -> str:
+    """A raw HTTP reply: read until the JSON body is complete or the server closes."""
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except OSError:
+            break
+        if not piece:
+            break
+        data += piece
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"content-length: (\d+)", head, re.I)
+        if match and len(body) >= int(match.group(1)):
+            break
+    return data.decode("utf-8", "replace")
+
+
+def test_hostile_input_gets_4xx_and_the_server_keeps_serving(server, photos):
+    bomb = _png((20000, 20000), "1")  # 400 M pixels in a few tens of KB
+    assert len(bomb) < 200_000
+    with open(photos["coffee"], "rb") as f:
+        png = f.read()
+    b64 = lambda data: "data:image/png;base64," + base64.b64encode(data).decode()  # noqa: E731
+    text = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = {
+        "malformed JSON": (b'{"messages": [', 400, "not valid JSON"),
+        "not an object": ([1, 2], 400, "JSON object"),
+        "messages not a list": ({"messages": "hi"}, 400, "messages"),
+        "message without role": ({"messages": [{"content": "hi"}]}, 400, "role"),
+        "content wrong type": ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+        "unknown part": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "type"),
+        "max_tokens wrong type": ({**text, "max_tokens": "ten"}, 400, "max_tokens"),
+        "max_tokens zero": ({**text, "max_tokens": 0}, 400, "max_tokens"),
+        "temperature negative": ({**text, "temperature": -1}, 400, "temperature"),
+        "top_p out of range": ({**text, "top_p": 1.5}, 400, "top_p"),
+        "stream not bool": ({**text, "stream": "yes"}, 400, "stream"),
+        "presence_penalty": ({**text, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        "n > 1": ({**text, "n": 2}, 400, "'n'"),
+        "unknown model": ({**text, "model": "gpt-4o"}, 404, "not served"),
+        "not an image": (_with_image(b64(b"hello, world")), 400, "not an image"),
+        "truncated image": (_with_image(b64(png[: len(png) // 2])), 400, "truncated"),
+        "20000x20000 PNG": (_with_image(b64(bomb)), 400, "pixels"),
+        "bad base64": (_with_image("data:image/png;base64,@@@not*base64!!"), 400, "base64"),
+        "data URL not base64": (_with_image("data:image/png,abc"), 400, "base64"),
+        "remote URL": (_with_image("https://example.com/cat.png"), 400, "remote image URLs are disabled"),
+        "local file path": (_with_image(photos["coffee"]), 400, "never read"),
+        "file URL": (_with_image("file://" + photos["coffee"]), 400, "never read"),
+        "too many images": ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": b64(_png((8, 8)))}}] * 9}]}, 400, "too many images"),
+        "too many tokens": ({**text, "max_tokens": 100_000}, 400, "context"),
+    }
+    for name, (body, want_status, want_text) in cases.items():
+        status, _, answer = server.request("POST", "/v1/chat/completions",
+                                           body if isinstance(body, (dict, list)) else body)
+        assert status == want_status, (name, status, answer)
+        error = answer["error"]
+        assert set(error) == {"message", "type", "param", "code"}, (name, answer)
+        assert want_text.lower() in (error["message"] + " " + str(error["param"])).lower(), (name, error)
+
+    # a body over --max-body-mb (2 MiB) is refused from its Content-Length, before it is read
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50000000\r\n\r\n" + b"{" * 1000)
+        reply = _read_reply(sock)
+    assert reply.startswith("HTTP/1.1 413") and "request_too_large" in reply, reply[:300]
+    # ... and one sent in full without a Content-Length (chunked) is cut off while reading
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        piece = b" " * 65536
+        try:
+            for _ in range(40):  # 2.5 MiB
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        except OSError:
+            pass  # the server answered and closed already
+        reply = _read_reply(sock)
+    assert reply.startswith("HTTP/1.1 413") and "request_too_large" in reply, reply[:300]
+
+    assert server.request("GET", "/v1/nothing")[0] == 404
+    assert server.request("GET", "/v1/chat/completions")[0] == 405
+    status, _, answer = server.request("POST", "/v1/chat/completions", {**_with_image(data_url(photos["coffee"]))})
+    assert status == 200 and answer["choices"][0]["message"]["content"] is not None
+    assert server.health()["status"] == "ok"
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is a test dependency")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            external = []
+            page.on("request", lambda r: None if r.url.startswith(server.url) else external.append(r.url))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
+            page.click("#settings summary")
+            page.fill("#max-tokens", str(N_TOKENS))
+            page.fill("#temperature", "0")
+            page.click("#settings summary")
+            page.set_input_files("#file", IMAGE)
+            page.wait_for_selector("#attachments img")
+            page.fill("#prompt", PROMPT)
+            page.click("#send")
+            page.wait_for_function("document.querySelector('.assistant .text') && "
+                                   "document.querySelector('.assistant .text').textContent.length > 0")
+            page.wait_for_selector(".assistant .stats[data-finish]:not([data-finish=''])", timeout=30_000)
+            answer = page.text_content(".assistant .text")
+            stats = page.text_content(".assistant .stats")
+            assert answer == expected["text"]
+            assert "first token" in stats and "tokens/s" in stats, stats
+            assert page.locator(".user img").count() == 1
+
+            # a long answer stopped with the stop button frees the server's worker
+            page.click("#settings summary")
+            page.fill("#max-tokens", "3000")
+            page.click("#settings summary")
+            page.fill("#prompt", "Again, at length.")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.assistant .text')[1] && "
+                                   "document.querySelectorAll('.assistant .text')[1].textContent.length > 20")
+            page.click("#stop")
+            page.wait_for_selector(".assistant .stats[data-finish='stopped']", timeout=10_000)
+            server.wait_idle(5)
+            shot = tmp_path / "serve-screenshot.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 1000
+            os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+            shutil.copy(shot, os.path.join(ROOT, "docs", "serve-screenshot.png"))
+            assert external == [], external  # nothing from a CDN
+        finally:
+            browser.close()
+
+
+def test_refuses_public_host_without_key(qwen_export):
+    out = subprocess.run([sys.executable, "-m", "runtime.serve", "-m", qwen_export, "--host", "0.0.0.0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--api-key" in out.stderr
