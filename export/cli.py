@@ -28,9 +28,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "MatMulNBits decoder (block 32, accuracy level 4) + int8 vision")
     parser.add_argument("--parity-tokens", type=int, default=8,
                         help="greedy tokens compared with eager PyTorch after export (default: 8)")
+    mini = parser.add_argument_group("MiniGPT-4 original files (instead of SRC; converted to the BLIP-2 layout)")
+    mini.add_argument("--minigpt4-vit", metavar="EVA.pth", help="EVA ViT-g weights (eva_vit_g.pth)")
+    mini.add_argument("--minigpt4-qformer", metavar="PTH", help="BLIP-2 Q-Former checkpoint (blip2_pretrained*.pth)")
+    mini.add_argument("--minigpt4-proj", metavar="PTH", help="MiniGPT-4 checkpoint holding llama_proj")
+    mini.add_argument("--minigpt4-llm", metavar="DIR", help="Vicuna / LLaMA folder in Hugging Face format")
+    mini.add_argument("--minigpt4-template", choices=("vicuna_v0", "llama2"), default="vicuna_v0",
+                      help="conversation template (default: vicuna_v0)")
+    mini.add_argument("--minigpt4-vit-depth", type=int, metavar="N",
+                      help="ViT blocks to use (default: all but the last, as LAVIS does for EVA-CLIP-g)")
     args = parser.parse_args(argv)
-    if args.demo == (args.source is not None):
-        parser.error("give either a checkpoint SRC or --demo")
+    minigpt4 = [args.minigpt4_vit, args.minigpt4_qformer, args.minigpt4_proj, args.minigpt4_llm]
+    if any(minigpt4) and not all(minigpt4):
+        parser.error("MiniGPT-4 conversion needs all of --minigpt4-vit, --minigpt4-qformer, --minigpt4-proj "
+                     "and --minigpt4-llm")
+    args.minigpt4 = all(minigpt4)
+    if args.demo + args.minigpt4 + (args.source is not None) != 1:
+        parser.error("give one of: a checkpoint SRC, --demo, or the --minigpt4-* files")
     if args.parity_tokens < 1:
         parser.error("--parity-tokens must be at least 1")
     return args
@@ -46,20 +60,28 @@ def main(argv=None) -> int:
               f"pip install -e '.[export]'", file=sys.stderr)
         return 2
     from .assets import AssetError
+    from .minigpt4_convert import ConversionError
     from .pipeline import ExportError, Progress, run_export
 
     try:
         with tempfile.TemporaryDirectory(prefix="vlm-demo-") as scratch:
             source = args.source
-            progress = Progress(total=7 if args.demo else 6)
+            progress = Progress(total=(7 if args.demo or args.minigpt4 else 6) + (args.quantize != 'none'))
             if args.demo:
                 from .demo import write_checkpoint
 
                 with progress.step("writing the tiny random-weight demo checkpoint"):
                     source = write_checkpoint(os.path.join(scratch, "qwen3-vl-demo"))
+            elif args.minigpt4:
+                from .minigpt4_convert import convert
+
+                with progress.step("converting the MiniGPT-4 files to the BLIP-2 layout"):
+                    source = convert(args.minigpt4_vit, args.minigpt4_qformer, args.minigpt4_proj, args.minigpt4_llm,
+                                     os.path.join(scratch, "minigpt4"), template=args.minigpt4_template,
+                                     vit_depth=args.minigpt4_vit_depth, log=progress.log)
             run_export(source, args.output, force=args.force, quantize=args.quantize, progress=progress,
                        parity_tokens=args.parity_tokens)
-    except (ExportError, AssetError) as e:
+    except (ExportError, AssetError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -199,7 +199,7 @@ class VisionLanguageModel:
         if isinstance(prompt, list):
             prompt = self.prepare(prompt)
         detokenizer = StreamingDetokenizer(self.tokenizer)
-        stopper = StopStringMatcher(stop or [])
+        stopper = StopStringMatcher(list(stop or []) + list(getattr(self.family, "stop_strings", ())))
         finish_reason, eos_token = "length", None
         for token in self.generate_step(prompt, sampling, max_new_tokens, min_new_tokens, timings):
             if token in self.eos_token_ids:

@@ -97,3 +97,21 @@ def photos(tmp_path_factory) -> dict:
         paths[name] = str(folder / f"{name}.png")
         image.save(paths[name])
     return paths
+
+
+def _quantized_export(checkpoint, tmp_path_factory, method: str) -> str:
+    from export.pipeline import Progress, run_export
+
+    out = str(tmp_path_factory.mktemp("export-" + method) / f"qwen3-vl-tiny-{method}")
+    run_export(checkpoint, out, quantize=method, progress=Progress(total=7, heartbeat_s=600), parity_tokens=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_export_int8(qwen_checkpoint, tmp_path_factory) -> str:
+    return _quantized_export(qwen_checkpoint, tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="session")
+def qwen_export_int4(qwen_checkpoint, tmp_path_factory) -> str:
+    return _quantized_export(qwen_checkpoint, tmp_path_factory, "int4")

@@ -1,0 +1,114 @@
+"""What the bench runs on, made once and reused: the checkpoint, the image and our exported folders.
+
+* `--config CONFIG.json` becomes a random-weight checkpoint (`python -m bench.make_checkpoint`)
+  in WORK/checkpoint-<name>-<hash of the config>; a checkpoint folder is used as it is.
+* the default image is assets/astronaut.jpg resized to 448x448 (196 image tokens), saved as PNG.
+* each of our configurations is exported to WORK/<cfg> with `python -m export CKPT -o WORK/<cfg>
+  --force --quantize <cfg>`, unless that folder's manifest already records the same checkpoint as
+  its source, the same quantization, and is newer than the checkpoint's files.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from .worker import ROOT, thread_env
+
+DEFAULT_IMAGE = os.path.join(ROOT, "assets", "astronaut.jpg")
+IMAGE_SIDE = 448
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(config: str, work_dir: str) -> str:
+    """A checkpoint folder for `config` (a folder, or a config.json to fill with random weights)."""
+    if os.path.isdir(config):
+        return os.path.abspath(config)
+    if not os.path.isfile(config):
+        raise SystemExit(f"error: --config {config!r} is neither a checkpoint folder nor a config.json")
+    with open(config, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:10]
+    name = os.path.splitext(os.path.basename(config))[0]
+    folder = os.path.join(work_dir, f"checkpoint-{name}-{digest}")
+    if glob.glob(os.path.join(folder, "*.safetensors")) and os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    staging = folder + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"writing a random-weight checkpoint from {config} to {folder}")
+    subprocess.run([sys.executable, "-m", "bench.make_checkpoint", os.path.abspath(config), "-o", staging],
+                   cwd=ROOT, env=thread_env(os.cpu_count() or 1), check=True)
+    os.rename(staging, folder)
+    return folder
+
+
+def default_image(work_dir: str) -> str:
+    """assets/astronaut.jpg resized to 448x448 (a multiple of 32: 28x28 patches -> 196 tokens), as PNG."""
+    path = os.path.join(work_dir, f"astronaut-{IMAGE_SIDE}.png")
+    if not os.path.isfile(path):
+        from PIL import Image
+
+        with Image.open(DEFAULT_IMAGE) as image:
+            image.convert("RGB").resize((IMAGE_SIDE, IMAGE_SIDE), Image.BICUBIC).save(path)
+    return path
+
+
+def _newest_mtime(checkpoint: str) -> float:
+    files = glob.glob(os.path.join(checkpoint, "*.safetensors")) + [os.path.join(checkpoint, "config.json")]
+    return max(os.path.getmtime(f) for f in files if os.path.exists(f))
+
+
+def is_current(folder: str, checkpoint: str, quantize: str) -> bool:
+    """True when `folder` holds a finished export of `checkpoint` with this quantization."""
+    path = os.path.join(folder, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (manifest.get("source", {}).get("checkpoint") == os.path.abspath(checkpoint)
+            and manifest.get("quantization", {}).get("method") == quantize
+            and manifest.get("parity", {}).get("passed") is True
+            and os.path.getmtime(path) >= _newest_mtime(checkpoint))
+
+
+def ensure_exports(checkpoint: str, configs: list, work_dir: str, jobs: int = 1) -> dict:
+    """Export each of `configs` (none/int8/int4) into WORK/<cfg> unless current; returns cfg -> folder.
+
+    Up to `jobs` exports run at once (each logs to WORK/logs/export-<cfg>.log)."""
+    folders = {cfg: os.path.join(work_dir, cfg) for cfg in configs}
+    todo = [cfg for cfg in configs if not is_current(folders[cfg], checkpoint, cfg)]
+    for cfg in sorted(set(configs) - set(todo)):
+        log(f"reusing {folders[cfg]} (exported from {checkpoint})")
+    running = {}
+    while todo or running:
+        while todo and len(running) < max(1, jobs):
+            cfg = todo.pop(0)
+            log_path = os.path.join(work_dir, "logs", f"export-{cfg}.log")
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log(f"exporting {cfg}: python -m export {checkpoint} -o {folders[cfg]} --force --quantize {cfg} "
+                f"(log: {log_path})")
+            handle = open(log_path, "w", encoding="utf-8")
+            proc = subprocess.Popen([sys.executable, "-m", "export", checkpoint, "-o", folders[cfg], "--force",
+                                     "--quantize", cfg], cwd=ROOT, env=thread_env(os.cpu_count() or 1),
+                                    stdout=handle, stderr=subprocess.STDOUT)
+            running[cfg] = (proc, handle, log_path, time.perf_counter())
+        for cfg, (proc, handle, log_path, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            handle.close()
+            del running[cfg]
+            if proc.returncode != 0:
+                with open(log_path, encoding="utf-8", errors="replace") as f:
+                    tail = "".join(f.readlines()[-10:])
+                raise SystemExit(f"error: exporting {cfg} failed (exit {proc.returncode}):\n{tail}")
+            log(f"exported {cfg} in {time.perf_counter() - start:.0f} s")
+        time.sleep(0.2)
+    return folders

@@ -1,0 +1,69 @@
+"""The machine a benchmark ran on: CPU model, cores, memory, OS and library versions (no imports of them)."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+PACKAGES = ("onnxruntime", "torch", "transformers", "numpy", "tokenizers")
+
+
+def _cpuinfo() -> tuple[str, int | None]:
+    """(CPU model name, physical cores) from /proc/cpuinfo."""
+    model, cores = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            block = {}
+            for line in f.read().splitlines() + [""]:
+                if not line.strip():
+                    if "core id" in block:
+                        cores.add((block.get("physical id"), block["core id"]))
+                    block = {}
+                    continue
+                key, _, value = line.partition(":")
+                block[key.strip()] = value.strip()
+                if key.strip() == "model name":
+                    model = value.strip()
+    except OSError:
+        pass
+    return model, len(cores) or None
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 ** 2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def describe() -> dict:
+    """A JSON-able description of this machine and the package versions installed."""
+    model, physical = _cpuinfo()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"cpu": model, "physical_cores": physical, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "ram_gb": _mem_total_gb(), "os": platform.platform(), "versions": versions}
+
+
+def markdown(machine: dict) -> str:
+    """The machine as a few markdown lines (printed above the results table)."""
+    v = machine["versions"]
+    return "\n".join([
+        f"- CPU: {machine['cpu']} ({machine['physical_cores']} physical cores, {machine['logical_cpus']} logical, "
+        f"{machine['usable_cpus']} usable)",
+        f"- RAM: {machine['ram_gb']} GB; OS: {machine['os']}",
+        "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "torch", "transformers", "numpy",
+                                                            "python") if v.get(k)),
+    ])

@@ -1,0 +1,95 @@
+"""MiniGPT-4 (and any BLIP-2-layout model with a LLaMA text model): EVA ViT-g + Q-Former + linear
+projection into Vicuna / LLaMA. Each image becomes `num_query_tokens` (32) embeddings placed where
+MiniGPT-4 puts them: between the prompt segments around ``<ImageHere>``.
+
+Torch-free. The runtime talks to a family only through `Family`; see runtime/engine.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .preprocess import BlipImageParams, preprocess_images
+from .prompt import TEMPLATES, tokenize_segments
+
+NAME = "minigpt4"
+
+
+@dataclass
+class PreparedPrompt:
+    """Token ids (query slots marked with the placeholder id), pixels and LLaMA positions for one prompt."""
+
+    input_ids: np.ndarray  # int64 [S]
+    pixel_values: np.ndarray | None  # float32 [n_images, 3, size, size]
+    image_grid_thw: np.ndarray | None  # int64 [n_images]: query embeddings per image (the engine's name)
+    position_ids: np.ndarray  # int64 [S]
+    image_tokens: int = 0
+
+    def dump(self) -> dict:
+        return {"input_ids": self.input_ids[None], "position_ids": self.position_ids[None],
+                "pixel_values": self.pixel_values if self.pixel_values is not None
+                else np.zeros((0, 3, 0, 0), np.float32)}
+
+
+class Family:
+    """MiniGPT-4's serve-time behaviour, configured from manifest.json."""
+
+    name = NAME
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+        self.vision_config = manifest["vision_config"]
+        self.text_config = manifest["text_config"]
+        self.tokens = manifest["special_tokens"]
+        self.image_params = BlipImageParams.from_dict(manifest["preprocessing"])
+        self.num_query_tokens = int(self.vision_config["num_query_tokens"])
+        self.image_token_id = int(self.tokens["image_token_id"])
+        self.template = manifest.get("prompt", {}).get("template", "vicuna_v0")
+        # Text that ends an answer (the engine adds these to the caller's stop strings): "###" for Vicuna v0.
+        self.stop_strings = list(manifest.get("prompt", {}).get("stop_strings", TEMPLATES[self.template]["stop"]))
+
+    # --- images -------------------------------------------------------------------------------
+    def preprocess(self, images, min_pixels=None, max_pixels=None):
+        """Images -> (pixel_values [n, 3, S, S], query tokens per image [n]). Pixel budgets do not apply."""
+        pixel_values = preprocess_images(images, self.image_params)
+        return pixel_values, np.full((len(pixel_values),), self.num_query_tokens, dtype=np.int64)
+
+    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw=None) -> dict:
+        return {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
+
+    # --- prompt ---------------------------------------------------------------------------------
+    def tokenize(self, tokenizer, text: str, image_grid_thw) -> np.ndarray:
+        """Rendered prompt -> ids: split at <ImageHere>, BOS on the first segment only, query slots between."""
+        n_images = 0 if image_grid_thw is None else len(image_grid_thw)
+        return tokenize_segments(tokenizer, text, n_images, self.num_query_tokens, self.image_token_id)
+
+    def prepare(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None) -> PreparedPrompt:
+        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        n_images = 0 if pixel_values is None else len(pixel_values)
+        if image_grid_thw is None and pixel_values is not None:
+            image_grid_thw = np.full((n_images,), self.num_query_tokens, dtype=np.int64)
+        n_slots = int((input_ids == self.image_token_id).sum())
+        if n_slots != n_images * self.num_query_tokens:
+            raise ValueError(f"the prompt holds {n_slots} image query slots but {n_images} image(s) need "
+                             f"{n_images * self.num_query_tokens}")
+        positions = np.arange(len(input_ids), dtype=np.int64)
+        return PreparedPrompt(input_ids, pixel_values if n_images else None, image_grid_thw if n_images else None,
+                              positions, n_slots)
+
+    # --- decoder feeds --------------------------------------------------------------------------
+    def prefill_feeds(self, prompt: PreparedPrompt, token_embeds: np.ndarray, vision_outputs) -> dict:
+        """Decoder inputs for the whole prompt; image query embeddings spliced in at the placeholder slots.
+
+        vision_outputs: the vision graph's outputs ([image_embeds [n, Q, H]]) or None.
+        """
+        inputs_embeds = np.array(token_embeds, dtype=np.float32)
+        if vision_outputs is not None:
+            image_embeds = np.asarray(vision_outputs[0], dtype=np.float32)
+            inputs_embeds[prompt.input_ids == self.image_token_id] = image_embeds.reshape(-1, inputs_embeds.shape[1])
+        return {"inputs_embeds": inputs_embeds[None], "position_ids": prompt.position_ids[None]}
+
+    def decode_feeds(self, prompt: PreparedPrompt, token_embed: np.ndarray, cache_position: int) -> dict:
+        hidden = token_embed.shape[-1]
+        return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
+                "position_ids": np.full((1, 1), cache_position, dtype=np.int64)}

@@ -1,0 +1,46 @@
+"""`python -m bench` end to end on the tiny checkpoint: every configuration measured, JSON and chart written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("eager-fp32", "eager-bf16", "none", "int8", "int4")
+MEDIANS = ("load_s", "vision_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "peak_rss_mb")
+
+
+def test_bench_runs_every_configuration(qwen_checkpoint, qwen_export, qwen_export_int8, qwen_export_int4,
+                                        tmp_path):
+    work = tmp_path / "bench"
+    # The session's exports of the same checkpoint are reused (their manifests name the checkpoint).
+    for name, folder in (("none", qwen_export), ("int8", qwen_export_int8), ("int4", qwen_export_int4)):
+        shutil.copytree(folder, work / name)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--config", qwen_checkpoint, "--work-dir", str(work),
+                           "--repeats", "1", "--new-tokens", "4", "--accuracy-positions", "8", "--export-jobs", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(work / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert list(results["configs"]) == list(CONFIGS)
+    for name in CONFIGS:
+        config = results["configs"][name]
+        assert len(config["runs"]) == 1 and "error" not in config
+        for metric in MEDIANS:
+            value = config["median"][metric]
+            assert isinstance(value, (int, float)) and value > 0, (name, metric, value)
+        assert config["runs"][0]["image_tokens"] > 0
+        assert len(config["runs"][0]["token_ids"]) == 4
+    assert results["configs"]["none"]["agreement"]["text"] == "4/4"  # fp32 export reproduces eager fp32
+    assert results["configs"]["eager-fp32"]["ratios"]["eager-fp32"]["ttft_speedup"] == 1.0
+    assert set(results["accuracy"]["configs"]) == {"int8", "int4"}
+    for figures in results["accuracy"]["configs"].values():
+        assert figures["positions"] == 8 and 0.9 < figures["logits_cosine_mean"] <= 1.0 + 1e-9
+        assert 0.0 <= figures["top1_agreement_pct"] <= 100.0 and figures["kl_mean"] >= -1e-9
+    assert results["machine"]["cpu"] and results["machine"]["versions"]["onnxruntime"]
+    assert "reusing" in proc.stderr and "exporting" not in proc.stderr
+    assert "| none |" in proc.stdout and "| int4 |" in proc.stdout
+    with open(work / "results.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

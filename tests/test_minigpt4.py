@@ -1,0 +1,222 @@
+"""MiniGPT-4 family: a tiny random BLIP-2-layout model with a LLaMA text model, exported and run through the
+runtime against transformers' eager Blip2ForConditionalGeneration; prompt layout on SmolLM2's real tokenizer;
+preprocessing against transformers' BlipImageProcessor (PIL backend) on real photos."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import minigpt4_helpers as helpers
+from export.parity import relative_error
+from kernels.sampling import SamplingParams
+from models.minigpt4.prompt import DEFAULT_SYSTEM, build_prompt, chat_template, tokenize_segments
+from runtime.chat import render_chat
+
+NEW_TOKENS = 24
+LOGITS_RTOL = 1e-4
+QUESTION = "What is unusual about this picture?"
+
+
+@pytest.fixture(scope="session")
+def smol_folder(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("smol-tokenizer"))
+    helpers.smol_tokenizer_json(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_tok(smol_folder):
+    return helpers.hf_tokenizer(smol_folder)
+
+
+@pytest.fixture(scope="session")
+def mg_checkpoint(smol_folder, tmp_path_factory) -> str:
+    return helpers.write_blip2_checkpoint(str(tmp_path_factory.mktemp("mg-ckpt") / "blip2-llama-tiny"), smol_folder)
+
+
+@pytest.fixture(scope="session")
+def mg_export(mg_checkpoint, tmp_path_factory) -> str:
+    from export.pipeline import Progress, run_export
+
+    out = str(tmp_path_factory.mktemp("mg-export") / "minigpt4-tiny-onnx")
+    run_export(mg_checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mg_vlm(mg_export):
+    from runtime.engine import VisionLanguageModel
+
+    return VisionLanguageModel(mg_export, threads=2)
+
+
+@pytest.fixture(scope="session")
+def mg_hf(mg_checkpoint):
+    from transformers import Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration.from_pretrained(mg_checkpoint, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def mg_photos(tmp_path_factory) -> list:
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("mg-images")
+    paths = []
+    for name, array in (("astronaut", data.astronaut()), ("coffee", data.coffee()), ("chelsea", data.chelsea())):
+        paths.append(str(folder / f"{name}.png"))
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+def blip_processor(size: int):
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=helpers_clip()[0],
+                                 image_std=helpers_clip()[1], resample=3, do_convert_rgb=True)
+
+
+def helpers_clip():
+    from models.minigpt4.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+
+
+def minigpt4_context_ids(tokenizer, prompt: str, n_images: int, placeholder: int, queries: int = 32) -> list:
+    """MiniGPT-4's get_context_emb, on ids: split at <ImageHere>, add_special_tokens only for the first segment."""
+    segments = prompt.split("<ImageHere>")
+    assert len(segments) == n_images + 1
+    ids = []
+    for i, segment in enumerate(segments):
+        if i:
+            ids += [placeholder] * queries
+        ids += tokenizer(segment, add_special_tokens=i == 0).input_ids
+    return ids
+
+
+def _messages(paths, question=QUESTION):
+    return [{"role": "user", "content": [*({"type": "image", "path": p} for p in paths),
+                                         {"type": "text", "text": question}]}]
+
+
+# --- parity --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_greedy_tokens_and_logits_match_transformers(n_images, mg_photos, mg_vlm, mg_hf, hf_tok):
+    paths = mg_photos[:n_images]
+    prompt = mg_vlm.prepare(_messages(paths))
+    text = build_prompt(QUESTION, n_images)
+    expected_ids = minigpt4_context_ids(hf_tok, text, n_images, mg_hf.config.image_token_index)
+    np.testing.assert_array_equal(prompt.input_ids, expected_ids)
+    pixel_values = blip_processor(mg_hf.config.vision_config.image_size)(
+        [__import__("PIL.Image").Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(prompt.pixel_values, pixel_values.numpy(), rtol=0, atol=1e-6)
+
+    input_ids = torch.tensor([expected_ids])
+    with torch.no_grad():
+        reference_logits = mg_hf(pixel_values=pixel_values, input_ids=input_ids).logits[0, -1].numpy()
+        generated = mg_hf.generate(pixel_values=pixel_values, input_ids=input_ids,
+                                   attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
+                                   min_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+    reference_tokens = generated[len(expected_ids):] if len(generated) > NEW_TOKENS else generated
+    assert relative_error(mg_vlm.prefill(prompt), reference_logits) < LOGITS_RTOL
+    tokens = list(mg_vlm.generate_step(prompt, SamplingParams(greedy=True), NEW_TOKENS, NEW_TOKENS))
+    assert tokens == reference_tokens and len(tokens) == NEW_TOKENS
+
+
+def test_vision_graph_alone(mg_vlm, mg_hf):
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    (embeds,) = mg_vlm.sessions["vision"].run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        expected = mg_hf.get_image_features(pixels).pooler_output.numpy()
+    assert embeds.shape == (3, 32, mg_hf.config.text_config.hidden_size)
+    assert relative_error(embeds, expected) < 1e-5
+
+
+def test_decoder_graph_alone_with_cache(mg_vlm, mg_hf):
+    """Prefill 7 embeddings, then 2 single steps through the runtime's KV cache, against the eager LLaMA."""
+    lm = mg_hf.language_model
+    embeds = torch.randn(1, 9, lm.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    cache = mg_vlm.new_cache(16)
+    got = [mg_vlm._run_decoder({"inputs_embeds": embeds[:, :7].numpy(),
+                                "position_ids": np.arange(7, dtype=np.int64)[None]}, cache)]
+    for position in (7, 8):
+        got.append(mg_vlm._run_decoder({"inputs_embeds": embeds[:, position:position + 1].numpy(),
+                                        "position_ids": np.array([[position]], dtype=np.int64)}, cache))
+    with torch.no_grad():
+        full = lm(inputs_embeds=embeds).logits[0].numpy()
+    for logits, position in zip(got, (6, 7, 8)):
+        assert relative_error(logits, full[position]) < LOGITS_RTOL
+
+
+def test_manifest_records_family_and_parity(mg_export):
+    import json
+    import os
+
+    with open(os.path.join(mg_export, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["family"] == "minigpt4" and manifest["parity"]["passed"] is True
+    assert manifest["prompt"] == {"template": "vicuna_v0", "image_placeholder": "<ImageHere>", "stop_strings": ["###"]}
+    assert manifest["vision_config"]["num_query_tokens"] == 32
+    assert [g["name"] for g in manifest["graphs"]["vision"]["outputs"]] == ["image_embeds"]
+
+
+def test_stops_at_separator(mg_vlm, mg_photos):
+    assert mg_vlm.family.stop_strings == ["###"]
+    result = mg_vlm.generate(_messages(mg_photos[:1]), SamplingParams(greedy=True), max_new_tokens=8)
+    assert "###" not in result.text
+
+
+# --- prompt --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["vicuna_v0", "llama2"])
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_template_renders_minigpt4_conversation(template, n_images):
+    rendered = render_chat(chat_template(template), _messages(["x.png"] * n_images), add_generation_prompt=True)
+    assert rendered == build_prompt(QUESTION, n_images, template)
+
+
+def test_template_text_is_minigpt4s():
+    assert build_prompt("Hi?", 1, "vicuna_v0") == (DEFAULT_SYSTEM + "###Human: <Img><ImageHere></Img> Hi?###Assistant: ")
+    assert build_prompt("Hi?", 1, "llama2") == DEFAULT_SYSTEM + "<s>[INST] <Img><ImageHere></Img> Hi? [/INST] "
+    assert build_prompt("Hi?", 2, "vicuna_v0").count("###Human: <Img><ImageHere></Img>") == 2
+    system = render_chat(chat_template("vicuna_v0"), [{"role": "system", "content": "Be brief."}] + _messages(["a"]),
+                         add_generation_prompt=True)
+    assert system.startswith("Be brief.###Human: <Img><ImageHere></Img> ")
+
+
+@pytest.mark.parametrize("template", ["vicuna_v0", "llama2"])
+def test_token_layout_on_smollm2_tokenizer(template, smol_folder, hf_tok):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(f"{smol_folder}/tokenizer.json")
+    bos = tokenizer.token_to_id(helpers.SMOL_BOS)
+    for n_images in (1, 2):
+        text = build_prompt(QUESTION, n_images, template)
+        ids = tokenize_segments(tokenizer, text, n_images, 32, placeholder_id=0).tolist()
+        assert ids == minigpt4_context_ids(hf_tok, text, n_images, 0)
+        segments = text.split("<ImageHere>")
+        assert ids[0] == bos and ids.count(bos) == 1  # BOS before the first segment only
+        first = hf_tok(segments[0], add_special_tokens=False).input_ids
+        assert ids[1:1 + len(first)] == first and ids[1 + len(first):1 + len(first) + 32] == [0] * 32
+        assert ids.count(0) == 32 * n_images
+        assert ids[-len(hf_tok(segments[-1], add_special_tokens=False).input_ids):] == \
+            hf_tok(segments[-1], add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="placeholder"):
+        tokenize_segments(tokenizer, build_prompt(QUESTION, 1, template), 2, 32, 0)
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [224, 28])
+def test_preprocessing_equals_blip_image_processor(size, mg_photos):
+    from PIL import Image
+
+    from models.minigpt4.preprocess import BlipImageParams, preprocess_images
+
+    ours = preprocess_images(mg_photos, BlipImageParams(image_size=size))
+    theirs = blip_processor(size)([Image.open(p).convert("RGB") for p in mg_photos], return_tensors="np")
+    assert ours.shape == (3, 3, size, size) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs["pixel_values"], rtol=0, atol=1e-6)
