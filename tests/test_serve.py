@@ -386,10 +386,11 @@ def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
             page.on("request", lambda r: None if r.url.startswith(server.url) else external.append(r.url))
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
-            page.click("#settings summary")
+            # open/close the settings panel by state, not by toggling clicks (robust on a loaded machine)
+            page.evaluate("document.getElementById('settings').open = true")
             page.fill("#max-tokens", str(N_TOKENS))
             page.fill("#temperature", "0")
-            page.click("#settings summary")
+            page.evaluate("document.getElementById('settings').open = false")
             page.set_input_files("#file", IMAGE)
             page.wait_for_selector("#attachments img")
             page.fill("#prompt", PROMPT)
@@ -404,9 +405,9 @@ def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
             assert page.locator(".user img").count() == 1
 
             # a long answer stopped with the stop button frees the server's worker
-            page.click("#settings summary")
+            page.evaluate("document.getElementById('settings').open = true")
             page.fill("#max-tokens", "3000")
-            page.click("#settings summary")
+            page.evaluate("document.getElementById('settings').open = false")
             page.fill("#prompt", "Again, at length.")
             page.click("#send")
             page.wait_for_function("document.querySelectorAll('.assistant .text')[1] && "
