@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 
 
@@ -50,8 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # a terminated export cleans up its staging folder like Ctrl-C does
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         import torch  # noqa: F401  (export-time dependency: say clearly when it is missing)
         import transformers  # noqa: F401

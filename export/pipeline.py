@@ -104,10 +104,20 @@ def prepare_output(out: str, force: bool) -> str:
         raise ExportError(f"output folder {out!r} is not empty; pass --force to replace it or choose another -o")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_staging(parent, os.path.basename(out))
     staging = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     return staging
+
+
+def _remove_stale_staging(parent: str, name: str) -> None:
+    """Delete `.NAME.partial-PID` folders left by exports that were killed (their PID is gone)."""
+    prefix = f".{name}.partial-"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _publish(staging: str, out: str) -> None:

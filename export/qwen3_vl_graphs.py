@@ -23,6 +23,24 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x.float() / torch.sqrt(variance + norm.variance_epsilon)).to(x.dtype)
 
 
+def _fuse_linears(spec) -> nn.Linear:
+    """[module, name, name, ...] -> one Linear whose output is the named Linears' outputs concatenated.
+
+    The named Linears are removed from `module` (their weights now live only in the fused one).
+    """
+    module, names = spec[0], spec[1:]
+    parts = [getattr(module, name) for name in names]
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=has_bias,
+                      device="meta", dtype=parts[0].weight.dtype)
+    fused.weight = nn.Parameter(torch.cat([p.weight.data for p in parts]), requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.data for p in parts]), requires_grad=False)
+    for name in names:
+        delattr(module, name)
+    return fused
+
+
 class Qwen3VLVisionGraph(nn.Module):
     """ViT + patch merger + deepstack mergers.
 
@@ -96,6 +114,13 @@ class Qwen3VLDecoderGraph(nn.Module):
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # One MatMul for q/k/v and one for gate/up per layer: fewer, larger GEMVs at decode time
+        # (what ONNX Runtime GenAI's builder does). The fused weights replace the originals in
+        # place, so exporting the 2B model needs no second copy of them.
+        self.qkv = nn.ModuleList(_fuse_linears([layer.self_attn, "q_proj", "k_proj", "v_proj"])
+                                 for layer in language_model.layers)
+        self.gate_up = nn.ModuleList(_fuse_linears([layer.mlp, "gate_proj", "up_proj"])
+                                     for layer in language_model.layers)
 
     @property
     def input_names(self):
@@ -111,12 +136,14 @@ class Qwen3VLDecoderGraph(nn.Module):
             names += [f"present.{i}.key", f"present.{i}.value"]
         return names
 
-    def _attention(self, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
+    def _attention(self, index, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
         batch, seq, _ = x.shape
         shape = (batch, seq, -1, self.head_dim)
-        q = _rms_norm(attn.q_norm, attn.q_proj(x).view(shape)).transpose(1, 2)  # [B, heads, S, d]
-        k = _rms_norm(attn.k_norm, attn.k_proj(x).view(shape)).transpose(1, 2)  # [B, kv, S, d]
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv[index](x).split([attn.config.num_attention_heads * self.head_dim, kv_size, kv_size], -1)
+        q = _rms_norm(attn.q_norm, q.reshape(shape)).transpose(1, 2)  # [B, heads, S, d]
+        k = _rms_norm(attn.k_norm, k.reshape(shape)).transpose(1, 2)  # [B, kv, S, d]
+        v = v.reshape(shape).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         # Grouped-query attention by broadcasting the K/V heads instead of copying them.
@@ -147,10 +174,11 @@ class Qwen3VLDecoderGraph(nn.Module):
         new_bias = torch.where(new_allowed, 0.0, lowest).to(hidden.dtype)[:, None, None]
         presents = []
         for index, layer in enumerate(model.layers):
-            attn_out, key, value = self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin,
-                                                   past_bias, new_bias, past[2 * index], past[2 * index + 1])
+            attn_out, key, value = self._attention(index, layer.self_attn, _rms_norm(layer.input_layernorm, hidden),
+                                                   cos, sin, past_bias, new_bias, past[2 * index], past[2 * index + 1])
             hidden = hidden + attn_out
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+            gate, up = self.gate_up[index](_rms_norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             if index < self.num_deepstack:
                 hidden = hidden + deepstack_embeds[index]
             presents += [key, value]
