@@ -1,4 +1,4 @@
-"""`python -m bench`: eager PyTorch (fp32, bf16) against our runtime (none/int8/int4) on one machine.
+"""`python -m bench`: eager PyTorch (fp32, bf16) against our runtime (none/int8/int4/mixed) on one machine.
 
     python -m bench --config bench/configs/qwen3-vl-2b.json --repeats 3
 
@@ -21,7 +21,8 @@ from . import artifacts, machine, report
 from .worker import WorkerError, launch
 
 ROOT = artifacts.ROOT
-OURS = ("none", "int8", "int4")
+QUANTIZED = ("int8", "int4", "mixed")
+OURS = ("none",) + QUANTIZED
 ALL_CONFIGS = ("eager-fp32", "eager-bf16") + OURS
 DEFAULT_PROMPT = ("Look carefully at this photograph. Describe the person in it, what they are wearing, the objects "
                   "around them, and the colors of the background, in two sentences.")
@@ -99,7 +100,7 @@ def run_speed(args, checkpoint: str, folders: dict, image: str) -> dict:
 
 def run_accuracy(args, folders: dict, image: str) -> dict:
     """Teacher-forced comparison of each quantized export with our fp32 export."""
-    quantized = [name for name in args.configs if name in ("int8", "int4")]
+    quantized = [name for name in args.configs if name in QUANTIZED]
     common = {"image": image, "prompt": args.prompt, "threads": args.threads}
     ref_dir = os.path.join(args.work_dir, "accuracy-reference")
     artifacts.log(f"accuracy: fp32 reference over {args.accuracy_positions} positions")
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     host = machine.describe()
     checkpoint = artifacts.resolve_checkpoint(args.config, args.work_dir)
     image = args.image or artifacts.default_image(args.work_dir)
-    quantized = [c for c in args.configs if c in ("int8", "int4")]
+    quantized = [c for c in args.configs if c in QUANTIZED]
     accuracy_on = args.accuracy and bool(quantized)
     needed = [c for c in OURS if c in args.configs or (c == "none" and accuracy_on)]
     folders = artifacts.ensure_exports(checkpoint, needed, args.work_dir, args.export_jobs)

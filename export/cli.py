@@ -25,9 +25,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true",
                         help="export a tiny random-weight Qwen3-VL with the real Qwen vocabulary instead of SRC")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                        help="weights: none = float32 (default); int8 = dynamic int8 MatMuls; int4 = 4-bit "
-                             "MatMulNBits decoder (block 32, accuracy level 4) + int8 vision")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4", "mixed"), default="none",
+                        help="weights: none = float32 (default); int8 = dynamic int8 MatMuls everywhere; int4 = "
+                             "4-bit MatMulNBits decoder (block 32, accuracy level 4) + int8 vision; mixed = int4 "
+                             "decoder for single tokens + int8 decoder for the prompt (faster first token, more "
+                             "memory) + int8 vision")
     parser.add_argument("--parity-tokens", type=int, default=8,
                         help="greedy tokens compared with eager PyTorch after export (default: 8)")
     mini = parser.add_argument_group("MiniGPT-4 original files (instead of SRC; converted to the BLIP-2 layout)")

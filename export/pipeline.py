@@ -275,29 +275,40 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
     return manifest
 
 
+# Which weight format each graph gets, per --quantize method. "mixed" keeps two decoders with the
+# same inputs and outputs: int8 GEMMs (AMX/VNNI) for the prompt, 4-bit GEMVs for single tokens.
+QUANTIZED_GRAPHS = {
+    "int8": {"vision": [("vision", "int8")], "decoder": [("decoder", "int8")]},
+    "int4": {"vision": [("vision", "int8")], "decoder": [("decoder", "int4")]},
+    "mixed": {"vision": [("vision", "int8")], "decoder": [("decoder", "int4"), ("prefill", "int8")]},
+}
+
+
 def _quantize(staging: str, manifest: dict, method: str) -> dict:
     """Replace the fp32 graphs and embeddings in `staging` by quantized ones; returns the manifest entry."""
     from . import quantize
 
     record = {"method": method}
-    for name, graph in manifest["graphs"].items():
-        path = os.path.join(staging, graph["file"])
-        weight_format = "int4" if method == "int4" and name == "decoder" else "int8"
-        quantized = os.path.join(staging, f"{name}.{weight_format}.onnx")
-        if weight_format == "int4":
-            graph["external_data"] = quantize.quantize_int4(path, quantized)
-            record[name] = {"format": "MatMulNBits", "bits": 4, "block_size": quantize.INT4_BLOCK_SIZE,
-                            "accuracy_level": quantize.INT4_ACCURACY_LEVEL, "symmetric": True}
-        else:
-            graph["external_data"] = quantize.quantize_int8(path, quantized)
-            record[name] = {"format": "dynamic int8 (MatMulInteger)", "per_channel": True}
-        for old in [graph["file"]] + [graph["file"] + ".data"]:
+    graphs = {}
+    for source_name, source in manifest["graphs"].items():
+        path = os.path.join(staging, source["file"])
+        for name, weight_format in QUANTIZED_GRAPHS[method][source_name]:
+            quantized = os.path.join(staging, f"{source_name}.{weight_format}.onnx")
+            if weight_format == "int4":
+                extra = quantize.quantize_int4(path, quantized)
+                record[name] = {"format": "MatMulNBits", "bits": 4, "block_size": quantize.INT4_BLOCK_SIZE,
+                                "accuracy_level": quantize.INT4_ACCURACY_LEVEL, "symmetric": True}
+            else:
+                extra = quantize.quantize_int8(path, quantized)
+                record[name] = {"format": "dynamic int8 (MatMulInteger)", "per_channel": True}
+            graphs[name] = {"file": os.path.basename(quantized), "external_data": extra,
+                            **assets.graph_io(quantized)}
+            record[name]["ops"] = {k: v for k, v in quantize.count_ops(quantized).items()
+                                   if k in ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm")}
+        for old in (source["file"], source["file"] + ".data"):
             if os.path.exists(os.path.join(staging, old)):
                 os.remove(os.path.join(staging, old))
-        graph["file"] = os.path.basename(quantized)
-        graph.update(assets.graph_io(quantized))
-        record[name]["ops"] = {k: v for k, v in quantize.count_ops(quantized).items()
-                               if k in ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm")}
+    manifest["graphs"] = graphs
     table_path = os.path.join(staging, manifest["embeddings"]["file"])
     rows, scale = quantize.quantize_embeddings(np.load(table_path))
     os.remove(table_path)

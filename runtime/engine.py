@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,11 @@ class VisionLanguageModel:
             raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
         from tokenizers import Tokenizer  # serve-time dependency, imported here to keep `import runtime` light
 
+        # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
+        # the graphs load side by side while the tokenizer is parsed here.
+        pool = ThreadPoolExecutor(max_workers=len(manifest["graphs"]))
+        sessions = {name: pool.submit(create_session, folder, graph, threads)
+                    for name, graph in manifest["graphs"].items()}
         self.tokenizer = Tokenizer.from_file(os.path.join(folder, manifest["tokenizer"]))
         template = manifest.get("chat_template")
         self.chat_template = open(os.path.join(folder, template), encoding="utf-8").read() if template else None
@@ -73,7 +79,8 @@ class VisionLanguageModel:
         self.embeddings = np.load(os.path.join(folder, table["file"]), mmap_mode="r")
         self.embedding_scale = (np.load(os.path.join(folder, table["scale_file"]), mmap_mode="r")
                                 if table.get("scale_file") else None)
-        self.sessions = {name: create_session(folder, graph, threads) for name, graph in manifest["graphs"].items()}
+        self.sessions = {name: future.result() for name, future in sessions.items()}
+        pool.shutdown()
         text = manifest["text_config"]
         self.num_layers, self.num_kv_heads = int(text["num_layers"]), int(text["num_kv_heads"])
         self.head_dim, self.max_context = int(text["head_dim"]), int(text["max_context"])
@@ -110,7 +117,9 @@ class VisionLanguageModel:
     def _run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
         new_tokens = feeds["inputs_embeds"].shape[1]
         feeds = dict(feeds, attention_mask=cache.attention_mask(new_tokens), **cache.feeds())
-        outputs = self.sessions["decoder"].run(None, feeds)
+        # A "prefill" graph (same I/O, weights for GEMMs) takes multi-token runs when the export made one.
+        session = self.sessions["prefill"] if new_tokens > 1 and "prefill" in self.sessions else self.sessions["decoder"]
+        outputs = session.run(None, feeds)
         cache.append(outputs[1:])
         return outputs[0][0]  # logits [vocab] of the last position
 

@@ -115,3 +115,8 @@ def qwen_export_int8(qwen_checkpoint, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def qwen_export_int4(qwen_checkpoint, tmp_path_factory) -> str:
     return _quantized_export(qwen_checkpoint, tmp_path_factory, "int4")
+
+
+@pytest.fixture(scope="session")
+def qwen_export_mixed(qwen_checkpoint, tmp_path_factory) -> str:
+    return _quantized_export(qwen_checkpoint, tmp_path_factory, "mixed")

@@ -19,7 +19,8 @@ def test_bench_runs_every_configuration(qwen_checkpoint, qwen_export, qwen_expor
     for name, folder in (("none", qwen_export), ("int8", qwen_export_int8), ("int4", qwen_export_int4)):
         shutil.copytree(folder, work / name)
     proc = subprocess.run([sys.executable, "-m", "bench", "--config", qwen_checkpoint, "--work-dir", str(work),
-                           "--repeats", "1", "--new-tokens", "4", "--accuracy-positions", "8", "--export-jobs", "2"],
+                           "--repeats", "1", "--new-tokens", "4", "--accuracy-positions", "8", "--export-jobs", "2",
+                           "--configs", ",".join(CONFIGS)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(work / "results.json", encoding="utf-8") as f:

@@ -20,7 +20,8 @@ from runtime.engine import VisionLanguageModel
 
 POSITIONS = 48
 FLOORS = {"int8": {"cosine": 0.999, "top1": 0.95, "vision_cosine": 0.999},
-          "int4": {"cosine": 0.95, "top1": 0.85, "vision_cosine": 0.999}}
+          "int4": {"cosine": 0.95, "top1": 0.85, "vision_cosine": 0.999},
+          "mixed": {"cosine": 0.95, "top1": 0.85, "vision_cosine": 0.999}}  # decode steps are int4
 
 
 def _messages(photos):
@@ -39,14 +40,17 @@ def fp32_reference(vlm, photos):
     return {"logits": rows, "tokens": tokens, "image_embeds": vision[0]}
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "mixed"])
 def test_quantized_config_generates_and_agrees_with_fp32(method, request, photos, fp32_reference):
     folder = request.getfixturevalue(f"qwen_export_{method}")
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["quantization"]["method"] == method
     ops = manifest["quantization"]["decoder"]["ops"]
-    assert ops.get("MatMulNBits" if method == "int4" else "MatMulInteger", 0) > 0
+    assert ops.get("MatMulInteger" if method == "int8" else "MatMulNBits", 0) > 0
+    if method == "mixed":  # the prompt runs through an int8 twin of the decoder
+        assert manifest["quantization"]["prefill"]["ops"].get("MatMulInteger", 0) > 0
+        assert set(manifest["graphs"]) == {"vision", "decoder", "prefill"}
     assert "MatMulInteger" in manifest["quantization"]["vision"]["ops"]
     assert manifest["embeddings"]["dtype"] == "int8"
 
