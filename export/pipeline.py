@@ -218,7 +218,12 @@ def _run_torch_stage(source, staging, family_name, parity_tokens, progress, isol
     result_path = os.path.join(staging, "_torch_stage.pkl")
     child = multiprocessing.get_context("spawn").Process(target=_torch_stage_child, args=(args, result_path))
     child.start()
-    child.join()
+    try:
+        child.join()
+    except BaseException:  # Ctrl-C / SIGTERM in the parent: stop the child too, then clean up
+        child.terminate()
+        child.join()
+        raise
     if not os.path.exists(result_path):
         raise ExportError(f"the export process died (exit code {child.exitcode}"
                           f"{', killed: out of memory?' if child.exitcode == -9 else ''})")
