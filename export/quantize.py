@@ -76,24 +76,37 @@ def _weight_bytes(model) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def quantize_int8(path: str, out_path: str) -> list[str]:
-    """Dynamic int8 (MatMulInteger) for every constant-weight MatMul of the graph at `path`."""
+def _has_gemm(path: str) -> bool:
     import onnx
+
+    return any(n.op_type == "Gemm" for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+def quantize_int8(path: str, out_path: str) -> list[str]:
+    """Dynamic int8 (MatMulInteger) for every constant-weight MatMul of the graph at `path`.
+
+    The graph is loaded here only when it has Gemm nodes to rewrite; otherwise ONNX Runtime's
+    quantizer reads it from disk itself, so the weights are held once, not twice (the 2B decoder's
+    fp32 weights are 6.9 GB).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(path)
-    _gemm_to_matmul(model)
-    staging = out_path + ".fp32.onnx"
-    _save(model, staging)
-    del model
-    quantize_dynamic(staging, out_path, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     per_channel=True, use_external_data_format=os.path.getsize(staging) > (1 << 30) or
-                     os.path.exists(staging + ".data"),
-                     extra_options={"MatMulConstBOnly": True})
-    _remove(staging)
-    model = onnx.load(out_path)
-    _remove(out_path)
-    return _save(model, out_path)
+    source = path
+    if _has_gemm(path):
+        import onnx
+
+        model = onnx.load(path)
+        _gemm_to_matmul(model)
+        source = out_path + ".fp32.onnx"
+        _save(model, source)
+        del model
+    external = os.path.exists(source + ".data") or os.path.getsize(source) > (1 << 30)
+    quantize_dynamic(source, out_path, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     per_channel=True, use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+    if source != path:
+        _remove(source)
+    data = os.path.basename(out_path) + ".data"
+    return [data] if os.path.exists(os.path.join(os.path.dirname(out_path), data)) else []
 
 
 def quantize_int4(path: str, out_path: str, block_size: int = INT4_BLOCK_SIZE,
