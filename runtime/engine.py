@@ -130,9 +130,10 @@ class VisionLanguageModel:
         return self.sessions["vision"].run(None, self.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw))
 
     def new_cache(self, expected_length: int) -> KVCache:
-        """An empty KV cache that sizes itself for `expected_length` tokens on its first write.
+        """An empty KV cache for a request of at most `expected_length` tokens (prompt + new tokens).
 
-        It stays empty until then, so the prefill attends over no unused slots."""
+        It stays empty until the prompt is written, so the prefill attends over no unused slots, then
+        grows in steps of 256 tokens (never past `expected_length`): decode steps read few unused slots."""
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
                        expected_length=expected_length)
 

@@ -18,17 +18,20 @@ class KVCache:
         self.max_length, self.step, self.dtype = max_length, step, dtype
         self.offset = 0
         self.capacity = 0
-        # The first write (the prompt) sizes the buffer for the whole expected answer at once.
+        # Prompt + max new tokens, when known: the buffer never grows past what the request can use.
         self.expected_length = min(expected_length, max_length)
         self.keys = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
         self.values = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
 
     def reserve(self, length: int) -> None:
-        """Make room for `length` tokens in total, rounding up to the growth step (copies only on growth)."""
+        """Make room for `length` tokens in total: the next multiple of `step`, capped at the expected
+        length (when known) and the context. Copies the filled part only when it grows."""
         if length <= self.capacity:
             return
-        capacity = min(self.max_length, -(-length // self.step) * self.step)
-        capacity = max(capacity, length)
+        capacity = -(-length // self.step) * self.step
+        if self.expected_length:
+            capacity = min(capacity, max(self.expected_length, length))
+        capacity = max(min(capacity, self.max_length), length)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = np.zeros((1, self.num_kv_heads, capacity, self.head_dim), self.dtype)
@@ -54,7 +57,7 @@ class KVCache:
     def append(self, presents: list) -> None:
         """Write the graph's present.{i}.key|value ([1, kv, S, d] each, in layer order) at the offset."""
         new = presents[0].shape[2]
-        self.reserve(max(self.offset + new, self.expected_length if self.capacity == 0 else 0))
+        self.reserve(self.offset + new)
         end = self.offset + new
         for i in range(self.num_layers):
             self.keys[i][:, :, self.offset:end] = presents[2 * i]
