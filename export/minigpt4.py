@@ -25,11 +25,17 @@ def _error(message: str):
     return ExportError(message)
 
 
-def load_model(source: str, dtype=torch.float32):
-    """Blip2ForConditionalGeneration with a LLaMA text model, eager attention, eval mode."""
+def load_model(source: str, dtype=torch.float32, empty: bool = False):
+    """Blip2ForConditionalGeneration with a LLaMA text model, eager attention, eval mode (empty: parameters on
+    the meta device, for the streamed export)."""
     from transformers import Blip2ForConditionalGeneration
 
-    model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+    if empty:
+        from .streamed import empty_model
+
+        model = empty_model(Blip2ForConditionalGeneration, source, dtype)
+    else:
+        model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     text_type = model.config.text_config.model_type
     if text_type != "llama":
         raise _error(f"{source!r}: a BLIP-2 checkpoint with a {text_type!r} text model; the minigpt4 family serves "
@@ -78,6 +84,12 @@ def decoder_graph(model) -> LlamaDecoderGraph:
 
 def export_decoder(model, path: str) -> list[str]:
     graph = decoder_graph(model)
+    args, dynamic = decoder_example(model, graph)
+    return export_graph(graph, args, path, dynamic)
+
+
+def decoder_example(model, graph) -> tuple[tuple, tuple]:
+    """Example inputs and dynamic shapes to trace the decoder graph with."""
     text = model.config.text_config
     batch, seq, capacity = 2, 3, 4
     kv_shape = (batch, text.num_key_value_heads, capacity, graph.head_dim)
@@ -85,7 +97,7 @@ def export_decoder(model, path: str) -> list[str]:
             torch.arange(seq).repeat(batch, 1), *[torch.zeros(kv_shape) for _ in range(2 * graph.num_layers)])
     b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
-    return export_graph(graph, args, path, dynamic)
+    return args, dynamic
 
 
 def embedding_table(model) -> np.ndarray:
@@ -104,10 +116,11 @@ def reference_case(model, new_tokens: int = 8) -> dict:
     ids = ([bos] if bos is not None else []) + text(5) + [placeholder] * queries + text(3) \
         + [placeholder] * queries + text(4)
     input_ids = torch.tensor([ids])
+    model_pixels = pixel_values.to(model.dtype)  # a bfloat16 reference (big checkpoints) takes bfloat16 pixels
     with torch.no_grad():
-        image_embeds = model.get_image_features(pixel_values).pooler_output.numpy()
-        first_logits = model(pixel_values=pixel_values, input_ids=input_ids).logits[0, -1].numpy()
-        generated = model.generate(pixel_values=pixel_values, input_ids=input_ids,
+        image_embeds = model.get_image_features(model_pixels).pooler_output.float().numpy()
+        first_logits = model(pixel_values=model_pixels, input_ids=input_ids).logits[0, -1].float().numpy()
+        generated = model.generate(pixel_values=model_pixels, input_ids=input_ids,
                                    attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False)
     tokens = generated[0].tolist()

@@ -115,12 +115,30 @@ def quantize_int4(path: str, out_path: str, block_size: int = INT4_BLOCK_SIZE,
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = onnx.load(path)
-    _gemm_to_matmul(model)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level)
-    quantizer.process()
-    return _save(quantizer.model.model, out_path)
+    import contextlib
+
+    # External tensors stay on disk: the quantizer reads one weight at a time (relative to the working
+    # folder, hence the chdir), so a decoder bigger than memory can be quantized.
+    folder = os.path.dirname(os.path.abspath(path))
+    model = onnx.load(path, load_external_data=False)
+    with contextlib.chdir(folder):
+        _gemm_to_matmul(model)
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level)
+        quantizer.process()
+    model = quantizer.model.model
+    for tensor in _external_tensors(model):  # what stayed float32 (norms, biases): small, read now
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, folder)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return _save(model, out_path)
+
+
+def _external_tensors(model):
+    import onnx
+
+    return [t for t in onnx.external_data_helper._get_all_tensors(model)
+            if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def _remove(path: str) -> None:

