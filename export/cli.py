@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "4-bit MatMulNBits decoder (block 32, accuracy level 4) + int8 vision; mixed = int4 "
                              "decoder for single tokens + int8 decoder for the prompt (faster first token, more "
                              "memory) + int8 vision")
+    parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                        help="copy the decoder's weights from the checkpoint one tensor at a time instead of "
+                             "loading the model in float32 (auto: when float32 weights exceed half the memory, "
+                             "e.g. a 7B model on a 24 GB machine; those then need --quantize int4)")
     parser.add_argument("--parity-tokens", type=int, default=8,
                         help="greedy tokens compared with eager PyTorch after export (default: 8)")
     mini = parser.add_argument_group("MiniGPT-4 original files (instead of SRC; converted to the BLIP-2 layout)")
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
                                      os.path.join(scratch, "minigpt4"), template=args.minigpt4_template,
                                      vit_depth=args.minigpt4_vit_depth, log=progress.log)
             run_export(source, args.output, force=args.force, quantize=args.quantize, progress=progress,
-                       parity_tokens=args.parity_tokens)
+                       parity_tokens=args.parity_tokens, stream={"auto": None, "on": True, "off": False}[args.stream])
     except (ExportError, AssetError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
