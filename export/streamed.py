@@ -129,8 +129,15 @@ def empty_model(load_class, folder: str, dtype=torch.float32) -> nn.Module:
     for name, param in model.named_parameters():  # shared (tied) parameters are named once: their first name
         setattr(param, STREAM_KEY, name)
     # A tied weight (LM head = token embeddings) is stored once, under its source's name.
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(tied, dict) and tied:
+    # transformers declares ties per module class (`_tied_weights_keys`, relative names), e.g. a BLIP-2
+    # model's LLaMA text model ties its own lm_head.
+    tied = {}
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            dot = prefix + "." if prefix else ""
+            tied.update({dot + target: dot + source for target, source in keys.items()})
+    if tied:
         stored = CheckpointReader(folder)
         params = dict(model.named_parameters(remove_duplicate=False))
         for target, source in tied.items():
