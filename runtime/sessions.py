@@ -6,12 +6,16 @@ import os
 from .errors import ModelFolderError
 
 
-def create_session(folder: str, graph: dict, threads: int | None = None):
+def create_session(folder: str, graph: dict, threads: int | None = None, arena: bool = True):
     """An InferenceSession for one manifest graph entry, on the CPU.
 
     Args:
         folder: the model folder; graph["file"] is relative to it.
         threads: intra-op threads (default: the cores this process may use).
+        arena: keep ONNX Runtime's memory arena. The vision graph runs without one: its activations
+            (attention over every patch of an image) are large and transient, and an arena would keep
+            their peak for the life of the process (measured on the 2B shape, 448x448 image: peak RSS
+            2376 -> 2188 MB, same vision time).
     """
     import onnxruntime as ort
 
@@ -20,6 +24,7 @@ def create_session(folder: str, graph: dict, threads: int | None = None):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = arena
     path = os.path.join(folder, graph["file"])
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
