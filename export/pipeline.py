@@ -123,6 +123,7 @@ def _remove_stale_staging(parent: str, name: str) -> None:
 
 def _publish(staging: str, out: str) -> None:
     """Move the finished folder into place (replacing an old OUT only now, when the new one is complete)."""
+    _normalize_permissions(staging)
     out = os.path.abspath(out)
     if os.path.isdir(out):
         trash = out + f".old-{os.getpid()}"
@@ -131,6 +132,17 @@ def _publish(staging: str, out: str) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(staging, out)
+
+
+def _normalize_permissions(folder: str) -> None:
+    """Files as the user's umask makes them. ONNX's C++ writer creates external-data files owner-only
+    (0600), so a folder copied to a server running as another user could not be read there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 def versions() -> dict:

@@ -115,3 +115,21 @@ def test_streamed_export_names_a_bad_tensor(mg_ckpt, tmp_path, fault):
         _export(broken, str(out), stream=True)
     assert key in str(info.value)
     assert not out.exists()
+
+
+def test_published_files_follow_the_umask(tmp_path):
+    """ONNX's external-data writer creates owner-only files; the published folder must not keep that."""
+    import stat
+
+    staging = tmp_path / ".out.partial-1"
+    staging.mkdir()
+    data = staging / "decoder.int4.onnx.data"
+    data.write_bytes(b"\0" * 16)
+    data.chmod(0o600)
+    umask = os.umask(0o022)
+    try:
+        pipeline._publish(str(staging), str(tmp_path / "out"))
+    finally:
+        os.umask(umask)
+    mode = stat.S_IMODE((tmp_path / "out" / "decoder.int4.onnx.data").stat().st_mode)
+    assert mode == 0o644
