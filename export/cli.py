@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "4-bit MatMulNBits decoder (block 32, accuracy level 4) + int8 vision; mixed = int4 "
                              "decoder for single tokens + int8 decoder for the prompt (faster first token, more "
                              "memory) + int8 vision")
+    parser.add_argument("--int4-block-size", type=int, choices=(16, 32, 64, 128), default=32,
+                        help="weights per 4-bit scale for int4/mixed (default 32, the most accurate; 64 and 128 "
+                             "decode faster on some CPUs and lose accuracy: see README 'Performance')")
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                         help="copy the decoder's weights from the checkpoint one tensor at a time instead of "
                              "loading the model in float32 (auto: when float32 weights exceed half the memory, "
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
                                      os.path.join(scratch, "minigpt4"), template=args.minigpt4_template,
                                      vit_depth=args.minigpt4_vit_depth, log=progress.log)
             run_export(source, args.output, force=args.force, quantize=args.quantize, progress=progress,
-                       parity_tokens=args.parity_tokens, stream={"auto": None, "on": True, "off": False}[args.stream])
+                       parity_tokens=args.parity_tokens, stream={"auto": None, "on": True, "off": False}[args.stream],
+                       int4_block_size=args.int4_block_size)
     except (ExportError, AssetError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -156,7 +156,8 @@ def versions() -> dict:
 
 
 def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
-               parity_tokens: int = 8, isolate: bool | None = None, stream: bool | None = None) -> dict:
+               parity_tokens: int = 8, isolate: bool | None = None, stream: bool | None = None,
+               int4_block_size: int = 32) -> dict:
     """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity.
 
     stream: export the decoder's weights tensor by tensor from the checkpoint (None: when the float32
@@ -176,7 +177,8 @@ def run_export(source: str, out: str, force: bool = False, quantize: str = "none
                      f"the decoder's weights go from the checkpoint to disk one tensor at a time")
     staging = prepare_output(out, force)
     try:
-        manifest = _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate, plan)
+        manifest = _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate, plan,
+                          int4_block_size)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -355,7 +357,7 @@ def _run_torch_stage(source, staging, family_name, parity_tokens, progress, isol
 
 
 def _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate=None,
-           plan=None) -> dict:
+           plan=None, int4_block_size: int = 32) -> dict:
     if isolate is None:  # big checkpoints: keep PyTorch's memory out of the later steps
         isolate = _checkpoint_bytes(source) > (1 << 30)
     manifest, reference, folder = _run_torch_stage(source, staging, family_name, parity_tokens, progress, isolate,
@@ -395,7 +397,7 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
         progress.log("parity: the float32 graphs are too big to run here; checking the quantized graphs instead")
     if quantize != "none":
         with progress.step(f"quantizing ({quantize}) and measuring agreement with eager PyTorch"):
-            manifest["quantization"] = _quantize(staging, manifest, quantize)
+            manifest["quantization"] = _quantize(staging, manifest, quantize, int4_block_size)
             _write_manifest(staging, manifest)
             from .parity import quantized_agreement
 
@@ -433,7 +435,7 @@ QUANTIZED_GRAPHS = {
 }
 
 
-def _quantize(staging: str, manifest: dict, method: str) -> dict:
+def _quantize(staging: str, manifest: dict, method: str, int4_block_size: int = 32) -> dict:
     """Replace the fp32 graphs and embeddings in `staging` by quantized ones; returns the manifest entry."""
     from . import quantize
 
@@ -444,8 +446,8 @@ def _quantize(staging: str, manifest: dict, method: str) -> dict:
         for name, weight_format in QUANTIZED_GRAPHS[method][source_name]:
             quantized = os.path.join(staging, f"{source_name}.{weight_format}.onnx")
             if weight_format == "int4":
-                extra = quantize.quantize_int4(path, quantized)
-                record[name] = {"format": "MatMulNBits", "bits": 4, "block_size": quantize.INT4_BLOCK_SIZE,
+                extra = quantize.quantize_int4(path, quantized, block_size=int4_block_size)
+                record[name] = {"format": "MatMulNBits", "bits": 4, "block_size": int4_block_size,
                                 "accuracy_level": quantize.INT4_ACCURACY_LEVEL, "symmetric": True}
             else:
                 extra = quantize.quantize_int8(path, quantized)
