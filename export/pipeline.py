@@ -282,6 +282,7 @@ def _streamed_torch_stage(family, family_name, source, staging, parity_tokens, p
     with progress.step("exporting the vision graph (decoder weights are left on disk)"):
         model = family.load_model(folder, empty=True)
         reader = streamed.CheckpointReader(folder)
+        reader.base_prefix = getattr(model, "base_model_prefix", "") or ""
         streamed.materialize(model.get_input_embeddings(), reader)
         graph = streamed.streamable_decoder(family.decoder_graph(model))
         streamed.materialize(model, reader)  # everything but the decoder: vision encoder, projector

@@ -77,6 +77,19 @@ class CheckpointReader:
         self.weight_map = weight_map
         self._open = {}
         self._safe_open = safe_open
+        self.base_prefix = ""  # the model's base_model_prefix: checkpoints saved without/with it still load
+
+    def resolve(self, key: str) -> str | None:
+        """The stored name of the model's tensor `key` (as transformers resolves it: exactly, or without /
+        with the base-model prefix), or None."""
+        if key in self.weight_map:
+            return key
+        prefix = self.base_prefix + "." if self.base_prefix else ""
+        for candidate in ((key[len(prefix):],) if prefix and key.startswith(prefix) else ()) + (
+                (prefix + key,) if prefix else ()):
+            if candidate in self.weight_map:
+                return candidate
+        return None
 
     def float32_bytes(self) -> int:
         """Bytes the checkpoint's tensors take in float32 (from the safetensors headers; nothing is read)."""
@@ -88,23 +101,24 @@ class CheckpointReader:
         return total
 
     def shape(self, key: str) -> list[int]:
-        self.get_file(key)
-        return self._open[self.weight_map[key]].get_slice(key).get_shape()
+        stored = self.resolve(key)
+        return self._file(stored).get_slice(stored).get_shape()
 
-    def get_file(self, key: str):
-        name = self.weight_map[key]
+    def _file(self, stored: str):
+        name = self.weight_map[stored]
         if name not in self._open:
             self._open[name] = self._safe_open(os.path.join(self.folder, name), "pt")
         return self._open[name]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return self.resolve(key) is not None
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self.weight_map:
+        stored = self.resolve(key)
+        if stored is None:
             raise StreamError(f"the checkpoint in {self.folder!r} has no tensor {key!r}, which the model's "
                               f"configuration requires; is config.json from the same checkpoint?")
-        return self.get_file(key).get_tensor(key)
+        return self._file(stored).get_tensor(stored)
 
     def float32(self, keys, transpose: bool = False) -> np.ndarray:
         """The tensor `keys` (or the tensors `keys` concatenated on axis 0) as float32, optionally transposed."""
@@ -139,6 +153,7 @@ def empty_model(load_class, folder: str, dtype=torch.float32) -> nn.Module:
             tied.update({dot + target: dot + source for target, source in keys.items()})
     if tied:
         stored = CheckpointReader(folder)
+        stored.base_prefix = getattr(model, "base_model_prefix", "") or ""
         params = dict(model.named_parameters(remove_duplicate=False))
         for target, source in tied.items():
             if target in params and target not in stored and source in stored:
@@ -149,6 +164,7 @@ def empty_model(load_class, folder: str, dtype=torch.float32) -> nn.Module:
 def check_checkpoint(model: nn.Module, reader: CheckpointReader) -> None:
     """Every parameter of the empty `model` is in the checkpoint with its shape (headers only: nothing is read),
     so a missing or misshaped tensor is named before any work starts."""
+    reader.base_prefix = getattr(model, "base_model_prefix", "") or ""
     for name, param in model.named_parameters():
         key = getattr(param, STREAM_KEY, name)
         if key not in reader:

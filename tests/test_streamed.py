@@ -152,3 +152,21 @@ def test_int4_block_size_flag(mg_ckpt, tmp_path):
     result = model.generate([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_new_tokens=3,
                             min_new_tokens=3)
     assert len(result.token_ids) == 3
+
+
+def test_reader_resolves_names_with_or_without_the_base_prefix(tmp_path):
+    """Checkpoints saved from the base model lack its prefix (transformers loads them either way)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from export.streamed import CheckpointReader
+
+    save_file({"layers.0.w": torch.ones(2, 3), "model.norm.w": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(str(tmp_path))
+    reader.base_prefix = "model"
+    assert reader.resolve("model.layers.0.w") == "layers.0.w"
+    assert reader.resolve("norm.w") == "model.norm.w"
+    assert reader.resolve("model.norm.w") == "model.norm.w"
+    assert reader.resolve("model.layers.1.w") is None and "model.layers.1.w" not in reader
+    assert reader.shape("model.layers.0.w") == [2, 3]
+    assert reader.float32("model.layers.0.w", transpose=True).shape == (3, 2)
