@@ -195,6 +195,11 @@ def materialize(module: nn.Module, reader: CheckpointReader, skip: set[int] = fr
             sub._parameters[name] = new
 
 
+def _placeholder(shape) -> torch.Tensor:
+    """Memory for a weight that is traced but never computed with: untouched, so it costs no RAM."""
+    return torch.empty(shape, dtype=torch.float32)
+
+
 def streamable_decoder(graph: nn.Module) -> nn.Module:
     """Prepare a decoder graph wrapper built on an empty model: Linears become TransposedLinear, and every
     parameter left on the meta device gets an untouched placeholder of its shape."""
@@ -202,10 +207,17 @@ def streamable_decoder(graph: nn.Module) -> nn.Module:
         for name, child in list(sub.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(sub, name, TransposedLinear(child))
+    count = 0
     for sub in graph.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None and param.is_meta:
-                placeholder = nn.Parameter(torch.empty(param.shape, dtype=torch.float32), requires_grad=False)
+                placeholder = nn.Parameter(_placeholder(param.shape), requires_grad=False)
+                # The exporter's optimizer merges initializers with equal contents: untouched placeholders
+                # of one shape (all zeros, or equal garbage) would all become one tensor (every RMSNorm
+                # reading layer 0's weight). One distinct element each keeps them apart; one page touched.
+                count += 1
+                if placeholder.numel():
+                    placeholder.data.view(-1)[0] = count + 0.5
                 for attr in (STREAM_KEY, "stream_transpose"):
                     if hasattr(param, attr):
                         setattr(placeholder, attr, getattr(param, attr))
@@ -227,10 +239,11 @@ def export_streamed(graph: nn.Module, args: tuple, dynamic, path: str, reader: C
     data_path = os.path.join(folder, data_name)
     initializers = model.graph.initializers
     streamed = [name for name in initializers if name in sources]
-    missing = [name for name, p in sources.items() if name not in initializers and p.numel() and
-               getattr(p, STREAM_KEY, None) is not None and _used_in_forward(name, graph)]
+    embeddings = {id(m.weight) for m in graph.modules() if isinstance(m, nn.Embedding)}  # looked up outside
+    missing = [name for name, p in sources.items() if name not in initializers and id(p) not in embeddings]
     if missing:
-        raise StreamError(f"the traced decoder lost the names of {missing[:3]}; cannot stream its weights")
+        raise StreamError(f"the traced decoder lost the weights {missing[:3]} (merged or folded by the exporter); "
+                          f"cannot stream them")
     offset = 0
     with open(data_path, "wb") as out:
         for count, name in enumerate(streamed, 1):
@@ -259,9 +272,3 @@ def export_streamed(graph: nn.Module, args: tuple, dynamic, path: str, reader: C
             raise StreamError(f"decoder weight {name!r} was not streamed")
     ir.save(model, path)
     return [data_name]
-
-
-def _used_in_forward(name: str, graph: nn.Module) -> bool:
-    """Parameters the traced forward does not read (e.g. the token embeddings, looked up outside the graph)
-    are legitimately absent from the ONNX graph; weights of Linears never are."""
-    return name.endswith("weight_t")
