@@ -92,17 +92,11 @@ class LlamaDecoderGraph(nn.Module):
 
     @property
     def input_names(self):
-        names = ["inputs_embeds", "attention_mask", "position_ids"]
-        for i in range(self.num_layers):
-            names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        return names
+        return ["inputs_embeds", "attention_mask", "position_ids"] + _qwen.kv_names("past_key_values", self.num_layers)
 
     @property
     def output_names(self):
-        names = ["logits"]
-        for i in range(self.num_layers):
-            names += [f"present.{i}.key", f"present.{i}.value"]
-        return names
+        return ["logits"] + _qwen.kv_names("present", self.num_layers)
 
     def _attention(self, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
         batch, seq, _ = x.shape

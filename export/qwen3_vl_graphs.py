@@ -23,6 +23,11 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x.float() / torch.sqrt(variance + norm.variance_epsilon)).to(x.dtype)
 
 
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    """The KV-cache graph inputs (prefix past_key_values) or outputs (present): {prefix}.{i}.key|value."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
 def _fuse_linears(spec) -> nn.Linear:
     """[module, name, name, ...] -> one Linear whose output is the named Linears' outputs concatenated.
 
@@ -128,17 +133,12 @@ class Qwen3VLDecoderGraph(nn.Module):
 
     @property
     def input_names(self):
-        names = ["inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds"]
-        for i in range(self.num_layers):
-            names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        return names
+        return ["inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds"] + kv_names(
+            "past_key_values", self.num_layers)
 
     @property
     def output_names(self):
-        names = ["logits"]
-        for i in range(self.num_layers):
-            names += [f"present.{i}.key", f"present.{i}.value"]
-        return names
+        return ["logits"] + kv_names("present", self.num_layers)
 
     def _attention(self, index, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
         batch, seq, _ = x.shape
