@@ -49,15 +49,85 @@ def _decode(fp, name: str) -> Image.Image:
     """Open, fully decode, EXIF-rotate and convert to RGB, as transformers' `load_image` does."""
     try:
         image = Image.open(fp)
-        image.load()  # force the whole decode now, so truncation is reported here
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+    return _finish_decode(image, name)
+
+
+def _finish_decode(image: Image.Image, name: str) -> Image.Image:
+    """An opened (header-only) image -> fully decoded, EXIF-rotated, RGB (`load_image`'s steps for a path)."""
+    try:
+        image.load()  # force the whole decode now, so truncation is reported here
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+class ImageTooLarge(ImageError):
+    """The image has more pixels than the caller allows (found from its header, before decoding)."""
+
+
+# Common raster formats (Pillow plugin names): what a caller holding untrusted bytes may restrict opening to,
+# so no EPS/PDF/etc. decoder ever sees them.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "TGA")
+
+
+def open_bytes_checked(data: bytes, max_pixels: int | None = None, formats: tuple | None = None,
+                       name: str | None = None) -> Image.Image:
+    """Open encoded bytes reading only the header, and refuse them if they are not an image or too large.
+
+    No pixel is decoded, so this is cheap and safe on untrusted input (a few KB of PNG can claim 400 M pixels).
+
+    Args:
+        data: encoded image bytes.
+        max_pixels: most width x height allowed; None for no limit of ours (Pillow's own
+            `Image.MAX_IMAGE_PIXELS` guard still applies).
+        formats: Pillow format names to try (e.g. RASTER_FORMATS); None for every format Pillow knows.
+        name: what to call the image in messages (default: "<N bytes>").
+    Returns:
+        the lazily opened PIL image (decode it with `decode_bytes_checked`, or call `.load()`).
+    Raises:
+        ImageTooLarge: more than `max_pixels` pixels.
+        ImageError: not an image, an unsupported format, a corrupt header, or zero pixels.
+    """
+    name = name or describe_source(data)
+    try:
+        image = Image.open(io.BytesIO(bytes(data)), formats=formats)
+    except Image.UnidentifiedImageError:
+        accepted = f"; accepted formats: {', '.join(formats)}" if formats else ""
+        raise ImageError(f"{name}: not an image file (unknown or unsupported format{accepted})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name}: image has too many pixels to decode safely ({e})") from None
+    except Exception as e:  # Pillow's plugins raise many types on hostile headers
+        raise ImageError(f"{name}: corrupt image header ({e})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
+                            f"{max_pixels}")
+    return image
+
+
+def decode_bytes_checked(data: bytes, max_pixels: int | None = None, formats: tuple | None = None,
+                         name: str | None = None) -> Image.Image:
+    """Encoded bytes -> the RGB image `load_image(bytes)` gives, with `open_bytes_checked`'s checks first.
+
+    The pixel limit is checked from the header before any pixel is decoded; then the same steps as for a
+    path (full decode, EXIF orientation, `.convert("RGB")`).
+
+    Raises:
+        ImageTooLarge, ImageError: as `open_bytes_checked`, or a corrupt/truncated image body.
+    """
+    name = name or describe_source(data)
+    return _finish_decode(open_bytes_checked(data, max_pixels, formats, name), name)
 
 
 def open_image(src: ImageSource) -> Image.Image:

@@ -1,0 +1,95 @@
+"""`python -m runtime.server -m OUT`: parse the options into a ServeConfig, load the model, serve."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from kernels.image import ImageError
+
+from ..errors import UserError
+from .config import ServeConfig, default, is_loopback
+
+
+def build_parser(prog: str = "python -m runtime.server") -> argparse.ArgumentParser:
+    """The options; every default comes from ServeConfig."""
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (and a chat page at /) for "
+                                                       "an exported model.")
+    p.add_argument("-m", "--model", required=True, help="exported model folder (from `python -m export`)")
+    p.add_argument("--host", default=default("host"),
+                   help=f"address to bind (default {default('host')}: this machine only)")
+    p.add_argument("--port", type=int, default=default("port"),
+                   help=f"port (default {default('port')}; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("VLM_API_KEY", default("api_key")),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $VLM_API_KEY, else none)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without --api-key (anyone who reaches the port can use it)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let requests name http(s) image URLs, fetched by the server (off: data: URLs only)")
+    p.add_argument("--model-name", default=default("model_name"),
+                   help="the model id clients use (default: the folder's name)")
+    p.add_argument("--threads", type=int, default=default("threads"),
+                   help="ONNX Runtime threads per generation (default: all cores)")
+    p.add_argument("--workers", type=int, default=default("workers"),
+                   help=f"generations run at once (default {default('workers')}; see runtime/server/scheduler.py)")
+    p.add_argument("--max-queue", type=int, default=default("max_queue"),
+                   help=f"requests that may wait for a worker (default {default('max_queue')}); more get 429")
+    p.add_argument("--timeout", type=float, default=default("timeout"),
+                   help=f"seconds a request may take, queueing included (default {default('timeout'):g})")
+    p.add_argument("--max-body-mb", type=float, default=default("max_body_mb"),
+                   help=f"largest request body in MiB (default {default('max_body_mb'):g})")
+    p.add_argument("--max-images", type=int, default=default("max_images"),
+                   help=f"most images in one request (default {default('max_images')})")
+    p.add_argument("--max-image-pixels", type=int, default=default("max_image_pixels"),
+                   help=f"most pixels (width x height) of an uploaded image, checked before decoding "
+                        f"(default {default('max_image_pixels'):,})")
+    p.add_argument("--default-max-tokens", type=int, default=default("default_max_tokens"),
+                   help=f"max_tokens when a request gives none (default {default('default_max_tokens')}, "
+                        f"within the context)")
+    p.add_argument("--log-level", default=default("log_level"),
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv=None, prog: str = "python -m runtime.server") -> int:
+    args = build_parser(prog).parse_args(argv)
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    try:
+        config.check()
+        if not is_loopback(config.host) and not config.api_key:
+            print(f"warning: listening on {config.host} with no API key: anyone who can reach this port can use "
+                  f"the model", file=sys.stderr)
+        try:
+            import uvicorn
+
+            from .app import create_app
+        except ImportError:
+            raise UserError("the server needs the 'serve' extra: pip install -e '.[serve]' (starlette, uvicorn)") \
+                from None
+        logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s: %(message)s")
+        app = create_app(config)
+    except (UserError, ImageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    serve(app, config, uvicorn)
+    return 0
+
+
+def serve(app, config: ServeConfig, uvicorn) -> None:
+    """Run uvicorn until stopped, printing the bound address once listening (with --port 0, the one picked)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           http="h11", ws="none", lifespan="on", timeout_graceful_shutdown=5))
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets)
+        for s in server.servers:
+            for sock in s.sockets:
+                host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                print(f"serving {config.name!r} on http://{host}:{port}/ (OpenAI API at /v1)", flush=True)
+
+    server.startup = startup
+    server.run()

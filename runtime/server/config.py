@@ -1,0 +1,74 @@
+"""The server's settings: one dataclass whose defaults the CLI parser and the app both use."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+
+from ..errors import UserError
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Everything `python -m runtime.server` can be told; see `cli.py` for each option's meaning."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    threads: int | None = None
+    workers: int = 1
+    max_queue: int = 8
+    timeout: float = 600.0
+    max_body_mb: float = 32.0
+    max_images: int = 8
+    max_image_pixels: int = 40_000_000
+    default_max_tokens: int = 512
+    model_name: str | None = None
+    insecure_no_auth: bool = False
+    log_level: str = "info"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def name(self) -> str:
+        """The model id clients use."""
+        return self.model_name or os.path.basename(os.path.normpath(self.model))
+
+    def check(self) -> None:
+        """Refuse settings that cannot work (UserError naming the flag); a public host needs an API key."""
+        positive = {"workers": self.workers, "max-images": self.max_images, "max-image-pixels": self.max_image_pixels,
+                    "default-max-tokens": self.default_max_tokens}
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{flag} must be at least 1, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.max_queue < 0:
+            raise UserError(f"--max-queue must be 0 or more, got {self.max_queue}")
+        if not self.timeout > 0 or not self.max_body_mb > 0:
+            raise UserError("--timeout and --max-body-mb must be positive")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
+        if not is_loopback(self.host) and not self.api_key and not self.insecure_no_auth:
+            raise UserError(f"refusing to listen on {self.host!r} (reachable from other machines) without "
+                            f"--api-key; give --api-key KEY, or --insecure-no-auth if you really mean it")
+        if not os.path.isdir(self.model):
+            raise UserError(f"model folder {self.model!r} does not exist")
+
+
+def default(name: str):
+    """ServeConfig's default for field `name`: the one place defaults are written."""
+    return next(f.default for f in dataclasses.fields(ServeConfig) if f.name == name)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

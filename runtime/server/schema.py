@@ -1,0 +1,245 @@
+"""The chat-completions request schema: a JSON body -> a typed ChatRequest, in one place.
+
+Every refusal is a RequestError whose `param` names the JSON field at fault, as a path
+(``messages[0].content[1].image_url``), so the client sees what to fix. Nothing here touches HTTP,
+images' bytes or the model, except `make_sampling`, which merges the request's sampling fields over
+the model's generation_config defaults.
+
+    chat = parse_chat_request(parse_json(body_bytes), max_images=8)
+    chat.images          # [ImageURL(url, param)], in the order they appear
+    chat.engine_messages(decoded_images)   # the engine's message format, PIL images in place
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from .errors import RequestError
+
+MAX_STOP_STRINGS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageURL:
+    """An image_url value from the request, not yet fetched or decoded."""
+
+    url: str
+    param: str  # where it is in the body, for error messages
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat-completions request.
+
+    `messages` are in the engine's format (``{"role", "content": str | [parts]}``) with each image part
+    holding the index of its entry in `images` until `engine_messages` puts decoded images in place.
+    """
+
+    messages: list
+    images: list  # [ImageURL]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None  # None: the server's default, within the context
+    min_tokens: int = 0
+    stop: list = dataclasses.field(default_factory=list)
+    sampling: dict = dataclasses.field(default_factory=dict)  # only the fields the request gave
+    model: str | None = None
+
+    def engine_messages(self, images: list) -> list:
+        """The messages with image indices replaced by `images` (decoded, in `self.images` order)."""
+        messages = []
+        for message in self.messages:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [{"type": "image", "image": images[p["image"]]} if p["type"] == "image" else p
+                           for p in content]
+            messages.append({"role": message["role"], "content": content})
+        return messages
+
+
+def parse_json(body: bytes):
+    """The request body's bytes -> a JSON value."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _get(body: dict, name: str, check, expected: str, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def parse_messages(raw, max_images: int) -> tuple[list, list]:
+    """OpenAI messages -> (engine messages with image indices, [ImageURL])."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("'messages' must be a non-empty list of message objects", param="messages")
+    messages, images = [], []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where} must be an object with 'role' and 'content'", param=where)
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise RequestError(f"{where}.role must be 'system', 'developer', 'user' or 'assistant', got "
+                               f"{json.dumps(role)[:40]} (tool messages are not supported)", param=f"{where}.role")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise RequestError(f"{where}: tool calls are not supported", param=f"{where}.tool_calls")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise RequestError(f"{where}.content must be a string or a list of content parts",
+                               param=f"{where}.content")
+        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images) for j, part in enumerate(content)]
+        messages.append({"role": role, "content": parts})
+    return messages, images
+
+
+def _parse_part(part, where: str, role: str, images: list, max_images: int) -> dict:
+    """One content part -> the engine's part; an image part is appended to `images` and refers to it by index."""
+    if not isinstance(part, dict):
+        raise RequestError(f"{where} must be an object with a 'type'", param=where)
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.text must be a string", param=f"{where}.text")
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        if role != "user":
+            raise RequestError(f"{where}: images are only accepted in user messages", param=where)
+        info = part.get("image_url")
+        url = info.get("url") if isinstance(info, dict) else info
+        if not isinstance(url, str) or not url:
+            raise RequestError(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url")
+        images.append(ImageURL(url, f"{where}.image_url"))
+        if len(images) > max_images:
+            raise RequestError(f"too many images: at most {max_images} per request (--max-images)",
+                               param="messages", code="too_many_images")
+        return {"type": "image", "image": len(images) - 1}
+    raise RequestError(f"{where}.type must be 'text' or 'image_url', got {json.dumps(kind)[:40]}",
+                       param=f"{where}.type")
+
+
+def parse_chat_request(body, max_images: int) -> ChatRequest:
+    """A parsed JSON body -> ChatRequest; refuses unsupported OpenAI fields by name."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    messages, images = parse_messages(body.get("messages"), max_images)
+    stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
+    options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer", None)
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", _is_int, "an integer", None)
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
+    min_tokens = _get(body, "min_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise RequestError(f"'min_tokens' ({min_tokens}) is larger than 'max_tokens' ({max_tokens})",
+                           param="min_tokens")
+    stop = _parse_stop(body.get("stop"))
+    _refuse_unsupported(body)
+    return ChatRequest(messages=messages, images=images, stream=stream,
+                       include_usage=bool(options.get("include_usage", False)), max_tokens=max_tokens,
+                       min_tokens=min_tokens, stop=stop, sampling=_parse_sampling(body),
+                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None))
+
+
+def _parse_stop(stop) -> list:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise RequestError("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+    return stop
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """OpenAI fields this server does not implement: refused by name rather than silently ignored."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _get(body, name, _is_number, "a number", 0)
+        if value != 0:
+            raise RequestError(f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' "
+                               f"(> 1 discourages repeats) instead", param=name, code="unsupported_parameter")
+    n = _get(body, "n", _is_int, "an integer", 1)
+    if n != 1:
+        raise RequestError(f"'n' must be 1 (one answer per request), got {n}", param="n",
+                           code="unsupported_parameter")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise RequestError("'logprobs' is not supported", param="logprobs", code="unsupported_parameter")
+    if body.get("tools") or body.get("functions"):
+        raise RequestError("tools / function calling are not supported", param="tools",
+                           code="unsupported_parameter")
+    if body.get("logit_bias"):
+        raise RequestError("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and not (isinstance(response_format, dict)
+                                            and response_format.get("type") == "text"):
+        raise RequestError("only response_format {'type': 'text'} is supported", param="response_format",
+                           code="unsupported_parameter")
+
+
+SAMPLING_FIELDS = {
+    "temperature": (_is_number, "a number"),
+    "top_p": (_is_number, "a number"),
+    "top_k": (lambda v: _is_int(v) and v >= -1, "an integer"),
+    "min_p": (_is_number, "a number"),
+    "repetition_penalty": (_is_number, "a number"),
+    "seed": (_is_int, "an integer"),
+}
+
+
+def _parse_sampling(body: dict) -> dict:
+    """The sampling fields the request gave (types checked; ranges are checked by make_sampling)."""
+    sampling = {}
+    for name, (check, expected) in SAMPLING_FIELDS.items():
+        value = _get(body, name, check, expected, None)
+        if value is not None:
+            sampling[name] = value
+    if sampling.get("top_k") == -1:  # vLLM's "off"
+        sampling["top_k"] = 0
+    return sampling
+
+
+def make_sampling(explicit: dict, defaults: dict):
+    """Request fields over the model's generation_config defaults, as the CLI does; temperature 0 is greedy.
+
+    Returns: a validated kernels.sampling.SamplingParams. Raises RequestError naming the field out of range.
+    """
+    from kernels.sampling import SamplingParams
+
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    wants_sampling = defaults.get("do_sample", False) or any(k in explicit for k in ("temperature", "top_k",
+                                                                                     "top_p", "min_p"))
+    values = {k: defaults[k] for k in names if k in defaults}
+    values.update({k: explicit[k] for k in names if k in explicit})
+    greedy = not wants_sampling or values.get("temperature", 1.0) == 0
+    seed = explicit.get("seed")
+    if seed is not None:
+        seed = seed % (2 ** 63)  # OpenAI allows any integer; the sampler wants a non-negative one
+    try:
+        return SamplingParams(greedy=greedy, seed=seed, **values).validate()
+    except ValueError as e:  # names the field, as a SamplingParams field or a CLI flag ("--top-p ...")
+        param = getattr(e, "param", None) or str(e).split(" ", 1)[0].lstrip("-").replace("-", "_")
+        raise RequestError(str(e).replace("--", "", 1), param=param) from None

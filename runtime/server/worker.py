@@ -1,0 +1,105 @@
+"""A typed request + its images -> the events of one generation, run on a scheduler worker thread.
+
+    events = run(vlm, chat, encoded_images, max_image_pixels=40_000_000, default_max_tokens=512)
+    # Prepared(prompt_tokens), GenerationChunk..., Finished(finish_reason, completion_tokens, timings)
+
+`generate` is the boundary a batched engine plugs into: it receives decoded images and drives
+`vlm.stream_generate`; everything before it (parsing, fetching, header checks) ran on the event loop,
+and everything after it (HTTP, SSE) reads the events. The scheduler closes the generator when a job
+is cancelled or times out, which closes the engine's generator and frees its KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+from kernels.image import ImageError
+
+from ..errors import ContextLengthError, UserError
+from .errors import RequestError
+from .images import EncodedImage, decode_image
+from .schema import ChatRequest, make_sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The prompt is ready and fits the context: the first event, before any token."""
+
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The last event: why the answer ended, how many tokens it has, and its timings (seconds, tokens/s)."""
+
+    finish_reason: str
+    completion_tokens: int
+    timings: dict
+
+
+def run(vlm, request: ChatRequest, images: list[EncodedImage], max_image_pixels: int,
+        default_max_tokens: int) -> Iterator:
+    """Decode the request's images (here, on the worker thread: decoding is CPU work), then `generate`."""
+    decoded = [decode_image(image, max_image_pixels) for image in images]
+    yield from generate(vlm, request, decoded, default_max_tokens)
+
+
+def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int) -> Iterator:
+    """Prepare the prompt, check it fits, and stream the answer.
+
+    Args:
+        vlm: the loaded VisionLanguageModel.
+        request: the validated request.
+        images: decoded RGB PIL images, in `request.images` order.
+        default_max_tokens: max_tokens when the request gives none (cut to what the context leaves).
+    Yields:
+        Prepared, then GenerationChunk (the engine's text deltas), then Finished.
+    Raises:
+        RequestError: the prompt cannot be built or does not fit the context.
+    """
+    from ..engine import summarize_timings
+
+    try:
+        prompt = vlm.prepare(request.engine_messages(images))
+    except (ImageError, ValueError, UserError) as e:
+        raise RequestError(str(e), param="messages") from None
+    prompt_tokens = int(len(prompt.input_ids))
+    max_tokens = _max_tokens(vlm, request, prompt_tokens, default_max_tokens)
+    sampling = make_sampling(request.sampling, vlm.generation_defaults)
+    yield Prepared(prompt_tokens)
+
+    timings: dict = {}
+    completion_tokens, finish = 0, "length"
+    chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings)
+    try:
+        for chunk in chunks:
+            if chunk.token_id is not None:
+                completion_tokens += 1
+            finish = chunk.finish_reason or finish
+            yield chunk
+    finally:
+        chunks.close()  # stopped early (cancel, timeout): the engine drops its KV cache now
+    summary = summarize_timings(timings, 0.0)
+    summary.pop("load_s", None)
+    yield Finished(finish, completion_tokens, summary)
+
+
+def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_tokens: int) -> int:
+    """The request's max_tokens (or the default, within the context); refuses what cannot fit."""
+    max_tokens = request.max_tokens
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, vlm.max_context - prompt_tokens)
+        if max_tokens < 1:
+            max_tokens = default_max_tokens  # let check_context explain
+    if request.min_tokens > max_tokens:
+        raise RequestError(f"'min_tokens' ({request.min_tokens}) is larger than max_tokens ({max_tokens})",
+                           param="min_tokens")
+    try:
+        vlm.check_context(prompt_tokens, max_tokens)
+    except ContextLengthError:
+        raise RequestError(
+            f"this model's context is {vlm.max_context} tokens; the messages take {prompt_tokens} tokens and "
+            f"max_tokens is {max_tokens}: together {prompt_tokens + max_tokens}. Shorten the messages, send "
+            f"fewer or smaller images, or lower max_tokens", param="messages",
+            code="context_length_exceeded") from None
+    return max_tokens
