@@ -370,6 +370,45 @@ def test_hostile_input_gets_4xx_and_the_server_keeps_serving(server, photos):
     assert server.health()["status"] == "ok"
 
 
+def _error(answer) -> dict:
+    assert set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    return answer["error"]
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
+    """Lone surrogates (a JSON escape, or their UTF-8-like bytes) and invalid UTF-8 bytes are refused, not a 500."""
+    text_part = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi TEXT"}]}], "max_tokens": 2}'
+    string = b'{"messages": [{"role": "user", "content": "hi TEXT"}], "max_tokens": 2}'
+    cases = {
+        "escaped lone surrogate": (text_part.replace(b"TEXT", b"\\ud800"), "messages[0].content[0].text"),
+        "escaped lone low surrogate": (string.replace(b"TEXT", b"\\udfff!"), "messages[0].content"),
+        "surrogate as raw bytes": (string.replace(b"TEXT", b"\xed\xa0\x80"), "messages[0].content"),
+        "invalid UTF-8 bytes": (text_part.replace(b"TEXT", b"\xff\xfe caf\xe9"), "messages[0].content[0].text"),
+        "stop string": (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stop": ["a", "\\ud83d"]}',
+                        "stop[1]"),
+    }
+    for name, (body, param) in cases.items():
+        status, _, answer = server.request("POST", "/v1/chat/completions", body)
+        assert status == 400, (name, status, answer)
+        error = _error(answer)
+        assert error["param"] == param and error["type"] == "invalid_request_error", (name, error)
+        assert "utf-8" in error["message"].lower(), (name, error)
+    # a valid surrogate pair (an emoji, escaped) is fine
+    status, _, answer = server.request("POST", "/v1/chat/completions", string.replace(b"TEXT", b"\\ud83d\\ude00"))
+    assert status == 200, answer
+
+
+def test_deeply_nested_json_is_a_400(server):
+    for depth in (100_000, 200):
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+        status, _, answer = server.request("POST", "/v1/chat/completions", body)
+        assert status == 400, (depth, status, answer)
+        assert "nested" in _error(answer)["message"], answer
+    status, _, answer = server.request("POST", "/v1/chat/completions", b"[" * 100_000)  # not even closed
+    assert status == 400 and _error(answer), answer
+    assert server.health()["status"] == "ok"
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 

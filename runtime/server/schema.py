@@ -18,6 +18,7 @@ import math
 from .errors import RequestError
 
 MAX_STOP_STRINGS = 4
+MAX_JSON_DEPTH = 64  # a chat request needs 6; tools' JSON schemas (refused anyway) a few more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +60,68 @@ class ChatRequest:
 
 
 def parse_json(body: bytes):
-    """The request body's bytes -> a JSON value."""
+    """The request body's bytes -> a JSON value whose every string is valid Unicode, at most MAX_JSON_DEPTH deep.
+
+    Bytes that are not UTF-8 are decoded as lone surrogates (``surrogateescape``) so that, like a JSON
+    escape of a lone surrogate (``"\\ud800"``), they are refused by the field they are in rather than
+    reaching the tokenizer. Raises RequestError (a 400) for all of it, never RecursionError.
+    """
+    text = body.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # the C decoder recurses once per level
+        raise RequestError(f"the request body's JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+                           code="json_too_deep") from None
+    check_json(value)
+    return value
+
+
+def check_json(value) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings that are not valid Unicode, naming where.
+
+    Iterative, so no depth can exhaust the stack here."""
+    stack = [(value, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise RequestError(f"the request body's JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels, "
+                               f"at {path or 'the top'})", param=path or None, code="json_too_deep")
+        if isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+            continue
+        for key, item in value.items():
+            field = f"{path}.{key}" if path else key
+            if not _is_unicode(key):
+                raise RequestError(f"a key in {path or 'the request body'} is not valid UTF-8 text (invalid "
+                                   f"bytes or a lone surrogate); send UTF-8", param=path or None,
+                                   code="invalid_text")
+            stack.append((item, field, depth + 1))
+
+
+def _is_unicode(text: str) -> bool:
+    """False when `text` holds a lone surrogate (a JSON escape like \\ud800, or an invalid byte decoded)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(text: str, param: str) -> None:
+    if not _is_unicode(text):
+        at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+        raise RequestError(f"{param or 'the request body'} is not valid UTF-8 text: invalid bytes or a lone "
+                           f"surrogate (such as \\ud800) at character {at}; send UTF-8 text", param=param or None,
+                           code="invalid_text")
 
 
 def _is_int(x) -> bool:
