@@ -409,6 +409,42 @@ def test_deeply_nested_json_is_a_400(server):
     assert server.health()["status"] == "ok"
 
 
+def test_a_queued_request_whose_client_left_frees_its_place_at_once(qwen_export, photos):
+    srv = Server(qwen_export, "--workers", "1", "--max-queue", "1")
+    conns = []
+    try:
+        body = {"messages": image_messages(photos["coffee"]), "stream": True, "temperature": 0, **LONG}
+        conns.append(_open_stream(srv.port, body, {}))
+        first = conns[0].getresponse()
+        assert first.status == 200
+        first.fp.readline()  # the worker is busy for ~20 s
+        waiting = _open_stream(srv.port, body, {})
+        deadline = time.monotonic() + 10
+        while srv.health()["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.health()["queued"] == 1
+        waiting.sock.shutdown(socket.SHUT_RDWR)  # the queued client goes away
+        waiting.close()
+        deadline = time.monotonic() + 3
+        while srv.health()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = srv.health()
+        assert health["queued"] == 0 and health["active"] == 1, health  # freed now, not when the worker is free
+        assert health["stats"].get("cancelled") == 1, health
+        conns.append(_open_stream(srv.port, body, {}))  # a newcomer takes the place instead of a 429
+        deadline = time.monotonic() + 10
+        while srv.health()["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = srv.health()
+        assert health["queued"] == 1 and health["stats"].get("rejected", 0) == 0, health
+    finally:
+        for conn in conns:
+            if conn.sock:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        srv.stop()
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 

@@ -179,10 +179,13 @@ class ChatServer:
         return images.check_image(data, self.config.max_image_pixels, image.param)
 
     async def next_event(self, ticket: Ticket, request: Request, watch: bool):
-        """The job's next event; with `watch`, also notice (every 0.25 s) a client that went away."""
+        """The job's next event; with `watch`, also notice (every 0.25 s) a client that went away.
+
+        Watched from submission on: a queued request whose client has gone gives up its queue place at once
+        (rather than holding it, and counting toward 429s, until a worker reaches it)."""
         last_poll = time.monotonic()
         while True:
-            if watch and ticket.state != "queued" and time.monotonic() - last_poll > 0.25:
+            if watch and time.monotonic() - last_poll > 0.25:
                 last_poll = time.monotonic()
                 if await request.is_disconnected():
                     ticket.cancel()
