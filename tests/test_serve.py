@@ -501,6 +501,50 @@ def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
             browser.close()
 
 
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_chat_page_drops_a_failed_turn(server, tmp_path):
+    """A turn that fails (here a broken image) shows its error, leaves no empty answer bubble, and is not sent
+    again with the next question, which is answered."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is a test dependency")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            sent = []
+            page.on("request", lambda r: sent.append(json.loads(r.post_data))
+                    if r.url.endswith("/v1/chat/completions") else None)
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
+            page.evaluate("document.getElementById('settings').open = true")
+            page.fill("#max-tokens", "4")
+            page.fill("#temperature", "0")
+            page.evaluate("document.getElementById('settings').open = false")
+
+            page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
+                                                  "buffer": b"this is not a PNG"}])
+            page.wait_for_selector("#attachments img")
+            page.fill("#prompt", "What is in the picture?")
+            page.click("#send")
+            page.wait_for_selector(".msg.error", timeout=30_000)
+            page.wait_for_function("!document.getElementById('send').disabled")
+            assert "not an image" in page.text_content(".msg.error")
+            assert page.locator(".msg.user.failed").count() == 1  # still visible, marked as failed
+            assert page.locator(".msg.assistant").count() == 0  # no empty "0 tokens" answer
+            assert "0 tokens" not in page.text_content("#log")
+
+            page.fill("#prompt", "Describe.")
+            page.click("#send")
+            page.wait_for_selector(".assistant .stats[data-finish]:not([data-finish=''])", timeout=30_000)
+            assert page.locator(".msg.error").count() == 1  # the second question did not fail
+            assert len(sent) == 2
+            assert sent[1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Describe."}]}]
+            page.screenshot(path=str(tmp_path / "failed-turn.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_refuses_public_host_without_key(qwen_export):
     out = subprocess.run([sys.executable, "-m", "runtime.serve", "-m", qwen_export, "--host", "0.0.0.0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)

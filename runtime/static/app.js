@@ -88,15 +88,27 @@ function errorText(status, body) {
   try { return JSON.parse(body).error.message; } catch (e) { return body || ("HTTP " + status); }
 }
 
+// A turn that failed (a bad image, a wrong key, a refused request) is not part of the conversation: it is
+// taken out of the history sent with later messages, kept on screen marked as failed, and its answer bubble
+// becomes the error. Otherwise every later question would resend it and fail the same way.
+function failTurn(userDiv, bubble, message) {
+  state.history.pop();
+  userDiv.classList.add("failed");
+  userDiv.title = "this message failed and is not sent again";
+  bubble.className = "msg error";
+  bubble.textContent = message;
+}
+
 async function send(event) {
   event.preventDefault();
+  if (state.controller) return;  // Enter while an answer streams: one turn at a time
   const text = $("prompt").value.trim();
   if (!text && !state.pending.length) return;
   if (state.auth) localStorage.setItem("vlm-api-key", $("api-key").value);
   const images = state.pending.splice(0);
   renderAttachments();
   $("prompt").value = "";
-  addMessage("user", text, images);
+  const userDiv = addMessage("user", text, images);
   const content = images.map((url) => ({ type: "image_url", image_url: { url } }));
   content.push({ type: "text", text });
   state.history.push({ role: "user", content });
@@ -115,7 +127,7 @@ async function send(event) {
   state.controller = new AbortController();
   setBusy(true);
   const t0 = performance.now();
-  let firstAt = null, answer = "", usage = null, timings = null, finish = null, chunks = 0;
+  let firstAt = null, answer = "", usage = null, timings = null, finish = null, chunks = 0, failure = null;
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
@@ -153,11 +165,15 @@ async function send(event) {
     }
   } catch (e) {
     if (e.name === "AbortError") finish = "stopped";
-    else addMessage("error", String(e.message || e));
+    else failure = String(e.message || e);
   } finally {
     out.classList.remove("cursor");
     setBusy(false);
     state.controller = null;
+  }
+  if (failure !== null) {
+    failTurn(userDiv, bubble, answer ? answer + "\n\n" + failure : failure);
+    return;
   }
   const end = performance.now();
   state.history.push({ role: "assistant", content: answer });
