@@ -29,6 +29,7 @@ import numpy as np
 
 __all__ = [
     "SamplingParams",
+    "SamplingParamError",
     "LogitsProcessor",
     "Sampler",
     "make_sampler",
@@ -68,9 +69,29 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+class SamplingParamError(ValueError):
+    """A sampling option out of its range.
+
+    `param` is the SamplingParams field (``top_p``), which the message names; `flag` is the CLI flag
+    (``--top-p``) and `naming(name)` the same message naming something else (a flag, a JSON field).
+    """
+
+    def __init__(self, param: str, requirement: str, value):
+        self.param, self.requirement, self.value = param, requirement, value
+        super().__init__(self.naming(param))
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.param.replace("_", "-")
+
+    def naming(self, name: str) -> str:
+        """The one-line message with the option called `name`."""
+        return f"{name} must be {self.requirement}, got {self.value!r}"
+
+
 @dataclass
 class SamplingParams:
-    """Decoding options (CLI flags in brackets). ``temperature == 0`` means greedy.
+    """Decoding options (CLI flags in brackets), checked when made. ``temperature == 0`` means greedy.
 
     temperature         [--temperature]         >= 0; logits are divided by it
     top_k               [--top-k]               >= 0; keep the k most likely (0 = off)
@@ -79,6 +100,10 @@ class SamplingParams:
     repetition_penalty  [--repetition-penalty]  > 0; CTRL-style penalty (1 = off)
     greedy              [--greedy]              argmax, ignores the warpers
     seed                [--seed]                sampler RNG seed (None = from OS entropy)
+
+    Raises:
+        SamplingParamError (a ValueError) naming the field, e.g. ``temperature must be a finite
+        number >= 0 (0 = greedy), got -1``.
     """
 
     temperature: float = 1.0
@@ -89,32 +114,35 @@ class SamplingParams:
     greedy: bool = False
     seed: Optional[int] = None
 
+    def __post_init__(self):
+        self.validate()
+
     @property
     def is_greedy(self) -> bool:
         """True when decoding is argmax (``greedy`` set or ``temperature == 0``)."""
         return bool(self.greedy) or self.temperature == 0
 
     def validate(self) -> "SamplingParams":
-        """Raise ``ValueError`` (one line: flag, valid range, value) on a bad option."""
+        """Check every field (again, if one was changed after construction); returns self.
+
+        Raises:
+            SamplingParamError: one line naming the field, its valid range and the value.
+        """
         t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         # Written as `not (ok)` so NaN always fails.
         if not (_is_real(t) and 0 <= t < math.inf):
-            _bad("--temperature", "a finite number >= 0 (0 = greedy)", t)
+            raise SamplingParamError("temperature", "a finite number >= 0 (0 = greedy)", t)
         if not (_is_int(k) and k >= 0):
-            _bad("--top-k", "an integer >= 0 (0 = off)", k)
+            raise SamplingParamError("top_k", "an integer >= 0 (0 = off)", k)
         if not (_is_real(p) and 0 < p <= 1):
-            _bad("--top-p", "in (0, 1] (1 = off)", p)
+            raise SamplingParamError("top_p", "in (0, 1] (1 = off)", p)
         if not (_is_real(m) and 0 <= m <= 1):
-            _bad("--min-p", "in [0, 1] (0 = off)", m)
+            raise SamplingParamError("min_p", "in [0, 1] (0 = off)", m)
         if not (_is_real(r) and 0 < r < math.inf):
-            _bad("--repetition-penalty", "a finite number > 0 (1 = off)", r)
+            raise SamplingParamError("repetition_penalty", "a finite number > 0 (1 = off)", r)
         if not (self.seed is None or (_is_int(self.seed) and self.seed >= 0)):
-            _bad("--seed", "a non-negative integer", self.seed)
+            raise SamplingParamError("seed", "a non-negative integer", self.seed)
         return self
-
-
-def _bad(flag: str, valid: str, value) -> None:
-    raise ValueError(f"{flag} must be {valid}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -154,7 +182,7 @@ def repetition_penalty_processor(penalty: float) -> LogitsProcessor:
     ``[0, vocab)`` are ignored (the model cannot emit them).
     """
     if not (_is_real(penalty) and 0 < penalty < math.inf):
-        _bad("--repetition-penalty", "a finite number > 0 (1 = off)", penalty)
+        raise SamplingParamError("repetition_penalty", "a finite number > 0 (1 = off)", penalty)
     pen = np.float32(penalty)
 
     def process(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:

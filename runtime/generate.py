@@ -11,8 +11,9 @@ import resource
 import sys
 
 from kernels.image import ImageError
-from kernels.sampling import SamplingParams
+from kernels.sampling import SamplingParamError, SamplingParams
 
+from .checks import check_stop_strings, check_text
 from .errors import UserError
 
 
@@ -22,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True, help="exported model folder (from `python -m export`)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image; repeat for several (they come before the text, in the order given)")
-    p.add_argument("-p", "--prompt", required=True, help="the user's text")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", metavar="TEXT",
+                        help="the user's text; @FILE reads it from FILE, - from standard input (UTF-8; @@ for text "
+                             "that starts with @)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the user's text from FILE (UTF-8)")
     p.add_argument("--system", help="a system message (none is added unless given)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is suppressed until this many (default 0)")
@@ -43,18 +48,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _decode_utf8(data: bytes, source: str) -> str:
+    """UTF-8 bytes (a leading BOM dropped) -> text with its trailing newlines dropped, as `-p "$(cat FILE)"`
+    would give. UserError naming `source` and the first bad byte when the bytes are not UTF-8."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"save it as UTF-8") from None
+    return text.rstrip("\r\n")
+
+
+def read_prompt_file(path: str, flag: str) -> str:
+    """The text of the file `path` (UTF-8), or a UserError naming `flag` and the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{flag}: prompt file {path!r} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag}: {path!r} is a folder, not a prompt file") from None
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read prompt file {path!r} ({e.strerror})") from None
+    return _decode_utf8(data, f"{flag}: {path!r}")
+
+
+def prompt_from_args(args) -> str:
+    """The user's text: `--prompt-file FILE`, or `-p`'s value, where `-` reads standard input, `@FILE` reads
+    FILE and `@@TEXT` is the literal `@TEXT`. Text given on the command line must be valid UTF-8 (a
+    byte that is not arrives as a lone surrogate, which the tokenizer refuses)."""
+    if args.prompt_file is not None:
+        return read_prompt_file(args.prompt_file, "--prompt-file")
+    if args.prompt == "-":
+        return _decode_utf8(sys.stdin.buffer.read(), "-p -: standard input")
+    if args.prompt.startswith("@@"):
+        text = args.prompt[1:]
+    elif args.prompt.startswith("@"):
+        return read_prompt_file(args.prompt[1:], "-p @FILE")
+    else:
+        text = args.prompt
+    check_text(text, "-p/--prompt")
+    return text
+
+
 def sampling_from_args(args, defaults: dict) -> SamplingParams:
-    """Flags over the model's generation_config defaults; --greedy wins."""
+    """Flags over the model's generation_config defaults; --greedy wins. A value out of range is a
+    UserError naming its flag (`--temperature`), not the SamplingParams field."""
     explicit = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
                 if getattr(args, name) is not None}
     wants_sampling = defaults.get("do_sample", False) or any(k in explicit for k in ("temperature", "top_k", "top_p", "min_p"))
     values = {k: defaults[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if k in defaults}
     values.update(explicit)
-    params = SamplingParams(greedy=args.greedy or not wants_sampling, seed=args.seed, **values)
-    return params.validate()
+    try:
+        return SamplingParams(greedy=args.greedy or not wants_sampling, seed=args.seed, **values)
+    except SamplingParamError as e:
+        raise UserError(e.naming(e.flag)) from None
 
 
 def check_args(args) -> None:
+    """Refuse, before the model loads, flags that cannot work; each error names its flag."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not 0 <= args.min_new_tokens <= args.max_new_tokens:
@@ -69,6 +121,12 @@ def check_args(args) -> None:
     for image in args.image:
         if not os.path.isfile(image):
             raise UserError(f"image {image!r} does not exist or is not a file")
+    if args.system is not None:
+        check_text(args.system, "--system")
+    check_stop_strings(args.stop, "--stop")
+    if args.dump_inputs and os.path.exists(args.dump_inputs) and not os.path.isdir(args.dump_inputs):
+        raise UserError(f"--dump-inputs {args.dump_inputs!r} is a file, not a folder; give a folder "
+                        f"(it is created if missing)")
     sampling_from_args(args, {})  # the explicit sampling flags, checked before a model is loaded
 
 
@@ -76,21 +134,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def dump_inputs(folder: str, prompt) -> None:
+    """Write the prompt's model inputs as .npy files into `folder` (created if missing)."""
+    import numpy as np
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, array in prompt.dump().items():
+            np.save(os.path.join(folder, name + ".npy"), array)
+    except OSError as e:
+        raise UserError(f"--dump-inputs {folder!r}: cannot write there ({e.strerror})") from None
+
+
 def run(args) -> int:
+    prompt_text = prompt_from_args(args)
     check_args(args)
     from .chat import build_user_messages
     from .engine import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
     sampling = sampling_from_args(args, model.generation_defaults)
-    messages = build_user_messages(args.prompt, args.image, args.system)
+    messages = build_user_messages(prompt_text, args.image, args.system)
     prompt = model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.dump_inputs:
-        import numpy as np
-
-        os.makedirs(args.dump_inputs, exist_ok=True)
-        for name, array in prompt.dump().items():
-            np.save(os.path.join(args.dump_inputs, name + ".npy"), array)
+        dump_inputs(args.dump_inputs, prompt)
     timings, pieces, token_ids, finish = {}, [], [], "length"
     for chunk in model.stream_generate(prompt, sampling, args.max_new_tokens, args.min_new_tokens, args.stop, timings):
         if not args.json and chunk.text:

@@ -12,6 +12,10 @@ MANIFEST = "manifest.json"
 
 def load_manifest(folder: str) -> dict:
     """Load and validate `folder`/manifest.json; raise ModelFolderError naming what is wrong."""
+    if os.path.isfile(folder):
+        hint = (f"; pass its folder {os.path.dirname(folder) or '.'!r}" if os.path.basename(folder) == MANIFEST
+                else " (pass the OUT folder written by `python -m export`)")
+        raise ModelFolderError(f"{folder!r} is a file, not an exported model folder{hint}")
     if not os.path.isdir(folder):
         raise ModelFolderError(f"model folder {folder!r} does not exist (pass the OUT folder written by `python -m export`)")
     path = os.path.join(folder, MANIFEST)

@@ -91,6 +91,13 @@ def cases(qwen_export, photos, tmp_path_factory) -> dict:
         return ["-m", model, "--threads", "1", "--image", image, "-p", "Describe the picture.", *extra]
 
     long_prompt = "word " * (max_context + 100)
+    a_file = str(tmp / "a-file.txt")
+    with open(a_file, "w", encoding="utf-8") as f:
+        f.write("not a folder\n")
+    latin1_prompt = str(tmp / "latin1-prompt.txt")
+    with open(latin1_prompt, "wb") as f:
+        f.write("Beschreibe das Bild, schön.".encode("latin-1"))
+    text_only = ["-m", qwen_export, "--threads", "1"]
     return {
         "missing image": (on(qwen_export, images["missing"]), ["no-such-photo.jpg", "not"]),
         "corrupt image": (on(qwen_export, images["corrupt"]), ["corrupt.jpg", "not an image"]),
@@ -112,6 +119,20 @@ def cases(qwen_export, photos, tmp_path_factory) -> dict:
         "min-new-tokens over max": (base + ["--max-new-tokens", "4", "--min-new-tokens", "9"],
                                     ["--min-new-tokens", "--max-new-tokens", "9"]),
         "aspect ratio over 200": (on(qwen_export, images["wide"]), ["wide.png", "aspect ratio", "200"]),
+        # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape); subprocess
+        # turns these strings back into those bytes.
+        "-p not UTF-8": (text_only + ["-p", "caf\udce9 au lait"], ["-p/--prompt", "0xe9", "UTF-8"]),
+        "--system not UTF-8": (text_only + ["-p", "hi", "--system", "be \udcff brief"],
+                               ["--system", "0xff", "UTF-8"]),
+        "--dump-inputs is a file": (base + ["--dump-inputs", a_file], ["--dump-inputs", "a-file.txt", "not a folder"]),
+        "-p @FILE missing": (text_only + ["-p", "@" + str(tmp / "no-such-prompt.txt")],
+                             ["-p", "no-such-prompt.txt", "not found"]),
+        "--prompt-file missing": (text_only + ["--prompt-file", str(tmp / "no-such-prompt.txt")],
+                                  ["--prompt-file", "no-such-prompt.txt", "not found"]),
+        "--prompt-file not UTF-8": (text_only + ["--prompt-file", latin1_prompt],
+                                    ["--prompt-file", "latin1-prompt.txt", "UTF-8", "0xf6"]),
+        "-m is a file": (["-m", a_file, "-p", "hi"], ["a-file.txt", "is a file", "not an exported model folder"]),
+        "--stop empty": (base + ["--stop", ""], ["--stop", "empty"]),
     }
 
 
@@ -125,7 +146,13 @@ def results(cases) -> dict:
 CASES = ["missing image", "corrupt image", "truncated jpeg", "text file as image", "folder is not a model",
          "unknown format_version", "missing graph", "corrupt graph", "max-new-tokens over context",
          "prompt over context", "top-p 1.5", "temperature -1", "top-k -2", "min-p 2", "repetition-penalty 0",
-         "min-new-tokens over max", "aspect ratio over 200"]
+         "min-new-tokens over max", "aspect ratio over 200", "-p not UTF-8", "--system not UTF-8",
+         "--dump-inputs is a file", "-p @FILE missing", "--prompt-file missing", "--prompt-file not UTF-8",
+         "-m is a file", "--stop empty"]
+# Mistakes in the command line itself (not in the files it names) exit with argparse's usage-error code.
+USAGE_CASES = ["-p not UTF-8", "--system not UTF-8", "--dump-inputs is a file", "-p @FILE missing",
+               "--prompt-file missing", "--prompt-file not UTF-8", "-m is a file", "--stop empty",
+               "temperature -1", "top-p 1.5"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -143,6 +170,11 @@ def test_bad_input_gives_one_clear_line(name, cases, results):
     assert len(line) < 600, report  # a message, not a dump (the long prompt must not be echoed)
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in the error line\n{report}"
+
+
+@pytest.mark.parametrize("name", USAGE_CASES)
+def test_command_line_mistakes_exit_2(name, results):
+    assert results[name].returncode == 2, results[name].stderr
 
 
 def test_cases_cover_the_list(cases):
@@ -194,3 +226,78 @@ def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos
     assert rc == 2
     assert captured.out == ""
     assert captured.err.startswith(f"error: {flags[0]} must be"), captured.err
+
+
+@pytest.mark.parametrize("flags", [["-p", "caf\udce9"], ["-p", "hi", "--system", "\udcff"], ["-p", "hi", "--stop", ""],
+                                   ["-p", "@/no/such/prompt.txt"], ["--prompt-file", "/no/such/prompt.txt"]])
+def test_bad_text_flags_are_refused_before_the_model_loads(flags, qwen_export, monkeypatch, capsys):
+    from runtime import generate
+    from runtime.engine import VisionLanguageModel
+
+    def no_load(self, *args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(VisionLanguageModel, "__init__", no_load)
+    rc = generate.main(["-m", qwen_export, *flags])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_prompt_from_a_file_or_stdin_is_the_same_prompt(qwen_export, photos, tmp_path):
+    """`-p @FILE`, `--prompt-file FILE` and `-p -` (stdin) give the answer `-p TEXT` gives; a prompt that
+    no command line could hold (1 MB, over Linux's 128 KB limit on one argument) still reaches the model."""
+    text = "Describe the picture: what is in it, which colours, and where? Über Ärger."
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(text + "\n", encoding="utf-8")  # an editor's trailing newline is dropped
+    common = ["-m", qwen_export, "--threads", "1", "--image", photos["coffee"], "--greedy", "--max-new-tokens", "3",
+              "--json"]
+    runs = {"text": (["-p", text], None), "at-file": (["-p", f"@{prompt_file}"], None),
+            "prompt-file": (["--prompt-file", str(prompt_file)], None), "stdin": (["-p", "-"], text + "\n")}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(subprocess.run, [sys.executable, "-m", "runtime.generate", *common, *flags],
+                                     cwd=ROOT, capture_output=True, text=True, timeout=300, input=stdin,
+                                     encoding="utf-8")
+                   for name, (flags, stdin) in runs.items()}
+        procs = {name: future.result() for name, future in futures.items()}
+    outputs = {}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (name, proc.stderr)
+        outputs[name] = json.loads(proc.stdout)
+    for name, out in outputs.items():
+        assert (out["prompt_tokens"], out["token_ids"]) == (outputs["text"]["prompt_tokens"],
+                                                            outputs["text"]["token_ids"]), name
+
+    huge = tmp_path / "huge.txt"
+    huge.write_text("word " * 200_000, encoding="utf-8")
+    proc = _generate(["-m", qwen_export, "--threads", "1", "--prompt-file", str(huge), "--max-new-tokens", "1"])
+    assert proc.returncode == 2 and "context" in proc.stderr, proc.stderr  # read in full, then refused as too long
+
+
+def test_prompt_argument_forms(tmp_path, monkeypatch):
+    """The helper behind -p: text as is, `@FILE` read as UTF-8 (BOM and trailing newlines dropped), `@@` for
+    text that starts with @."""
+    import io
+
+    from runtime.errors import UserError
+    from runtime.generate import prompt_from_args
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffline one\nline two\r\n\n".encode("utf-8"))
+
+    def args(prompt=None, prompt_file=None):
+        return type("Args", (), {"prompt": prompt, "prompt_file": prompt_file})()
+
+    assert prompt_from_args(args("hello")) == "hello"
+    assert prompt_from_args(args(f"@{path}")) == "line one\nline two"
+    assert prompt_from_args(args(prompt_file=str(path))) == "line one\nline two"
+    assert prompt_from_args(args("@@home")) == "@home"
+    assert prompt_from_args(args("")) == ""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("from stdin\n".encode("utf-8"))))
+    assert prompt_from_args(args("-")) == "from stdin"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9")))
+    with pytest.raises(UserError, match="^-p -: standard input is not UTF-8 text"):
+        prompt_from_args(args("-"))
+    with pytest.raises(UserError, match="-p @.*is a folder"):
+        prompt_from_args(args(f"@{tmp_path}"))

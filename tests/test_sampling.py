@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kernels.sampling import (
+    SamplingParamError,
     SamplingParams,
     apply_logits_processors,
     apply_min_p,
@@ -282,33 +283,51 @@ def test_make_logits_processors_defaults_are_noops():
 
 
 @pytest.mark.parametrize(
-    "opts, flag",
+    "opts, name",
     [
-        (dict(temperature=-0.1), "--temperature"),
-        (dict(temperature=float("nan")), "--temperature"),
-        (dict(temperature=float("inf")), "--temperature"),
-        (dict(top_p=0.0), "--top-p"),
-        (dict(top_p=1.5), "--top-p"),
-        (dict(top_p=-0.2), "--top-p"),
-        (dict(top_p=float("nan")), "--top-p"),
-        (dict(top_k=-1), "--top-k"),
-        (dict(top_k=2.5), "--top-k"),
-        (dict(min_p=-0.01), "--min-p"),
-        (dict(min_p=1.01), "--min-p"),
-        (dict(min_p=float("nan")), "--min-p"),
-        (dict(repetition_penalty=0.0), "--repetition-penalty"),
-        (dict(repetition_penalty=-1.0), "--repetition-penalty"),
-        (dict(repetition_penalty=float("nan")), "--repetition-penalty"),
-        (dict(seed=-1), "--seed"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=-0.2), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(min_p=-0.01), "min_p"),
+        (dict(min_p=1.01), "min_p"),
+        (dict(min_p=float("nan")), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(seed=-1), "seed"),
     ],
 )
-def test_invalid_values_raise_naming_the_flag(opts, flag):
-    params = SamplingParams(**opts)
-    with pytest.raises(ValueError, match=flag) as exc:
+def test_invalid_values_are_refused_at_construction_naming_the_parameter(opts, name):
+    """The API caller wrote `temperature=`, so the message says `temperature`, not the CLI's `--temperature`."""
+    with pytest.raises(SamplingParamError) as exc:
+        SamplingParams(**opts)
+    message = str(exc.value)
+    assert message.startswith(f"{name} must be "), message
+    assert "--" not in message and "\n" not in message
+    assert exc.value.param == name and isinstance(exc.value, ValueError)
+    assert exc.value.flag == "--" + name.replace("_", "-")
+    assert exc.value.naming(exc.value.flag).startswith(f"{exc.value.flag} must be ")
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 1.5), ("top_k", -2), ("seed", -1)])
+def test_a_field_changed_after_construction_is_refused_by_validate_and_make_sampler(field, value):
+    params = SamplingParams()
+    setattr(params, field, value)
+    with pytest.raises(SamplingParamError, match=f"^{field} must be"):
         params.validate()
-    assert "\n" not in str(exc.value)
-    with pytest.raises(ValueError, match=flag):
+    with pytest.raises(SamplingParamError, match=f"^{field} must be"):
         make_sampler(params)
+
+
+def test_repetition_penalty_processor_names_the_parameter():
+    with pytest.raises(SamplingParamError, match="^repetition_penalty must be"):
+        repetition_penalty_processor(0.0)
 
 
 def test_valid_edge_values():
