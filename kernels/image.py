@@ -35,9 +35,10 @@ class ImageError(ValueError):
 
 
 def describe_source(src: ImageSource) -> str:
-    """A short name for an image source, for error messages."""
+    """A short name for an image source, for error messages (a long string, e.g. a data: URL, is cut)."""
     if isinstance(src, (str, os.PathLike)):
-        return os.fspath(src)
+        name = os.fspath(src)
+        return name if len(name) <= 80 else f"{name[:56]}... ({len(name)} characters)"
     if isinstance(src, (bytes, bytearray)):
         return f"<{len(src)} bytes>"
     if isinstance(src, Image.Image):
@@ -133,12 +134,15 @@ def decode_bytes_checked(data: bytes, max_pixels: int | None = None, formats: tu
 def open_image(src: ImageSource) -> Image.Image:
     """Decode an image source the way transformers' processor receives it, before `convert_to_rgb`.
 
-    Paths and bytes: decoded, EXIF orientation applied, `.convert("RGB")` (alpha dropped).
-    PIL images: returned as given (decoded in full so errors surface here).
+    Paths, bytes and data: URLs: decoded, EXIF orientation applied, `.convert("RGB")` (alpha dropped).
+    PIL images: returned as given (decoded in full so errors surface here). http(s) URLs are refused
+    here: a caller that allows fetching them passes the fetched bytes (see kernels/image_url.py).
 
     Raises:
-        ImageError: missing file, not an image, truncated/corrupt data, unsupported type.
+        ImageError: missing file, not an image, truncated/corrupt data, bad data: URL, unsupported type.
     """
+    from .image_url import resolve_image_url  # (image_url imports ImageError from this module)
+
     name = describe_source(src)
     if isinstance(src, Image.Image):
         try:
@@ -146,8 +150,9 @@ def open_image(src: ImageSource) -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
         return src
-    if isinstance(src, (bytes, bytearray)):
-        return _decode(io.BytesIO(bytes(src)), name)
+    data = resolve_image_url(src) if isinstance(src, str) else src  # a data: URL -> its bytes
+    if isinstance(data, (bytes, bytearray)):
+        return _decode(io.BytesIO(bytes(data)), name)
     if isinstance(src, (str, os.PathLike)):
         if os.path.isdir(src):
             raise ImageError(f"{name}: is a directory, not an image file")
@@ -158,7 +163,7 @@ def open_image(src: ImageSource) -> Image.Image:
                 return _decode(f, name)
         except PermissionError:
             raise ImageError(f"{name}: permission denied") from None
-    raise ImageError(f"{name}: unsupported image input; pass a file path, bytes or a PIL image")
+    raise ImageError(f"{name}: unsupported image input; pass a file path, a data: URL, bytes or a PIL image")
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:

@@ -45,6 +45,9 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .checks import check_text
+from .errors import ParameterError
+
 __all__ = [
     "build_user_messages",
     "compile_chat_template",
@@ -239,7 +242,7 @@ def _plain(value: Any) -> Any:
 def _conversation(messages: Any) -> list[dict]:
     messages = _to_dicts(getattr(messages, "messages", messages))
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of message dicts, got {type(messages).__name__}")
+        raise _bad_message(f"messages must be a list of message dicts, got {type(messages).__name__}")
     return messages
 
 
@@ -257,7 +260,7 @@ def _template_messages(messages: Any) -> list[dict]:
     out = []
     for message in _conversation(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"chat messages must be dicts, got {message!r}")
+            raise _bad_message(f"chat messages must be dicts, got {message!r}")
         message = {k: v for k, v in message.items() if v is not None}
         content = message.get("content")
         if isinstance(content, list):
@@ -283,18 +286,26 @@ def _where(i: int, j: int | None = None) -> str:
     return f"messages[{i}]" + (f".content[{j}]" if j is not None else "")
 
 
+def _bad_message(text: str) -> ParameterError:
+    """An error in the `messages` argument (a UserError and a ValueError); `text` says where and what."""
+    return ParameterError("messages", text)
+
+
 def _image_source(part: Mapping[str, Any], where: str) -> Any:
     keys = [k for k in _IMAGE_SOURCE_KEYS if k in part]
     if not keys:
-        raise ValueError(
+        raise _bad_message(
             f"{where}: image part has no image source; give one of "
             f"{', '.join(repr(k) for k in _IMAGE_SOURCE_KEYS)} (or 'image_url': {{'url': ...}})"
         )
     if len(keys) > 1:
-        raise ValueError(f"{where}: image part has several image sources ({', '.join(map(repr, keys))}); give exactly one")
+        raise _bad_message(f"{where}: image part has several image sources ({', '.join(map(repr, keys))}); "
+                           f"give exactly one")
     source = part[keys[0]]
     if isinstance(source, str) and not source:
-        raise ValueError(f"{where}: image part has an empty {keys[0]!r}")
+        raise _bad_message(f"{where}: image part has an empty {keys[0]!r}")
+    if keys[0] == "base64" and isinstance(source, str) and source[:5].lower() != "data:":
+        source = "data:;base64," + source  # bare base64 (transformers decodes it too): one decoder for both
     return source
 
 
@@ -304,14 +315,34 @@ def _part_type(part: Mapping[str, Any], where: str) -> str:
         # The chat templates also recognize parts by key; infer the type the same way.
         found = [k for k in ("text", "image", "image_url", "video") if k in part]
         if len(found) != 1:
-            raise ValueError(
+            raise _bad_message(
                 f"{where}: content part has no 'type' "
                 + ("and no 'text'/'image'/'image_url' key" if not found else f"and is ambiguous (keys {found})")
             )
         ptype = found[0]
     if not isinstance(ptype, str):
-        raise ValueError(f"{where}: content part 'type' must be a string, got {ptype!r}")
+        raise _bad_message(f"{where}: content part 'type' must be a string, got {ptype!r}")
     return ptype
+
+
+def _check_message_text(message: Mapping[str, Any], i: int) -> None:
+    """Refuse a lone surrogate in any text of a normalized message (role, content, text parts and other
+    fields the template may render): the tokenizer cannot take one. Image parts are skipped (a file
+    name may hold any bytes)."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, str):
+            check_text(value, where, param="messages")
+        elif isinstance(value, Mapping):
+            if value.get("type") == "image":
+                return
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for k, item in enumerate(value):
+                walk(item, f"{where}[{k}]")
+
+    walk(message, _where(i))
 
 
 def normalize_messages(messages: Any) -> tuple[list[dict], list[Any]]:
@@ -328,46 +359,51 @@ def normalize_messages(messages: Any) -> tuple[list[dict], list[Any]]:
     (as the processor does before rendering); and the image sources in conversation order,
     i.e. the order of the ``<|image_pad|>`` placeholders the template emits.
 
-    Raises ``ValueError`` naming the offending message/part for: a non-dict message, a missing
-    or non-string role, content that is neither a string nor a list, a part that is not a dict,
-    an unknown part type, a text part without a string ``text``, an image part without exactly
-    one source, and video parts (not supported by this runtime).
+    A bare ``base64`` string is passed on as a ``data:`` URL; the engine decodes ``data:`` URLs.
+
+    Raises ``ParameterError`` (a UserError and a ValueError, ``param == "messages"``) naming the
+    offending message/part for: an empty conversation, a non-dict message, a missing or non-string
+    role, content that is neither a string nor a list, a part that is not a dict, an unknown part
+    type, a text part without a string ``text``, an image part without exactly one source, video
+    parts (not supported by this runtime), and text holding a lone surrogate (not valid Unicode).
     """
     chat = _conversation(messages)
+    if len(chat) == 0:
+        raise _bad_message("messages is empty; give at least one message")
     out_messages: list[dict] = []
     images: list[Any] = []
     for i, message in enumerate(chat):
         if not isinstance(message, Mapping):
-            raise ValueError(f"{_where(i)}: a message must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise _bad_message(f"{_where(i)}: a message must be a dict with 'role' and 'content', got {type(message).__name__}")
         message = {k: v for k, v in message.items() if v is not None}
         if "role" not in message:
-            raise ValueError(f"{_where(i)}: message has no 'role' (keys: {sorted(map(str, message))})")
+            raise _bad_message(f"{_where(i)}: message has no 'role' (keys: {sorted(map(str, message))})")
         if not isinstance(message["role"], str) or not message["role"]:
-            raise ValueError(f"{_where(i)}: 'role' must be a non-empty string, got {message['role']!r}")
+            raise _bad_message(f"{_where(i)}: 'role' must be a non-empty string, got {message['role']!r}")
         content = message.get("content")
         if content is None or isinstance(content, str):
             out_messages.append(message)
             continue
         if isinstance(content, Mapping) or not isinstance(content, (list, tuple)):
-            raise ValueError(
+            raise _bad_message(
                 f"{_where(i)}: 'content' must be a string or a list of parts, got {type(content).__name__}"
             )
         parts = []
         for j, part in enumerate(content):
             where = _where(i, j)
             if not isinstance(part, Mapping):
-                raise ValueError(f"{where}: a content part must be a dict like {{'type': 'text', 'text': ...}}, got {part!r}")
+                raise _bad_message(f"{where}: a content part must be a dict like {{'type': 'text', 'text': ...}}, got {part!r:.80}")
             part = {k: v for k, v in part.items() if v is not None}
             ptype = _part_type(part, where)
             if ptype in _TEXT_TYPES:
                 if not isinstance(part.get("text"), str):
-                    raise ValueError(f"{where}: text part needs a string 'text', got {part.get('text')!r}")
+                    raise _bad_message(f"{where}: text part needs a string 'text', got {part.get('text')!r}")
                 part["type"] = "text"
             elif ptype == "image_url":
                 if "image_url" in part:
                     part = _openai_image_url(part)
                     if not part["url"]:
-                        raise ValueError(f"{where}: image_url part has no 'url'")
+                        raise _bad_message(f"{where}: image_url part has no 'url'")
                 else:
                     part["type"] = "image"
                 images.append(_image_source(part, where))
@@ -377,27 +413,32 @@ def normalize_messages(messages: Any) -> tuple[list[dict], list[Any]]:
                 part["type"] = "image"
                 images.append(_image_source(part, where))
             elif ptype in _VIDEO_TYPES:
-                raise ValueError(f"{where}: video parts are not supported (only text and image parts)")
+                raise _bad_message(f"{where}: video parts are not supported (only text and image parts)")
             else:
-                raise ValueError(f"{where}: unknown content part type {ptype!r} (expected 'text', 'image' or 'image_url')")
+                raise _bad_message(f"{where}: unknown content part type {ptype!r} (expected 'text', 'image' or 'image_url')")
             parts.append(part)
         message["content"] = parts
         out_messages.append(message)
+    for i, message in enumerate(out_messages):
+        _check_message_text(message, i)
     return out_messages, images
 
 
 def build_user_messages(prompt: str, images: Sequence[Any] = (), system: str | None = None) -> list[dict]:
     """Messages for the CLI's ``-p TEXT --image A --image B [--system S]``: an optional system
     message (only when `system` is given), then one user turn holding the images in the order
-    given, followed by the text."""
+    given, followed by the text. Raises ParameterError naming `prompt` or `system` for a value that is
+    not a str or holds a lone surrogate."""
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        raise ParameterError("prompt", f"prompt must be a string, got {type(prompt).__name__}")
+    check_text(prompt, "prompt")
     if isinstance(images, (str, bytes)):
         images = [images]
     messages: list[dict] = []
     if system is not None:
         if not isinstance(system, str):
-            raise ValueError(f"system must be a string, got {type(system).__name__}")
+            raise ParameterError("system", f"system must be a string, got {type(system).__name__}")
+        check_text(system, "system")
         messages.append({"role": "system", "content": system})
     content = [{"type": "image", "image": image} for image in images]
     content.append({"type": "text", "text": prompt})

@@ -157,3 +157,179 @@ def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
     prompt = vlm.prepare(build_user_messages("Compare.", images))
     for name, array in prompt.dump().items():
         np.testing.assert_array_equal(arrays[name], array, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- caller mistakes
+
+
+def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
+    """Lone surrogates (e.g. bytes decoded with surrogateescape) are not text: the tokenizer would raise
+    TypeError; the API raises a UserError that says which part of `messages` holds one."""
+    import pytest
+
+    from runtime.errors import UserError
+
+    cases = {
+        "messages[0].content[1].text": _user(_text("fine"), _text("caf\udce9")),
+        "messages[1].content": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "\ud800 hi"}],
+    }
+    for where, messages in cases.items():
+        with pytest.raises(UserError) as exc:
+            vlm.generate(messages, GREEDY, max_new_tokens=2)
+        assert exc.value.param == "messages" and isinstance(exc.value, ValueError)
+        assert str(exc.value).startswith(f"{where} is not valid text: a lone surrogate"), str(exc.value)
+    with pytest.raises(UserError, match=r"^prompt .*U\+DCE9 at character 3 \(the byte 0xe9"):
+        vlm.ask("caf\udce9", max_new_tokens=2)
+    with pytest.raises(UserError, match="^system "):
+        vlm.ask("hi", system="\udcff", max_new_tokens=2)
+
+
+def test_empty_messages_is_a_user_error(vlm):
+    import pytest
+
+    from runtime.errors import UserError
+
+    for call in (lambda: vlm.generate([], GREEDY, max_new_tokens=2), lambda: vlm.prepare([]),
+                 lambda: list(vlm.stream_generate([], GREEDY, max_new_tokens=2))):
+        with pytest.raises(UserError, match=r"^messages is empty; give at least one message$"):
+            call()
+
+
+def test_token_limits_and_stop_are_checked_naming_the_parameter(vlm):
+    """max_new_tokens=-1 used to return an empty answer; now every entry point refuses it by name."""
+    import pytest
+
+    from runtime.errors import ParameterError
+
+    messages = _user(_text("hi"))
+    prompt = vlm.prepare(messages)
+    entry_points = {
+        "generate": lambda **kw: vlm.generate(messages, GREEDY, **kw),
+        "stream_generate": lambda **kw: list(vlm.stream_generate(prompt, GREEDY, **kw)),
+        "generate_step": lambda **kw: list(vlm.generate_step(prompt, GREEDY, **kw)),
+        "ask": lambda **kw: vlm.ask("hi", sampling=GREEDY, **kw),
+    }
+    bad = [(dict(max_new_tokens=-1), "max_new_tokens", "max_new_tokens must be an integer >= 1, got -1"),
+           (dict(max_new_tokens=0), "max_new_tokens", "got 0"),
+           (dict(max_new_tokens=2.5), "max_new_tokens", "got 2.5"),
+           (dict(max_new_tokens=4, min_new_tokens=-1), "min_new_tokens", "between 0 and max_new_tokens (4), got -1"),
+           (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens", "got 5")]
+    for name, call in entry_points.items():
+        for kwargs, param, text in bad:
+            with pytest.raises(ParameterError) as exc:
+                call(**kwargs)
+            assert exc.value.param == param and text in str(exc.value), (name, kwargs, str(exc.value))
+    for name in ("generate", "stream_generate", "ask"):
+        with pytest.raises(ParameterError, match="^stop must be non-empty text"):
+            entry_points[name](max_new_tokens=2, stop=[""])
+    # One string is one stop text, not a list of one-character stop texts.
+    full = vlm.generate(messages, GREEDY, max_new_tokens=8, min_new_tokens=8)
+    stop = full.text[2:5]
+    if stop.strip() and "\ufffd" not in stop:
+        as_str = vlm.generate(messages, GREEDY, max_new_tokens=8, min_new_tokens=8, stop=stop)
+        assert as_str.text == vlm.generate(messages, GREEDY, max_new_tokens=8, min_new_tokens=8, stop=[stop]).text
+
+
+def test_sampling_params_errors_name_the_parameter():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"^temperature must be a finite number >= 0 \(0 = greedy\), got -1$"):
+        SamplingParams(temperature=-1)
+
+
+# ----------------------------------------------------------------------------- images as URLs
+
+
+def _data_urls(path: str) -> dict:
+    import base64
+    import urllib.parse
+
+    with open(path, "rb") as f:
+        data = f.read()
+    b64 = base64.b64encode(data).decode("ascii")
+    return {
+        "base64": f"data:image/png;base64,{b64}",
+        "base64, no padding, line breaks": "data:image/png;base64," + "\n".join(
+            b64.rstrip("=")[i:i + 76] for i in range(0, len(b64.rstrip("=")), 76)),
+        "base64, percent-encoded": "data:image/png;base64," + urllib.parse.quote(b64, safe=""),
+        "percent-encoded bytes": "data:image/png," + urllib.parse.quote_from_bytes(data),
+        "no media type": f"data:;base64,{b64}",
+    }
+
+
+def test_data_url_image_parts_are_decoded(vlm, photos):
+    """`image_url` / `url` / `image` parts holding a data: URL (and a bare `base64` part) give the same inputs
+    as the file; they used to be read as a file path."""
+    import base64
+
+    path = photos["noise"]
+    reference = vlm.prepare(_user({"type": "image", "path": path}, _text("Describe.")))
+    parts = {}
+    for name, url in _data_urls(path).items():
+        parts[f"image_url, {name}"] = {"type": "image_url", "image_url": {"url": url}}
+    url = _data_urls(path)["base64"]
+    parts["url"] = {"type": "image", "url": url}
+    parts["image"] = {"type": "image", "image": url}
+    parts["image_url as a string"] = {"type": "image_url", "image_url": url}
+    with open(path, "rb") as f:
+        parts["bare base64"] = {"type": "image", "base64": base64.b64encode(f.read()).decode("ascii")}
+    for name, part in parts.items():
+        prompt = vlm.prepare(_user(part, _text("Describe.")))
+        np.testing.assert_array_equal(prompt.input_ids, reference.input_ids, err_msg=name)
+        np.testing.assert_array_equal(prompt.pixel_values, reference.pixel_values, err_msg=name)
+    from kernels.image import load_image  # what every family's preprocessing calls
+
+    np.testing.assert_array_equal(np.asarray(load_image(url)), np.asarray(load_image(path)))
+
+
+def test_bad_data_url_errors_are_short(vlm, photos):
+    """A broken data URL is tens of KB: the message names it by its start and length, never in full."""
+    import pytest
+
+    from kernels.image import ImageError
+
+    good = _data_urls(photos["astronaut"])["base64"]
+    cases = {"invalid base64": (good[:-8] + "@@@@!!!!", "invalid base64"),
+             "no comma": ("data:image/png;base64" + "A" * 40000, "no ','"),
+             "not an image": ("data:image/png;base64," + "QUJD" * 10000, "not an image"),
+             "bare base64 that is not base64": (None, "invalid base64")}
+    for name, (url, fragment) in cases.items():
+        part = {"type": "image", "base64": "%%" + "A" * 40000} if url is None else \
+            {"type": "image_url", "image_url": {"url": url}}
+        with pytest.raises(ImageError) as exc:
+            vlm.prepare(_user(part, _text("Describe.")))
+        message = str(exc.value)
+        assert fragment in message and len(message) < 300 and "\n" not in message, (name, message)
+        assert message.startswith("data:") and "characters)" in message, message  # named by its start and length
+
+
+def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photos):
+    import functools
+    import http.server
+    import threading
+
+    import pytest
+
+    from kernels.image import ImageError
+    from runtime.engine import VisionLanguageModel
+
+    folder = os.path.dirname(photos["coffee"])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        url_part = {"type": "image_url", "image_url": {"url": base + "coffee.png"}}
+        with pytest.raises(ImageError, match=r"remote image URLs are not fetched unless enabled .*"
+                                             r"allow_remote_images=True"):
+            vlm.prepare(_user(url_part, _text("Describe.")))
+        remote = VisionLanguageModel(qwen_export, threads=1, allow_remote_images=True)
+        fetched = remote.prepare(_user(url_part, _text("Describe.")))
+        local = vlm.prepare(_user({"type": "image", "path": photos["coffee"]}, _text("Describe.")))
+        np.testing.assert_array_equal(fetched.pixel_values, local.pixel_values)
+        with pytest.raises(ImageError, match="could not fetch the image .*404"):
+            remote.prepare(_user({"type": "image", "url": base + "missing.png"}, _text("Describe.")))
+    finally:
+        server.shutdown()
+        server.server_close()
