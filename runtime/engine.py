@@ -1,7 +1,10 @@
 """The serve-time model: load an exported folder once, answer many prompts.
 
 Layered like mlx-lm: `generate_step` yields token ids from prepared inputs, `stream_generate`
-yields text deltas with timings, `generate` joins them. Never imports torch or transformers.
+yields text deltas with timings, `generate` joins them. Every request becomes a Sequence in the
+model's BatchEngine (runtime/batch_engine.py), so requests from several threads are decoded
+together and share the prefix and image-feature caches; `generate_batch` submits many at once and
+`chat()` keeps a conversation whose turns reuse the cache. Never imports torch or transformers.
 """
 from __future__ import annotations
 
@@ -12,24 +15,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.sampling import SamplingParams, make_sampler, min_new_tokens_processor, repetition_penalty_processor
+from kernels.image_url import fetch_remote_image, is_remote_url
+from kernels.sampling import SamplingParams
 from models import get_family
 
+from .batch_engine import DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, BatchEngine
 from .chat import build_user_messages, normalize_messages, render_chat
-from .detokenize import StopStringMatcher, StreamingDetokenizer
+from .checks import check_stop_strings, check_token_limits
+from .sequence import GenerationChunk, Sequence
 from .errors import ContextLengthError, ModelFolderError, UserError
 from .kv_cache import KVCache
 from .manifest import load_manifest
 from .sessions import create_session
-
-
-@dataclass
-class GenerationChunk:
-    """One streamed piece of an answer."""
-
-    text: str
-    token_id: int | None
-    finish_reason: str | None = None
 
 
 @dataclass
@@ -42,11 +39,12 @@ class GenerationResult:
     image_tokens: int
     finish_reason: str
     timings: dict = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "image_tokens": self.image_tokens, "finish_reason": self.finish_reason,
-                "timings": self.timings, **self.timings}
+                "image_tokens": self.image_tokens, "cached_tokens": self.cached_tokens,
+                "finish_reason": self.finish_reason, "timings": self.timings, **self.timings}
 
 
 class VisionLanguageModel:
@@ -55,11 +53,19 @@ class VisionLanguageModel:
     Args:
         folder: the OUT folder written by `python -m export`.
         threads: intra-op threads for ONNX Runtime (default: all cores).
+        parallel: sequences decoded together at most (more requests wait their turn).
+        prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
+        cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
+        allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
+            data: URLs are always decoded).
     """
 
-    def __init__(self, folder: str, threads: int | None = None):
+    def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
+                 allow_remote_images: bool = False):
         start = time.perf_counter()
         self.folder = folder
+        self.allow_remote_images = allow_remote_images
         self.manifest = manifest = load_manifest(folder)
         try:
             self.family = get_family(manifest["family"]).Family(manifest)
@@ -86,6 +92,10 @@ class VisionLanguageModel:
         self.head_dim, self.max_context = int(text["head_dim"]), int(text["max_context"])
         self.eos_token_ids = [int(t) for t in manifest["special_tokens"].get("eos_token_ids", [])]
         self.generation_defaults = manifest.get("generation", {})
+        for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------
@@ -107,6 +117,8 @@ class VisionLanguageModel:
     def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None):
         """Chat messages (transformers' processor format) -> the family's PreparedPrompt."""
         text, images = self.render(messages)
+        if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
+            images = [fetch_remote_image(image) if is_remote_url(image) else image for image in images]
         pixel_values = grid = None
         if images:
             pixel_values, grid = self.family.preprocess(images, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -135,7 +147,8 @@ class VisionLanguageModel:
         It stays empty until the prompt is written, so the prefill attends over no unused slots, then
         grows in steps of 256 tokens (never past `expected_length`): decode steps read few unused slots."""
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
-                       expected_length=expected_length)
+                       expected_length=expected_length,
+                       dtype=np.float16 if self.manifest["text_config"].get("kv_dtype") == "float16" else np.float32)
 
     def prefill(self, prompt, cache: KVCache | None = None, vision_outputs=None) -> np.ndarray:
         """Run the whole prompt through the decoder; returns the last position's logits [vocab]."""
@@ -153,89 +166,105 @@ class VisionLanguageModel:
                 f"{prompt_tokens + max_new_tokens}, over this model's context of {self.max_context} tokens; "
                 f"shorten the prompt, use fewer or smaller images (--max-pixels), or lower --max-new-tokens")
 
+    def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+               min_new_tokens: int = 0, stop: list | None = None) -> Sequence:
+        """Queue one prompt (a PreparedPrompt or chat messages) in the engine; read `sequence.chunks()`.
+
+        The family's own stop strings are added to `stop`. Errors in the arguments are raised here."""
+        check_token_limits(max_new_tokens, min_new_tokens)
+        stop = check_stop_strings(stop)
+        if isinstance(prompt, list):
+            prompt = self.prepare(prompt)
+        self.check_context(len(prompt.input_ids), max_new_tokens)
+        stops = list(stop or []) + list(getattr(self.family, "stop_strings", ()))
+        sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
+                            self.tokenizer)
+        return self.engine.submit(sequence)
+
     def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                       min_new_tokens: int = 0, timings: dict | None = None):
-        """Yield generated token ids one at a time (EOS included, then stop).
+        """Yield generated token ids one at a time (EOS included, then stop); no stop strings.
 
         Args:
             prompt: a PreparedPrompt from `prepare` (or the family's `prepare` on raw ids).
             sampling: SamplingParams (default: greedy).
-            timings: a dict filled with vision_s, prefill_s, ttft_s, decode_s as the work happens.
+            timings: a dict filled with vision_s, prefill_s, ttft_s, decode_s when the answer ends.
         """
-        sampling = sampling or SamplingParams(greedy=True)
-        sampling.validate()
-        timings = {} if timings is None else timings
-        prompt_len = len(prompt.input_ids)
-        self.check_context(prompt_len, max_new_tokens)
-        start = time.perf_counter()
-        vision_outputs = self.encode_images(prompt)
-        timings["vision_s"] = time.perf_counter() - start
-
-        sampler = make_sampler(sampling)
-        processors = []
-        if sampling.repetition_penalty != 1.0:
-            processors.append(repetition_penalty_processor(sampling.repetition_penalty))
-        if min_new_tokens > 0 and self.eos_token_ids:
-            processors.append(min_new_tokens_processor(self.eos_token_ids, min_new_tokens, prompt_len))
-        cache = self.new_cache(prompt_len + max_new_tokens)
-        tokens = [int(t) for t in prompt.input_ids]
-
-        prefill_start = time.perf_counter()
-        logits = self.prefill(prompt, cache, vision_outputs)
-        timings["prefill_s"] = time.perf_counter() - prefill_start
-        decode_start = None
-        for step in range(max_new_tokens):
-            for process in processors:
-                logits = process(np.asarray(tokens), logits)
-            token = int(sampler(logits))
-            if step == 0:
-                timings["ttft_s"] = time.perf_counter() - start
-                decode_start = time.perf_counter()
-            tokens.append(token)
-            yield token
-            if token in self.eos_token_ids or step == max_new_tokens - 1:
-                break
-            feeds = self.family.decode_feeds(prompt, self.embed([token])[0], cache.offset)
-            logits = self._run_decoder(feeds, cache)
-            timings["decode_s"] = time.perf_counter() - decode_start
-            timings["decode_steps"] = step + 1
+        check_token_limits(max_new_tokens, min_new_tokens)
+        self.check_context(len(prompt.input_ids), max_new_tokens)
+        sequence = self.engine.submit(Sequence(prompt, sampling, max_new_tokens, min_new_tokens, [],
+                                               self.eos_token_ids, self.tokenizer))
+        try:
+            for chunk in sequence.chunks():
+                if chunk.token_id is not None:
+                    yield chunk.token_id
+        finally:
+            sequence.cancel()
+            if timings is not None:
+                timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
 
     def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                         min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None):
         """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
 
-        `prompt` is a PreparedPrompt or a list of chat messages.
-        """
-        if isinstance(prompt, list):
-            prompt = self.prepare(prompt)
-        detokenizer = StreamingDetokenizer(self.tokenizer)
-        stopper = StopStringMatcher(list(stop or []) + list(getattr(self.family, "stop_strings", ())))
-        finish_reason, eos_token = "length", None
-        for token in self.generate_step(prompt, sampling, max_new_tokens, min_new_tokens, timings):
-            if token in self.eos_token_ids:
-                finish_reason, eos_token = "stop", token
-                break
-            text = stopper.feed(detokenizer.add_token(token))
-            if stopper.stopped:
-                yield GenerationChunk(text, token, "stop")
-                return
-            yield GenerationChunk(text, token)
-        text = stopper.feed(detokenizer.finalize())
-        yield GenerationChunk(text + stopper.flush(), eos_token, "stop" if stopper.stopped else finish_reason)
+        `prompt` is a PreparedPrompt or a list of chat messages. Closing the generator early cancels
+        the request (its decoder row is freed at the engine's next step)."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop)
+        try:
+            yield from sequence.chunks()
+        finally:
+            sequence.cancel()
+            if timings is not None:
+                timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
 
-    def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                 min_new_tokens: int = 0, stop: list | None = None) -> GenerationResult:
-        """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult."""
-        if isinstance(prompt, list):
-            prompt = self.prepare(prompt)
-        timings, pieces, token_ids, finish = {}, [], [], "length"
-        for chunk in self.stream_generate(prompt, sampling, max_new_tokens, min_new_tokens, stop, timings):
+    def _result(self, sequence: Sequence) -> GenerationResult:
+        pieces, token_ids, finish = [], [], "length"
+        for chunk in sequence.chunks():
             pieces.append(chunk.text)
             if chunk.token_id is not None:
                 token_ids.append(chunk.token_id)
             finish = chunk.finish_reason or finish
+        prompt = sequence.prompt
         return GenerationResult("".join(pieces), token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
-                                summarize_timings(timings, self.load_s))
+                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens)
+
+    def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                 min_new_tokens: int = 0, stop: list | None = None) -> GenerationResult:
+        """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop)
+        try:
+            return self._result(sequence)
+        finally:
+            sequence.cancel()
+
+    def generate_batch(self, prompts: list, sampling=None, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                       stop: list | None = None) -> list:
+        """Answer many prompts at once (decoded together, `parallel` at a time): a GenerationResult each.
+
+        Args:
+            prompts: chat message lists or PreparedPrompts.
+            sampling: one SamplingParams for all, or a list with one per prompt (each keeps its own seed).
+        """
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"sampling has {len(samplings)} entries for {len(prompts)} prompts; give one per prompt")
+        prepared = [self.prepare(p) if isinstance(p, list) else p for p in prompts]  # all errors before any work
+        for prompt in prepared:
+            self.check_context(len(prompt.input_ids), max_new_tokens)
+        sequences = [self.submit(p, s, max_new_tokens, min_new_tokens, stop) for p, s in zip(prepared, samplings)]
+        try:
+            return [self._result(sequence) for sequence in sequences]
+        finally:
+            for sequence in sequences:
+                sequence.cancel()
+
+    def chat(self, system: str | None = None, **generation):
+        """A conversation that keeps its history; each turn reuses the previous turns' KV (prefix cache).
+
+        `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop)."""
+        from .chat_session import ChatSession
+
+        return ChatSession(self, system, **generation)
 
     def ask(self, prompt: str, images=(), system: str | None = None, **kwargs) -> str:
         """Convenience: one user turn (images then text) -> answer text."""

@@ -3,10 +3,24 @@
 The decoder graph reads the whole buffer (unused slots masked out) and returns only the new
 entries, which `append` writes at the current offset. Growth reallocates once per `step` tokens
 (like mlx-lm's KVCache), so no decode step copies the cache.
+
+Capacities are always multiples of `CAPACITY_ALIGN` slots. The graph softmaxes the scores over the
+buffer and the new tokens side by side, and ONNX Runtime's vectorised sums group elements by their
+index modulo the vector width: with the new tokens' scores starting at an aligned index, a row's
+result does not depend on how many unused (masked) slots the buffer holds (measured: capacities 17
+and 22 give logits 1.8e-7 apart; 64, 128, 320 and 1024 give identical bits). That is what lets a
+sequence give the same tokens alone and in a batch whose buffer is wider.
 """
 from __future__ import annotations
 
 import numpy as np
+
+CAPACITY_ALIGN = 64
+
+
+def aligned(length: int) -> int:
+    """`length` rounded up to a multiple of CAPACITY_ALIGN."""
+    return -(-length // CAPACITY_ALIGN) * CAPACITY_ALIGN
 
 
 class KVCache:
@@ -31,7 +45,7 @@ class KVCache:
         capacity = -(-length // self.step) * self.step
         if self.expected_length:
             capacity = min(capacity, max(self.expected_length, length))
-        capacity = max(min(capacity, self.max_length), length)
+        capacity = aligned(max(min(capacity, self.max_length), length))
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = np.zeros((1, self.num_kv_heads, capacity, self.head_dim), self.dtype)
@@ -63,6 +77,19 @@ class KVCache:
             self.keys[i][:, :, self.offset:end] = presents[2 * i]
             self.values[i][:, :, self.offset:end] = presents[2 * i + 1]
         self.offset = end
+
+    def load(self, keys: list, values: list) -> None:
+        """Start from a cached prefix: per-layer keys / values [kv_heads, length, head_dim]."""
+        length = keys[0].shape[1]
+        self.reserve(length)
+        for i in range(self.num_layers):
+            self.keys[i][0, :, :length] = keys[i]
+            self.values[i][0, :, :length] = values[i]
+        self.offset = length
+
+    def copy_prefix(self, length: int) -> tuple[list, list]:
+        """Copies of the first `length` slots: per-layer keys / values [kv_heads, length, head_dim]."""
+        return ([k[0, :, :length].copy() for k in self.keys], [v[0, :, :length].copy() for v in self.values])
 
     def trim(self, length: int) -> None:
         """Forget everything after the first `length` tokens."""

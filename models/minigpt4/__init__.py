@@ -36,6 +36,9 @@ class Family:
     """MiniGPT-4's serve-time behaviour, configured from manifest.json."""
 
     name = NAME
+    # Decoder inputs -> (batch axis, sequence axis), as in models/qwen3_vl.
+    decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (0, 1)}
+    vision_output_axes = (0,)  # image_embeds [n, num_query_tokens, H]
 
     def __init__(self, manifest: dict):
         self.manifest = manifest
@@ -57,6 +60,15 @@ class Family:
 
     def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw=None) -> dict:
         return {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
+
+    def split_images(self, pixel_values: np.ndarray, image_grid_thw=None) -> list:
+        """A prompt's image arrays -> [(pixel_values, query counts)] one pair per image, in order."""
+        return [(pixel_values[i:i + 1], np.full((1,), self.num_query_tokens, dtype=np.int64))
+                for i in range(len(pixel_values))]
+
+    def image_token_counts(self, image_grid_thw) -> list:
+        """Prompt tokens each image occupies (its query embeddings), in order."""
+        return [int(n) for n in np.asarray(image_grid_thw).reshape(-1)]
 
     # --- prompt ---------------------------------------------------------------------------------
     def tokenize(self, tokenizer, text: str, image_grid_thw) -> np.ndarray:

@@ -39,6 +39,11 @@ class Family:
     """Qwen3-VL's serve-time behaviour, configured from manifest.json."""
 
     name = NAME
+    # Decoder inputs -> (batch axis, sequence axis): the engine slices prompts into chunks along the
+    # sequence axis and stacks one decode row per sequence along the batch axis.
+    decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (1, 2), "deepstack_embeds": (1, 2)}
+    # Vision outputs -> the axis along which one image's rows follow another's.
+    vision_output_axes = (0, 1)  # image_embeds [n, H], deepstack_embeds [K, n, H]
 
     def __init__(self, manifest: dict):
         self.manifest = manifest
@@ -60,6 +65,16 @@ class Family:
                                         self.merge_size)
         feeds["pixel_values"] = pixel_values.astype(np.float32, copy=False)
         return feeds
+
+    def split_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> list:
+        """A prompt's image arrays -> [(pixel_values, image_grid_thw)] one pair per image, in order."""
+        counts = np.asarray(image_grid_thw).prod(-1)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        return [(pixel_values[starts[i]:starts[i + 1]], image_grid_thw[i:i + 1]) for i in range(len(counts))]
+
+    def image_token_counts(self, image_grid_thw: np.ndarray) -> list:
+        """Prompt tokens each image occupies (its merged patches), in order."""
+        return [int(n) // self.merge_size ** 2 for n in np.asarray(image_grid_thw).prod(-1)]
 
     # --- prompt ---------------------------------------------------------------------------------
     def prepare(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None) -> PreparedPrompt:
