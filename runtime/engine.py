@@ -158,13 +158,17 @@ class VisionLanguageModel:
         feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
         return self._run_decoder(feeds, cache)
 
-    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Refuse, before any work, a request that cannot fit the context."""
+    def check_context(self, prompt_tokens: int, max_new_tokens: int, names: dict | None = None) -> None:
+        """Refuse, before any work, a request that cannot fit the context.
+
+        `names` maps the parameters `max_new_tokens` / `max_pixels` to what the caller wrote (the CLI's flags)."""
         if prompt_tokens + max_new_tokens > self.max_context:
+            names = {"max_new_tokens": "max_new_tokens", "max_pixels": "max_pixels", **(names or {})}
             raise ContextLengthError(
-                f"the prompt has {prompt_tokens} tokens and --max-new-tokens is {max_new_tokens}: together "
+                f"the prompt has {prompt_tokens} tokens and {names['max_new_tokens']} is {max_new_tokens}: together "
                 f"{prompt_tokens + max_new_tokens}, over this model's context of {self.max_context} tokens; "
-                f"shorten the prompt, use fewer or smaller images (--max-pixels), or lower --max-new-tokens")
+                f"shorten the prompt, use fewer or smaller images ({names['max_pixels']}), or lower "
+                f"{names['max_new_tokens']}")
 
     def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                min_new_tokens: int = 0, stop: list | None = None) -> Sequence:

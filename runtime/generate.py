@@ -158,6 +158,8 @@ def run(args) -> int:
     prompt = model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.dump_inputs:
         dump_inputs(args.dump_inputs, prompt)
+    model.check_context(len(prompt.input_ids), args.max_new_tokens,
+                        names={"max_new_tokens": "--max-new-tokens", "max_pixels": "--max-pixels"})
     timings, pieces, token_ids, finish = {}, [], [], "length"
     for chunk in model.stream_generate(prompt, sampling, args.max_new_tokens, args.min_new_tokens, args.stop, timings):
         if not args.json and chunk.text:

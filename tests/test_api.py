@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from kernels.sampling import SamplingParams
 
@@ -333,3 +334,12 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_context_error_names_the_api_parameter(vlm):
+    from runtime.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError) as info:
+        vlm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=vlm.max_context * 2)
+    message = str(info.value)
+    assert "max_new_tokens" in message and "--" not in message

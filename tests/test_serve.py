@@ -202,6 +202,59 @@ def test_concurrent_streams_and_memory(server, client, expected, photos):
     assert after < before + 40, (before, after)
 
 
+def test_concurrent_different_streams_equal_what_each_gives_alone(qwen_export, photos):
+    """Five requests (different images or none, prompts, lengths, greedy and seeded sampling) streamed at once
+    by the official client, starting at staggered times: each answer equals the one it gets alone."""
+    openai = pytest.importorskip("openai", reason="the official openai client is a test dependency")
+    srv = Server(qwen_export, "--parallel", "4", "--cache-mb", "0", "--prefill-chunk", "16")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        requests = [
+            (image_messages(photos["astronaut"], "What is this?"), {"temperature": 0, "max_tokens": 24}),
+            ([{"role": "user", "content": "Write a poem about the sea."}],
+             {"temperature": 0.9, "top_p": 0.9, "seed": 3, "max_tokens": 30}),
+            (image_messages(photos["coffee"], "Describe the colours."), {"temperature": 0, "max_tokens": 9}),
+            ([{"role": "user", "content": "Hi"}], {"temperature": 1.1, "seed": 8, "max_tokens": 16}),
+            (image_messages(photos["noise"]), {"temperature": 0.7, "seed": 1, "max_tokens": 20}),
+        ]
+
+        def ask(messages, options):
+            stream = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, stream=True, **options)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        alone = [ask(m, o) for m, o in requests]
+        results = [None] * len(requests)
+
+        def one(i):
+            time.sleep(0.15 * i)
+            try:
+                results[i] = ask(*requests[i])
+            except Exception as e:  # reported by the assertion below
+                results[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert results == alone
+        assert srv.health()["engine"]["widest_batch"] >= 2  # they really were decoded together
+    finally:
+        srv.stop()
+
+
+def test_follow_up_reports_cached_tokens(server, client, photos):
+    messages = image_messages(photos["coffee"], "What is this?")
+    first = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, temperature=0, max_tokens=6)
+    history = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                          {"role": "user", "content": "Tell me more."}]
+    second = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=history, temperature=0, max_tokens=6)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    health = server.health()
+    assert health["engine"]["cache"]["prefix_entries"] >= 1 and health["engine"]["parallel"] >= 1
+
+
 def test_disconnect_mid_stream_frees_the_worker(server, client, expected, photos):
     stream = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=image_messages(IMAGE),
                                             temperature=0, stream=True, extra_body=LONG)
@@ -229,7 +282,7 @@ def _open_stream(port: int, body: dict, headers: dict) -> http.client.HTTPConnec
 
 
 def test_queue_full_auth_and_cancelled_waiters(qwen_export, photos):
-    srv = Server(qwen_export, "--max-queue", "1", "--api-key", "sekrit")
+    srv = Server(qwen_export, "--parallel", "1", "--max-queue", "1", "--api-key", "sekrit")
     try:
         auth = {"Authorization": "Bearer sekrit"}
         # auth: /v1 needs the key; the page and /health do not

@@ -136,9 +136,11 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens are prompt tokens whose KV came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class ChatServer:
@@ -203,7 +205,7 @@ class ChatServer:
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                          "logprobs": None, "finish_reason": event.finish_reason}],
-            "usage": usage(prompt_tokens, event.completion_tokens), "timings": event.timings})
+            "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings})
 
     async def sse_events(self, ticket: Ticket, request: Request, completion_id: str, prompt_tokens: int,
                          include_usage: bool):
@@ -227,7 +229,7 @@ class ChatServer:
                     yield event(choice({"content": item.text}))
             yield event(choice({}, item.finish_reason))
             if include_usage:
-                yield event([], usage=usage(prompt_tokens, item.completion_tokens), timings=item.timings)
+                yield event([], usage=usage(prompt_tokens, item.completion_tokens, item.cached_tokens), timings=item.timings)
             yield "data: [DONE]\n\n"
         except Cancelled:
             return
@@ -252,10 +254,11 @@ class ChatServer:
                 "max_context": self.vlm.max_context}
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.model_name, "workers": self.scheduler.workers,
+        engine = self.vlm.engine.stats() if hasattr(self.vlm, "engine") else None
+        return JSONResponse({"status": "ok", "model": self.model_name, "parallel": self.scheduler.workers,
                              "active": self.scheduler.running, "queued": self.scheduler.queued,
                              "max_queue": self.scheduler.max_queue, "auth": bool(self.config.api_key),
-                             "stats": self.scheduler.stats})
+                             "stats": self.scheduler.stats, "engine": engine})
 
     async def page(self, request: Request) -> Response:
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
@@ -266,7 +269,8 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
     if vlm is None:
         from ..engine import VisionLanguageModel
 
-        vlm = VisionLanguageModel(config.model, threads=config.threads)
+        vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
+                                  prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb)
     # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own check (header size) comes first.
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     scheduler = Scheduler(config.workers, config.max_queue, config.timeout)

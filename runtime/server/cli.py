@@ -32,8 +32,15 @@ def build_parser(prog: str = "python -m runtime.server") -> argparse.ArgumentPar
                    help="the model id clients use (default: the folder's name)")
     p.add_argument("--threads", type=int, default=default("threads"),
                    help="ONNX Runtime threads per generation (default: all cores)")
-    p.add_argument("--workers", type=int, default=default("workers"),
-                   help=f"generations run at once (default {default('workers')}; see runtime/server/scheduler.py)")
+    p.add_argument("--parallel", "--workers", type=int, default=default("parallel"), dest="parallel",
+                   help=f"sequences decoded together in one batch (default {default('parallel')}); more requests "
+                        f"wait in the queue")
+    p.add_argument("--prefill-chunk", type=int, default=default("prefill_chunk"),
+                   help=f"prompt tokens per decoder call (default {default('prefill_chunk')}): a new prompt holds "
+                        f"running answers up for one chunk at most")
+    p.add_argument("--cache-mb", type=float, default=default("cache_mb"),
+                   help=f"memory for the prefix-KV and image-feature caches, least recently used evicted "
+                        f"(default {default('cache_mb'):g}; 0 turns them off)")
     p.add_argument("--max-queue", type=int, default=default("max_queue"),
                    help=f"requests that may wait for a worker (default {default('max_queue')}); more get 429")
     p.add_argument("--timeout", type=float, default=default("timeout"),

@@ -18,7 +18,9 @@ class ServeConfig:
     api_key: str | None = None
     allow_remote_images: bool = False
     threads: int | None = None
-    workers: int = 1
+    parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
+    prefill_chunk: int = 128
+    cache_mb: float = 1024.0
     max_queue: int = 8
     timeout: float = 600.0
     max_body_mb: float = 32.0
@@ -28,6 +30,11 @@ class ServeConfig:
     model_name: str | None = None
     insecure_no_auth: bool = False
     log_level: str = "info"
+
+    @property
+    def workers(self) -> int:
+        """Requests generating at once: one worker thread per sequence the engine decodes together."""
+        return self.parallel
 
     @property
     def max_body_bytes(self) -> int:
@@ -40,13 +47,15 @@ class ServeConfig:
 
     def check(self) -> None:
         """Refuse settings that cannot work (UserError naming the flag); a public host needs an API key."""
-        positive = {"workers": self.workers, "max-images": self.max_images, "max-image-pixels": self.max_image_pixels,
+        positive = {"parallel": self.parallel, "prefill-chunk": self.prefill_chunk, "max-images": self.max_images, "max-image-pixels": self.max_image_pixels,
                     "default-max-tokens": self.default_max_tokens}
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1, got {value}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.cache_mb < 0:
+            raise UserError(f"--cache-mb must be 0 (no cache) or more, got {self.cache_mb:g}")
         if self.max_queue < 0:
             raise UserError(f"--max-queue must be 0 or more, got {self.max_queue}")
         if not self.timeout > 0 or not self.max_body_mb > 0:

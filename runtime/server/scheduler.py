@@ -9,9 +9,10 @@ Ticket. It owns its counters (running, queued, stats); callers only read them.
     ticket.cancel()                                                # client gone: leaves the queue at once,
                                                                    # or stops the running job at its next event
 
-Why one generation per worker and few workers: ONNX Runtime already spreads one generation over all the
-cores it is given; on a small CPU host a second concurrent generation only splits the same cores,
-doubles the live KV caches and makes both answers slower. So the default is one worker and a queue.
+Why a worker per sequence: each worker thread drives one request's `vlm.stream_generate`, and
+every such request is a sequence of the model's BatchEngine, which decodes all of them in one batched
+decoder call per step (a step for 4 sequences costs far less than 4 steps: decode reads the weights
+once). So the number of workers is `--parallel`, the sequences decoded together; more requests wait.
 
 Timeouts count from the request's arrival, queueing included: a job still queued at its deadline
 ends with QueueTimeout; a running one is stopped at its next event with GenerationTimeout.

@@ -35,6 +35,7 @@ class Finished:
     finish_reason: str
     completion_tokens: int
     timings: dict
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 def run(vlm, request: ChatRequest, images: list[EncodedImage], max_image_pixels: int,
@@ -81,7 +82,7 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int) -
         chunks.close()  # stopped early (cancel, timeout): the engine drops its KV cache now
     summary = summarize_timings(timings, 0.0)
     summary.pop("load_s", None)
-    yield Finished(finish, completion_tokens, summary)
+    yield Finished(finish, completion_tokens, summary, int(timings.get("cached_tokens", 0)))
 
 
 def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_tokens: int) -> int:

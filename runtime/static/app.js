@@ -178,7 +178,10 @@ async function send(event) {
   const end = performance.now();
   state.history.push({ role: "assistant", content: answer });
   const parts = [];
-  if (firstAt !== null) parts.push("first token " + ((firstAt - t0) / 1000).toFixed(2) + " s");
+  if (firstAt !== null) {
+    const cached = usage && usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0;
+    parts.push("first token " + ((firstAt - t0) / 1000).toFixed(2) + " s" + (cached ? " (" + cached + " cached)" : ""));
+  }
   const tokens = usage ? usage.completion_tokens : chunks;
   if (timings && timings.decode_tokens_per_s) parts.push(timings.decode_tokens_per_s.toFixed(1) + " tokens/s");
   else if (firstAt !== null && end > firstAt && tokens > 1) parts.push(((tokens - 1) / ((end - firstAt) / 1000)).toFixed(1) + " tokens/s");
