@@ -42,20 +42,18 @@ class BatchKVCache:
         return sum(a.nbytes for a in self.keys + self.values)
 
     def _reallocate(self, rows: int, capacity: int) -> None:
+        # One layer at a time, each old buffer dropped as soon as it is copied: growing costs one layer's
+        # worth of extra memory, not a second copy of the whole cache.
         shape = (rows, self.num_kv_heads, capacity, self.head_dim)
         for store in (self.keys, self.values):
-            old_store = list(store)
-            store.clear()
-            for i in range(self.num_layers):
+            if not store:
+                store.extend(np.zeros(shape, self.dtype) for _ in range(self.num_layers))
+                continue
+            for i, old in enumerate(store):
                 new = np.zeros(shape, self.dtype)
-                if old_store:
-                    used = min(self.capacity_of(old_store[i]), capacity)
-                    new[: self.rows, :, :used] = old_store[i][: self.rows, :, :used]
-                store.append(new)
-
-    @staticmethod
-    def capacity_of(array: np.ndarray) -> int:
-        return array.shape[2]
+                used = min(old.shape[2], capacity)
+                new[: self.rows, :, :used] = old[: self.rows, :, :used]
+                store[i] = new
 
     def reserve(self, rows: int, length: int) -> None:
         """Room for `rows` rows of `length` slots each (rows double, slots grow in `step`s, aligned)."""

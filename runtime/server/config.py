@@ -20,7 +20,7 @@ class ServeConfig:
     threads: int | None = None
     parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
     prefill_chunk: int = 128
-    cache_mb: float = 1024.0
+    cache_mb: float = 256.0
     max_queue: int = 8
     timeout: float = 600.0
     max_body_mb: float = 32.0
