@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from .image import ImageError, describe_source
+from .image import ImageError, ImageTooLarge, describe_source
 
 # Most bytes read from a remote image URL (a larger body is refused, not truncated).
 MAX_REMOTE_IMAGE_BYTES = 64 * 1024 * 1024
@@ -72,7 +72,7 @@ def fetch_remote_image(url: str, timeout: float = REMOTE_TIMEOUT_S, max_bytes: i
     """GET an http(s) URL and return its body (at most `max_bytes`).
 
     Raises:
-        ImageError: any network or HTTP error, or a body over `max_bytes`.
+        ImageError: any network or HTTP error; ImageTooLarge (an ImageError): a body over `max_bytes`.
     """
     opener = urllib.request.OpenerDirector()  # http(s) handlers only: no file:, ftp: or data: opening
     for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
@@ -85,7 +85,7 @@ def fetch_remote_image(url: str, timeout: float = REMOTE_TIMEOUT_S, max_bytes: i
     except Exception as e:  # network errors come in many types (URLError, HTTPError, timeouts, bad URLs)
         raise ImageError(f"{describe_source(url)}: could not fetch the image ({e})") from None
     if len(data) > max_bytes:
-        raise ImageError(f"{describe_source(url)}: the image is larger than {max_bytes} bytes")
+        raise ImageTooLarge(f"{describe_source(url)}: the image is larger than {max_bytes} bytes")
     return data
 
 

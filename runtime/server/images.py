@@ -8,15 +8,13 @@ before any pixel is decoded. This module turns its ImageError into a RequestErro
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import dataclasses
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from kernels.image import RASTER_FORMATS, ImageError, ImageTooLarge, decode_bytes_checked, open_bytes_checked
+from kernels.image_url import decode_data_url
+from kernels.image_url import fetch_remote_image as fetch_url
 
 from .errors import PayloadTooLarge, RequestError
 
@@ -30,8 +28,9 @@ class EncodedImage:
 
 
 def parse_data_url(url: str, param: str) -> bytes:
-    """``data:[<type>][;base64],<payload>`` -> bytes (base64 only)."""
-    header, sep, payload = url.partition(",")
+    """``data:image/...;base64,<payload>`` -> bytes. Stricter than kernels.image_url (which decodes any
+    data: URL): a request must send base64 and an image media type."""
+    header, sep, _ = url.partition(",")
     if not sep:
         raise RequestError("malformed data URL: no ',' after the media type", param=param, code="invalid_image_url")
     meta = header[len("data:"):].split(";")
@@ -41,36 +40,21 @@ def parse_data_url(url: str, param: str) -> bytes:
     media = meta[0].strip().lower()
     if media and not (media.startswith("image/") or media == "application/octet-stream"):
         raise RequestError(f"data URL media type {media!r} is not an image type", param=param, code="invalid_image")
-    payload = "".join(urllib.parse.unquote(payload).split())
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RequestError(f"data URL has invalid base64 data ({e})", param=param, code="invalid_image_url") from None
-
-
-class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
-            raise urllib.error.URLError(f"redirect to a non-http(s) URL refused: {newurl}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        return decode_data_url(url)
+    except ImageError as e:
+        raise RequestError(str(e), param=param, code="invalid_image_url") from None
 
 
 def fetch_remote_image(url: str, max_bytes: int, timeout: float, param: str) -> bytes:
-    """GET an http(s) URL (blocking): at most `max_bytes`, redirects only to http(s)."""
-    opener = urllib.request.OpenerDirector()  # http(s) handlers only: no file:, ftp: or data: opening
-    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
-                    _HTTPOnlyRedirects(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
+    """GET an http(s) URL (blocking; kernels.image_url's fetch): at most `max_bytes`, redirects only to http(s)."""
     try:
-        with opener.open(urllib.request.Request(url, headers={"User-Agent": "vlm-core"}), timeout=timeout) as r:
-            data = r.read(max_bytes + 1)
-    except Exception as e:  # network errors of every kind: the client's URL, a 400
-        raise RequestError(f"could not fetch the image URL: {e}", param=param, code="invalid_image_url") from None
-    if len(data) > max_bytes:
+        return fetch_url(url, timeout=timeout, max_bytes=max_bytes)
+    except ImageTooLarge:
         raise PayloadTooLarge(f"the image at the URL is larger than {max_bytes} bytes", param=param,
-                              code="image_too_large")
-    return data
+                              code="image_too_large") from None
+    except ImageError as e:
+        raise RequestError(f"could not fetch the image URL: {e}", param=param, code="invalid_image_url") from None
 
 
 def image_bytes(url: str, param: str, allow_remote: bool, max_bytes: int, timeout: float) -> bytes:
