@@ -1,12 +1,13 @@
-"""`python -m bench`: eager PyTorch (fp32, bf16) against our runtime (none/int8/int4/mixed) on one machine.
+"""`python -m bench`: eager PyTorch (fp32, bf16) against our runtime (none/none-kv16/int8/int4/mixed) on one machine.
 
     python -m bench --config bench/configs/qwen3-vl-2b.json --repeats 3
 
 Same model config, image and prompt for every configuration; each repetition of each configuration
 runs in a fresh process (peak RSS is that process's own), one after another, and medians are reported.
 Our configurations are exported into --work-dir first (reused when already exported from the same
-checkpoint). Then, unless --no-accuracy, each quantized export is compared with our fp32 export,
-teacher-forced over --accuracy-positions positions. Prints markdown tables (machine above them),
+checkpoint). Then, unless --no-accuracy, each quantized export (and `none-kv16`: float32 weights with
+a float16 KV cache, the cache's own effect) is compared with our fp32 export, teacher-forced over
+--accuracy-positions positions. Prints markdown tables (machine above them),
 writes every raw repetition + medians to --json-out and a bar chart to --chart.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .worker import WorkerError, launch
 
 ROOT = artifacts.ROOT
 QUANTIZED = ("int8", "int4", "mixed")
-OURS = ("none",) + QUANTIZED
+COMPARED = ("none-kv16",) + QUANTIZED  # compared with "none" (fp32 weights, fp32 KV cache) for accuracy
+OURS = ("none",) + COMPARED
 ALL_CONFIGS = ("eager-fp32", "eager-bf16") + OURS
 DEFAULT_PROMPT = ("Look carefully at this photograph. Describe the person in it, what they are wearing, the objects "
                   "around them, and the colors of the background, in two sentences.")
@@ -51,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json-out", help="results JSON (default WORK/results.json)")
     p.add_argument("--chart", help="bar chart PNG (default WORK/results.png)")
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
-                   help="teacher-forced accuracy of int8/int4 vs our fp32 export (default on)")
+                   help="teacher-forced accuracy of none-kv16/int8/int4/mixed vs our fp32 export (default on)")
     p.add_argument("--accuracy-positions", type=int, default=256, help="positions compared (default 256)")
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -99,8 +101,8 @@ def run_speed(args, checkpoint: str, folders: dict, image: str) -> dict:
 
 
 def run_accuracy(args, folders: dict, image: str) -> dict:
-    """Teacher-forced comparison of each quantized export with our fp32 export."""
-    quantized = [name for name in args.configs if name in QUANTIZED]
+    """Teacher-forced comparison of each quantized (or float16 KV) export with our fp32 export."""
+    quantized = [name for name in args.configs if name in COMPARED]
     common = {"image": image, "prompt": args.prompt, "threads": args.threads}
     ref_dir = os.path.join(args.work_dir, "accuracy-reference")
     artifacts.log(f"accuracy: fp32 reference over {args.accuracy_positions} positions")
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     host = machine.describe()
     checkpoint = artifacts.resolve_checkpoint(args.config, args.work_dir)
     image = args.image or artifacts.default_image(args.work_dir)
-    quantized = [c for c in args.configs if c in QUANTIZED]
+    quantized = [c for c in args.configs if c in COMPARED]
     accuracy_on = args.accuracy and bool(quantized)
     needed = [c for c in OURS if c in args.configs or (c == "none" and accuracy_on)]
     folders = artifacts.ensure_exports(checkpoint, needed, args.work_dir, args.export_jobs)

@@ -1,11 +1,13 @@
-"""Teacher-forced accuracy of quantized exports against our float32 export, on the bench's prompt.
+"""Teacher-forced accuracy of quantized (or float16 KV cache) exports against our float32 export, on the
+bench's prompt.
 
 `reference` (worker task "accuracy-reference") runs the float32 folder greedily for P positions
 (EOS masked so the run never stops early) and saves, per position, the logits it predicted from,
 plus the greedy tokens and the vision outputs. `compare` ("accuracy-compare") feeds the SAME tokens
 to a quantized folder one decode step at a time and compares its logits position by position:
 cosine similarity (mean/min), top-1 agreement, KL(fp32 || quantized); and the vision encoder's
-image_embeds (and deepstack) cosine separately. Both run in worker processes, one model each.
+image_embeds (and deepstack) cosine separately; the compared folder's KV cache dtype is reported with
+them. Both run in worker processes, one model each.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def compare(spec: dict) -> dict:
         cosines.append(cosine(actual, expected))
         kls.append(kl_divergence(expected, actual))
         top1.append(int(np.argmax(actual)) == int(np.argmax(expected)))
-    figures = {"positions": len(cosines), "image_embeds_cosine": cosine(vision[0], ref["image_embeds"]),
+    figures = {"positions": len(cosines), "kv_dtype": vlm.manifest["text_config"].get("kv_dtype", "float32"),
+               "image_embeds_cosine": cosine(vision[0], ref["image_embeds"]),
                "logits_cosine_mean": float(np.mean(cosines)), "logits_cosine_min": float(np.min(cosines)),
                "top1_agreement_pct": 100.0 * float(np.mean(top1)), "kl_mean": float(np.mean(kls)),
                "kl_max": float(np.max(kls))}

@@ -4,8 +4,9 @@
   in WORK/checkpoint-<name>-<hash of the config>; a checkpoint folder is used as it is.
 * the default image is assets/astronaut.jpg resized to 448x448 (196 image tokens), saved as PNG.
 * each of our configurations is exported to WORK/<cfg> with `python -m export CKPT -o WORK/<cfg>
-  --force --quantize <cfg>`, unless that folder's manifest already records the same checkpoint as
-  its source, the same quantization, and is newer than the checkpoint's files.
+  --force` and the configuration's EXPORTS arguments (`--quantize <cfg>`; `none-kv16` is `--quantize
+  none --kv-dtype float16`), unless that folder's manifest already records the same checkpoint as its
+  source, the same quantization and KV cache dtype, and is newer than the checkpoint's files.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ import time
 from .worker import ROOT, thread_env
 
 DEFAULT_IMAGE = os.path.join(ROOT, "assets", "astronaut.jpg")
+# Our configurations: (--quantize, --kv-dtype), the KV dtype being export's default for that --quantize.
+EXPORTS = {"none": ("none", "float32"), "none-kv16": ("none", "float16"), "int8": ("int8", "float16"),
+           "int4": ("int4", "float16"), "mixed": ("mixed", "float16")}
 IMAGE_SIDE = 448
 
 
@@ -65,8 +69,10 @@ def _newest_mtime(checkpoint: str) -> float:
     return max(os.path.getmtime(f) for f in files if os.path.exists(f))
 
 
-def is_current(folder: str, checkpoint: str, quantize: str) -> bool:
-    """True when `folder` holds a finished export of `checkpoint` with this quantization."""
+def is_current(folder: str, checkpoint: str, cfg: str) -> bool:
+    """True when `folder` holds a finished export of `checkpoint` with configuration `cfg`'s quantization and
+    KV cache dtype (exports made before the KV dtype was recorded have a float32 cache)."""
+    quantize, kv_dtype = EXPORTS[cfg]
     path = os.path.join(folder, "manifest.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -75,12 +81,13 @@ def is_current(folder: str, checkpoint: str, quantize: str) -> bool:
         return False
     return (manifest.get("source", {}).get("checkpoint") == os.path.abspath(checkpoint)
             and manifest.get("quantization", {}).get("method") == quantize
+            and manifest.get("text_config", {}).get("kv_dtype", "float32") == kv_dtype
             and manifest.get("parity", {}).get("passed") is True
             and os.path.getmtime(path) >= _newest_mtime(checkpoint))
 
 
 def ensure_exports(checkpoint: str, configs: list, work_dir: str, jobs: int = 1) -> dict:
-    """Export each of `configs` (none/int8/int4) into WORK/<cfg> unless current; returns cfg -> folder.
+    """Export each of `configs` (keys of EXPORTS) into WORK/<cfg> unless current; returns cfg -> folder.
 
     Up to `jobs` exports run at once (each logs to WORK/logs/export-<cfg>.log)."""
     folders = {cfg: os.path.join(work_dir, cfg) for cfg in configs}
@@ -93,11 +100,12 @@ def ensure_exports(checkpoint: str, configs: list, work_dir: str, jobs: int = 1)
             cfg = todo.pop(0)
             log_path = os.path.join(work_dir, "logs", f"export-{cfg}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            log(f"exporting {cfg}: python -m export {checkpoint} -o {folders[cfg]} --force --quantize {cfg} "
-                f"(log: {log_path})")
+            quantize, kv_dtype = EXPORTS[cfg]
+            command = ["-m", "export", checkpoint, "-o", folders[cfg], "--force", "--quantize", quantize,
+                       "--kv-dtype", kv_dtype]
+            log(f"exporting {cfg}: python {' '.join(command)} (log: {log_path})")
             handle = open(log_path, "w", encoding="utf-8")
-            proc = subprocess.Popen([sys.executable, "-m", "export", checkpoint, "-o", folders[cfg], "--force",
-                                     "--quantize", cfg], cwd=ROOT, env=thread_env(os.cpu_count() or 1),
+            proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=thread_env(os.cpu_count() or 1),
                                     stdout=handle, stderr=subprocess.STDOUT)
             running[cfg] = (proc, handle, log_path, time.perf_counter())
         for cfg, (proc, handle, log_path, start) in list(running.items()):

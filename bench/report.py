@@ -83,15 +83,15 @@ def results_table(results: dict) -> str:
 
 
 def accuracy_table(accuracy: dict) -> str:
-    """Teacher-forced agreement of each quantized export with our fp32 export (markdown)."""
-    header = ["config", "positions", "image_embeds cos", "deepstack cos", "logits cos mean", "logits cos min",
-              "top-1 agree %", "KL(fp32||q) mean", "KL max"]
+    """Teacher-forced agreement of each quantized (or float16 KV) export with our fp32 export (markdown)."""
+    header = ["config", "KV cache", "positions", "image_embeds cos", "deepstack cos", "logits cos mean",
+              "logits cos min", "top-1 agree %", "KL(fp32||q) mean", "KL max"]
     rows = []
     for name, a in accuracy.get("configs", {}).items():
         if "error" in a:
             rows.append([name, "failed: " + a["error"].splitlines()[0]] + [""] * (len(header) - 2))
             continue
-        rows.append([name, str(a["positions"]), f"{a['image_embeds_cosine']:.6f}",
+        rows.append([name, a.get("kv_dtype", "float32"), str(a["positions"]), f"{a['image_embeds_cosine']:.6f}",
                      f"{a['deepstack_cosine']:.6f}" if "deepstack_cosine" in a else "-",
                      f"{a['logits_cosine_mean']:.6f}", f"{a['logits_cosine_min']:.6f}",
                      f"{a['top1_agreement_pct']:.1f}", f"{a['kl_mean']:.2e}", f"{a['kl_max']:.2e}"])

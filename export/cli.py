@@ -1,6 +1,6 @@
 """Command line of the export stage.
 
-    python -m export SRC -o OUT [--force] [--quantize none]
+    python -m export SRC -o OUT [--force] [--quantize none|int8|int4|mixed] [--kv-dtype float16|float32]
     python -m export --demo -o OUT          # a tiny random-weight Qwen3-VL, no checkpoint needed
 """
 from __future__ import annotations
@@ -33,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--int4-block-size", type=int, choices=(16, 32, 64, 128), default=32,
                         help="weights per 4-bit scale for int4/mixed (default 32, the most accurate; 64 and 128 "
                              "decode faster on some CPUs and lose accuracy: see README 'Performance')")
+    parser.add_argument("--kv-dtype", choices=("float16", "float32"), default=None,
+                        help="the KV cache's dtype in the decoder graph's inputs/outputs (default: float32 for "
+                             "--quantize none, which stays exact to eager PyTorch; float16 for int8/int4/mixed). "
+                             "float16 halves the cache's memory; new keys/values are rounded before attention "
+                             "uses them, so results do not depend on how a prompt is split or cached")
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                         help="copy the decoder's weights from the checkpoint one tensor at a time instead of "
                              "loading the model in float32 (auto: when float32 weights exceed half the memory, "
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
                                      vit_depth=args.minigpt4_vit_depth, log=progress.log)
             run_export(source, args.output, force=args.force, quantize=args.quantize, progress=progress,
                        parity_tokens=args.parity_tokens, stream={"auto": None, "on": True, "off": False}[args.stream],
-                       int4_block_size=args.int4_block_size)
+                       int4_block_size=args.int4_block_size, kv_dtype=args.kv_dtype)
     except (ExportError, AssetError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ from torch.export import Dim
 
 from models.minigpt4.prompt import TEMPLATES, chat_template
 
+from .kv_dtype import rounding_cache
 from .minigpt4_graphs import LlamaDecoderGraph, MiniGPT4VisionGraph
 from .onnx_io import export_graph
 
@@ -78,12 +79,12 @@ def export_vision(model, path: str) -> list[str]:
     return export_graph(graph, (_pixels(model, 2, 0),), path, ({0: Dim("images")},))
 
 
-def decoder_graph(model) -> LlamaDecoderGraph:
-    return LlamaDecoderGraph(model.language_model).eval()
+def decoder_graph(model, kv_dtype: str = "float32") -> LlamaDecoderGraph:
+    return LlamaDecoderGraph(model.language_model, kv_dtype=kv_dtype).eval()
 
 
-def export_decoder(model, path: str) -> list[str]:
-    graph = decoder_graph(model)
+def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
+    graph = decoder_graph(model, kv_dtype)
     args, dynamic = decoder_example(model, graph)
     return export_graph(graph, args, path, dynamic)
 
@@ -94,7 +95,8 @@ def decoder_example(model, graph) -> tuple[tuple, tuple]:
     batch, seq, capacity = 2, 3, 4
     kv_shape = (batch, text.num_key_value_heads, capacity, graph.head_dim)
     args = (torch.randn(batch, seq, text.hidden_size), torch.ones(batch, capacity + seq, dtype=torch.long),
-            torch.arange(seq).repeat(batch, 1), *[torch.zeros(kv_shape) for _ in range(2 * graph.num_layers)])
+            torch.arange(seq).repeat(batch, 1),
+            *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
     b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
     return args, dynamic
@@ -104,8 +106,9 @@ def embedding_table(model) -> np.ndarray:
     return model.language_model.get_input_embeddings().weight.detach().float().numpy()
 
 
-def reference_case(model, new_tokens: int = 8) -> dict:
-    """Two images in one MiniGPT-4-style prompt: BOS, text, 32 query slots, text, 32 slots, text."""
+def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dict:
+    """Two images in one MiniGPT-4-style prompt: BOS, text, 32 query slots, text, 32 slots, text (the KV cache
+    rounded to `kv_dtype`, as the graphs round it)."""
     config = model.config
     pixel_values = _pixels(model, 2, 1)
     placeholder, queries = int(config.image_token_index), config.num_query_tokens
@@ -119,17 +122,18 @@ def reference_case(model, new_tokens: int = 8) -> dict:
     model_pixels = pixel_values.to(model.dtype)  # a bfloat16 reference (big checkpoints) takes bfloat16 pixels
     with torch.no_grad():
         image_embeds = model.get_image_features(model_pixels).pooler_output.float().numpy()
-        first_logits = model(pixel_values=model_pixels, input_ids=input_ids).logits[0, -1].float().numpy()
+        first_logits = model(pixel_values=model_pixels, input_ids=input_ids,
+                             **rounding_cache(model, kv_dtype)).logits[0, -1].float().numpy()
         generated = model.generate(pixel_values=model_pixels, input_ids=input_ids,
                                    attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False)
+                                   min_new_tokens=new_tokens, do_sample=False, **rounding_cache(model, kv_dtype))
     tokens = generated[0].tolist()
     if len(tokens) == len(ids) + new_tokens:  # decoder-only generate returns the prompt ids too
         tokens = tokens[len(ids):]
     return {"vision_feeds": {"pixel_values": pixel_values.numpy()}, "image_embeds": image_embeds,
             "deepstack_embeds": np.zeros((0,), np.float32), "input_ids": np.array(ids, dtype=np.int64),
             "pixel_values": pixel_values.numpy(), "image_grid_thw": None, "first_logits": first_logits,
-            "tokens": tokens}
+            "tokens": tokens, "kv_dtype": kv_dtype}
 
 
 def preprocessing_params(raw: dict, manifest: dict) -> dict:

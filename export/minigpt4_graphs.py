@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import qwen3_vl_graphs as _qwen
+from .kv_dtype import round_trip, torch_dtype
 
 _rotate_half = _qwen._rotate_half
 _rms_norm = getattr(_qwen, "_rms_norm", None)  # the ORT-fusable RMSNorm pattern, when the Qwen module has it
@@ -78,11 +79,13 @@ class LlamaDecoderGraph(nn.Module):
     q/k norms and deepstack): past_key_values.{i}.key|value [B, kv, C, d] buffers, attention_mask int64
     [B, C + S] (filled slots and new tokens 1), position_ids int64 [B, S], inputs_embeds [B, S, H].
     Outputs logits [B, vocab] (last position) and present.{i}.key|value [B, kv, S, d] (new entries only);
-    scores over past and new keys are computed apart, the cache is never concatenated.
+    scores over past and new keys are computed apart, the cache is never concatenated. kv_dtype: the cache's
+    dtype, as in Qwen3VLDecoderGraph (export/kv_dtype.py).
     """
 
-    def __init__(self, causal_lm: nn.Module):
+    def __init__(self, causal_lm: nn.Module, kv_dtype: str = "float32"):
         super().__init__()
+        self.kv_dtype = torch_dtype(kv_dtype)
         self.model = causal_lm.model
         self.lm_head = causal_lm.lm_head
         config = causal_lm.config
@@ -106,6 +109,10 @@ class LlamaDecoderGraph(nn.Module):
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        k, present_key = round_trip(k, self.kv_dtype)  # attend with exactly what the cache will hold
+        v, present_value = round_trip(v, self.kv_dtype)
+        if past_key.dtype != q.dtype:  # a float16 cache: the matmuls run in float32
+            past_key, past_value = past_key.to(q.dtype), past_value.to(q.dtype)
         groups = q.shape[1] // self.num_kv_heads  # grouped-query attention by broadcasting, no copies
         q = q.reshape(batch, self.num_kv_heads, groups, seq, self.head_dim) * attn.scaling
         past_scores = torch.matmul(q, past_key[:, :, None].transpose(-1, -2)) + past_bias  # [B, kv, g, S, C]
@@ -115,7 +122,7 @@ class LlamaDecoderGraph(nn.Module):
         out = torch.matmul(probs[..., :capacity], past_value[:, :, None]) + torch.matmul(
             probs[..., capacity:], v[:, :, None])  # [B, kv, g, S, d]
         out = out.reshape(batch, -1, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
-        return attn.o_proj(out), k, v
+        return attn.o_proj(out), present_key, present_value
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         model = self.model

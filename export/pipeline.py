@@ -22,6 +22,7 @@ from models import family_for_model_type
 from runtime.manifest import FORMAT_VERSION, MANIFEST
 
 from . import assets
+from .kv_dtype import KV_DTYPES, default_kv_dtype
 
 EXPORT_FAMILIES = {"qwen3_vl": "export.qwen3_vl", "minigpt4": "export.minigpt4"}
 
@@ -157,12 +158,17 @@ def versions() -> dict:
 
 def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
                parity_tokens: int = 8, isolate: bool | None = None, stream: bool | None = None,
-               int4_block_size: int = 32) -> dict:
+               int4_block_size: int = 32, kv_dtype: str | None = None) -> dict:
     """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity.
 
     stream: export the decoder's weights tensor by tensor from the checkpoint (None: when the float32
-    model would not fit in memory; see export/streamed.py)."""
+    model would not fit in memory; see export/streamed.py).
+    kv_dtype: the KV cache's dtype, "float16" or "float32" (None: float32 for quantize "none", else
+    float16; see export/kv_dtype.py)."""
     progress = progress or Progress(total=6)
+    kv_dtype = kv_dtype or default_kv_dtype(quantize)
+    if kv_dtype not in KV_DTYPES:
+        raise ExportError(f"KV cache dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
     config = _read_config(source)
     try:
         family_name = family_for_model_type(config.get("model_type", "?"))
@@ -178,7 +184,7 @@ def run_export(source: str, out: str, force: bool = False, quantize: str = "none
     staging = prepare_output(out, force)
     try:
         manifest = _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate, plan,
-                          int4_block_size)
+                          int4_block_size, kv_dtype)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -232,26 +238,28 @@ def _float32_bytes(source: str) -> int:
     return 2 * _checkpoint_bytes(source)
 
 
-def _torch_stage(source, staging, family_name, parity_tokens, progress, plan=None) -> tuple[dict, dict, str]:
+def _torch_stage(source, staging, family_name, parity_tokens, progress, plan=None,
+                 kv_dtype: str = "float32") -> tuple[dict, dict, str]:
     """Everything that needs PyTorch: load, eager reference, graph export, embedding table.
 
     Returns (manifest so far, reference case, local checkpoint folder)."""
     family = importlib.import_module(EXPORT_FAMILIES[family_name])
     if plan is not None and plan.stream:
-        return _streamed_torch_stage(family, family_name, source, staging, parity_tokens, progress, plan)
+        return _streamed_torch_stage(family, family_name, source, staging, parity_tokens, progress, plan, kv_dtype)
     with progress.step(f"loading checkpoint {source}"):
         folder = _resolve_source(source)
         _check_checkpoint(family, folder)
         model = family.load_model(folder)
-    with progress.step("computing the eager PyTorch reference"):
-        reference = family.reference_case(model, new_tokens=parity_tokens)
-    manifest = {"format_version": FORMAT_VERSION, "family": family_name, **family.manifest_sections(model)}
+    with progress.step("computing the eager PyTorch reference"
+                       + (f" (KV cache rounded to {kv_dtype})" if kv_dtype != "float32" else "")):
+        reference = family.reference_case(model, new_tokens=parity_tokens, kv_dtype=kv_dtype)
+    manifest = _manifest_head(family, family_name, model, kv_dtype)
     graphs = manifest["graphs"] = {}
     with progress.step("exporting the vision graph"):
         extra = family.export_vision(model, os.path.join(staging, "vision.onnx"))
         graphs["vision"] = {"file": "vision.onnx", "external_data": extra}
-    with progress.step("exporting the decoder graph"):
-        extra = family.export_decoder(model, os.path.join(staging, "decoder.onnx"))
+    with progress.step(f"exporting the decoder graph ({kv_dtype} KV cache)"):
+        extra = family.export_decoder(model, os.path.join(staging, "decoder.onnx"), kv_dtype=kv_dtype)
         graphs["decoder"] = {"file": "decoder.onnx", "external_data": extra}
         table = family.embedding_table(model)
         np.save(os.path.join(staging, "embed_tokens.npy"), table)
@@ -259,7 +267,15 @@ def _torch_stage(source, staging, family_name, parity_tokens, progress, plan=Non
     return manifest, reference, folder
 
 
-def _streamed_torch_stage(family, family_name, source, staging, parity_tokens, progress, plan):
+def _manifest_head(family, family_name: str, model, kv_dtype: str) -> dict:
+    """format_version, family and the family's sections, with the KV cache's dtype in text_config (the
+    runtime allocates its cache buffers in it; absent means float32, as in exports made before it existed)."""
+    manifest = {"format_version": FORMAT_VERSION, "family": family_name, **family.manifest_sections(model)}
+    manifest["text_config"]["kv_dtype"] = kv_dtype
+    return manifest
+
+
+def _streamed_torch_stage(family, family_name, source, staging, parity_tokens, progress, plan, kv_dtype="float32"):
     """The torch stage for checkpoints whose float32 weights do not fit in memory: the eager reference in
     `plan.reference_dtype`, then the graphs from an empty model whose decoder weights are streamed from the
     checkpoint into the graph's data file (export/streamed.py)."""
@@ -273,9 +289,9 @@ def _streamed_torch_stage(family, family_name, source, staging, parity_tokens, p
         _check_checkpoint(family, folder)
         model = family.load_model(folder, dtype=dtype)
     with progress.step(f"computing the eager PyTorch reference ({plan.reference_dtype})"):
-        reference = family.reference_case(model, new_tokens=parity_tokens)
+        reference = family.reference_case(model, new_tokens=parity_tokens, kv_dtype=kv_dtype)
         reference["dtype"] = plan.reference_dtype
-    manifest = {"format_version": FORMAT_VERSION, "family": family_name, **family.manifest_sections(model)}
+    manifest = _manifest_head(family, family_name, model, kv_dtype)
     del model
     gc.collect()
     graphs = manifest["graphs"] = {}
@@ -284,11 +300,12 @@ def _streamed_torch_stage(family, family_name, source, staging, parity_tokens, p
         reader = streamed.CheckpointReader(folder)
         reader.base_prefix = getattr(model, "base_model_prefix", "") or ""
         streamed.materialize(model.get_input_embeddings(), reader)
-        graph = streamed.streamable_decoder(family.decoder_graph(model))
+        graph = streamed.streamable_decoder(family.decoder_graph(model, kv_dtype))
         streamed.materialize(model, reader)  # everything but the decoder: vision encoder, projector
         extra = family.export_vision(model, os.path.join(staging, "vision.onnx"))
         graphs["vision"] = {"file": "vision.onnx", "external_data": extra}
-    with progress.step("exporting the decoder graph, streaming its weights from the checkpoint"):
+    with progress.step(f"exporting the decoder graph ({kv_dtype} KV cache), streaming its weights from the "
+                       f"checkpoint"):
         args, dynamic = family.decoder_example(model, graph)
         extra = streamed.export_streamed(graph, args, dynamic, os.path.join(staging, "decoder.onnx"), reader,
                                          log=progress.log)
@@ -327,10 +344,11 @@ def _checkpoint_bytes(source: str) -> int:
                if n.endswith((".safetensors", ".bin", ".pth")))
 
 
-def _run_torch_stage(source, staging, family_name, parity_tokens, progress, isolate: bool, plan=None):
+def _run_torch_stage(source, staging, family_name, parity_tokens, progress, isolate: bool, plan=None,
+                     kv_dtype: str = "float32"):
     """Run the torch stage in this process, or in a child process so that every byte PyTorch held
     (weights, export caches) is returned before the ONNX Runtime checks and quantization start."""
-    args = (source, staging, family_name, parity_tokens, progress, plan)
+    args = (source, staging, family_name, parity_tokens, progress, plan, kv_dtype)
     if not isolate:
         return _torch_stage(*args)
     import multiprocessing
@@ -358,11 +376,11 @@ def _run_torch_stage(source, staging, family_name, parity_tokens, progress, isol
 
 
 def _build(source, staging, family, family_name, quantize, progress, parity_tokens, isolate=None,
-           plan=None, int4_block_size: int = 32) -> dict:
+           plan=None, int4_block_size: int = 32, kv_dtype: str = "float32") -> dict:
     if isolate is None:  # big checkpoints: keep PyTorch's memory out of the later steps
         isolate = _checkpoint_bytes(source) > (1 << 30)
     manifest, reference, folder = _run_torch_stage(source, staging, family_name, parity_tokens, progress, isolate,
-                                                   plan)
+                                                   plan, kv_dtype)
     graphs = manifest["graphs"]
     gc.collect()
     with progress.step("writing tokenizer, chat template and configs"):
@@ -405,6 +423,7 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
             agreement = quantized_agreement(staging, reference)
             manifest["quantization"]["agreement"] = agreement
             agreement["reference_dtype"] = reference.get("dtype", "float32")
+            agreement["reference_kv_dtype"] = reference.get("kv_dtype", "float32")
             _write_manifest(staging, manifest)
         progress.log(f"quantized agreement with eager {agreement['reference_dtype']}: " + ", ".join(
             f"{k}={v}" for k, v in agreement.items() if k != "reference_dtype"))

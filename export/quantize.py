@@ -9,6 +9,8 @@ Configurations (`python -m export ... --quantize`):
   accuracy_level 4 (int8 activations: ORT's fastest single-token kernel on CPU, and decode is
   bandwidth-bound); the vision graph is int8 as above.
 Token embeddings are stored as int8 rows with one float32 scale per row for int8/int4.
+The quantizers rewrite only MatMuls with constant weights: the decoder's KV-cache inputs and outputs keep
+their dtype (float16 by default for these methods: export/kv_dtype.py).
 """
 from __future__ import annotations
 

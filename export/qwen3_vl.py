@@ -7,6 +7,7 @@ from torch.export import Dim
 
 from models.qwen3_vl import positions
 
+from .kv_dtype import rounding_cache
 from .onnx_io import export_graph
 from .qwen3_vl_graphs import Qwen3VLDecoderGraph, Qwen3VLVisionGraph
 
@@ -76,14 +77,14 @@ def export_vision(model, path: str) -> list[str]:
     return export_graph(graph, args, path, dynamic)
 
 
-def decoder_graph(model) -> Qwen3VLDecoderGraph:
+def decoder_graph(model, kv_dtype: str = "float32") -> Qwen3VLDecoderGraph:
     num_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
-    return Qwen3VLDecoderGraph(model.model.language_model, model.lm_head, num_deepstack).eval()
+    return Qwen3VLDecoderGraph(model.model.language_model, model.lm_head, num_deepstack, kv_dtype=kv_dtype).eval()
 
 
-def export_decoder(model, path: str) -> list[str]:
-    """Write the decoder graph (KV cache, M-RoPE, deepstack inputs, last-position logits) to `path`."""
-    graph = decoder_graph(model)
+def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
+    """Write the decoder graph (KV cache of `kv_dtype`, M-RoPE, deepstack inputs, last-position logits) to `path`."""
+    graph = decoder_graph(model, kv_dtype)
     args, dynamic = decoder_example(model, graph)
     return export_graph(graph, args, path, dynamic)
 
@@ -96,7 +97,7 @@ def decoder_example(model, graph) -> tuple[tuple, tuple]:
     args = (torch.randn(batch, seq, text.hidden_size), torch.ones(batch, capacity + seq, dtype=torch.long),
             torch.zeros(3, batch, seq, dtype=torch.long),
             torch.zeros(graph.num_deepstack, batch, seq, text.hidden_size),
-            *[torch.zeros(kv_shape) for _ in range(2 * graph.num_layers)])
+            *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
     b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {1: b, 2: s}, {1: b, 2: s},
                tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
@@ -110,8 +111,9 @@ def embedding_table(model) -> np.ndarray:
 
 # --- parity --------------------------------------------------------------------------------------
 
-def reference_case(model, new_tokens: int = 8) -> dict:
-    """Inputs and eager-PyTorch outputs the exported graphs are checked against.
+def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dict:
+    """Inputs and eager-PyTorch outputs the exported graphs are checked against (with the KV cache rounded
+    to `kv_dtype`, as the graphs round it).
 
     Computed before export so the eager model can be freed before the ONNX sessions load.
     """
@@ -137,15 +139,16 @@ def reference_case(model, new_tokens: int = 8) -> dict:
     mm_token_type_ids = (input_ids == config.image_token_id).long()
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
-                    mm_token_type_ids=mm_token_type_ids)
+                    mm_token_type_ids=mm_token_type_ids, **rounding_cache(model, kv_dtype))
         first_logits = out.logits[0, -1].float().numpy()
         generated = model.generate(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
                                    mm_token_type_ids=mm_token_type_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   **rounding_cache(model, kv_dtype))
     return {"vision_feeds": vision_feeds, "image_embeds": image_embeds, "deepstack_embeds": deepstack,
             "input_ids": np.array(ids, dtype=np.int64), "pixel_values": pixel_values.numpy(),
             "image_grid_thw": PARITY_GRIDS, "first_logits": first_logits,
-            "tokens": generated[0, len(ids):].tolist()}
+            "tokens": generated[0, len(ids):].tolist(), "kv_dtype": kv_dtype}
 
 
 def preprocessing_params(raw: dict, manifest: dict) -> dict:

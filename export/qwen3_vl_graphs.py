@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kv_dtype import round_trip, torch_dtype
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -112,10 +114,15 @@ class Qwen3VLDecoderGraph(nn.Module):
 
     Other inputs: inputs_embeds [B, S, H], position_ids int64 [3, B, S] (M-RoPE),
     deepstack_embeds [K, B, S, H] (zero off image positions). Outputs: logits [B, vocab].
+
+    kv_dtype: the cache's dtype (past and present); float16 rounds each new key/value before attention
+    uses it and casts the past to float32 for the matmuls (export/kv_dtype.py).
     """
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_deepstack: int):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_deepstack: int,
+                 kv_dtype: str = "float32"):
         super().__init__()
+        self.kv_dtype = torch_dtype(kv_dtype)
         self.language_model = language_model
         self.lm_head = lm_head
         self.num_deepstack = num_deepstack
@@ -150,6 +157,10 @@ class Qwen3VLDecoderGraph(nn.Module):
         v = v.reshape(shape).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        k, present_key = round_trip(k, self.kv_dtype)  # attend with exactly what the cache will hold
+        v, present_value = round_trip(v, self.kv_dtype)
+        if past_key.dtype != q.dtype:  # a float16 cache: the matmuls run in float32
+            past_key, past_value = past_key.to(q.dtype), past_value.to(q.dtype)
         # Grouped-query attention by broadcasting the K/V heads instead of copying them.
         groups = q.shape[1] // self.num_kv_heads
         q = q.reshape(batch, self.num_kv_heads, groups, seq, self.head_dim) * attn.scaling
@@ -160,7 +171,7 @@ class Qwen3VLDecoderGraph(nn.Module):
         out = torch.matmul(probs[..., :capacity], past_value[:, :, None]) + torch.matmul(
             probs[..., capacity:], v[:, :, None])  # [B, kv, g, S, d]
         out = out.reshape(batch, -1, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
-        return attn.o_proj(out), k, v
+        return attn.o_proj(out), present_key, present_value
 
     def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
         model = self.language_model

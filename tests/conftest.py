@@ -1,5 +1,6 @@
-"""Shared fixtures: one tiny random-weight Qwen3-VL checkpoint, exported once per test session,
-and transformers' eager model + processor on the same checkpoint as the reference."""
+"""Shared fixtures: one tiny random-weight Qwen3-VL checkpoint, exported once per test session (float32,
+the quantized configurations, and a float16 KV cache), transformers' eager model + processor on the same
+checkpoint as the reference, and the tiny MiniGPT-4 (BLIP-2 + LLaMA) checkpoint and its exports."""
 from __future__ import annotations
 
 import os
@@ -37,6 +38,16 @@ def qwen_export(qwen_checkpoint, tmp_path_factory) -> str:
 
     out = str(tmp_path_factory.mktemp("export") / "qwen3-vl-tiny-onnx")
     run_export(qwen_checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_export_kv16(qwen_checkpoint, tmp_path_factory) -> str:
+    """The float32 weights with a float16 KV cache (`--quantize none --kv-dtype float16`)."""
+    from export.pipeline import Progress, run_export
+
+    out = str(tmp_path_factory.mktemp("export-kv16") / "qwen3-vl-tiny-kv16")
+    run_export(qwen_checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4, kv_dtype="float16")
     return out
 
 
@@ -120,3 +131,46 @@ def qwen_export_int4(qwen_checkpoint, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def qwen_export_mixed(qwen_checkpoint, tmp_path_factory) -> str:
     return _quantized_export(qwen_checkpoint, tmp_path_factory, "mixed")
+
+
+# --- MiniGPT-4 (BLIP-2 layout, LLaMA text model) ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smol_folder(tmp_path_factory) -> str:
+    import minigpt4_helpers as helpers
+
+    folder = str(tmp_path_factory.mktemp("smol-tokenizer"))
+    helpers.smol_tokenizer_json(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mg_checkpoint(smol_folder, tmp_path_factory) -> str:
+    import minigpt4_helpers as helpers
+
+    return helpers.write_blip2_checkpoint(str(tmp_path_factory.mktemp("mg-ckpt") / "blip2-llama-tiny"), smol_folder)
+
+
+def _mg_export(checkpoint, tmp_path_factory, **kwargs) -> str:
+    from export.pipeline import Progress, run_export
+
+    out = str(tmp_path_factory.mktemp("mg-export") / "minigpt4-tiny-onnx")
+    run_export(checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mg_export(mg_checkpoint, tmp_path_factory) -> str:
+    return _mg_export(mg_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mg_export_kv16(mg_checkpoint, tmp_path_factory) -> str:
+    return _mg_export(mg_checkpoint, tmp_path_factory, kv_dtype="float16")
+
+
+@pytest.fixture(scope="session")
+def mg_vlm(mg_export):
+    from runtime.engine import VisionLanguageModel
+
+    return VisionLanguageModel(mg_export, threads=2)

@@ -8,15 +8,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("eager-fp32", "eager-bf16", "none", "int8", "int4")
+CONFIGS = ("eager-fp32", "eager-bf16", "none", "none-kv16", "int8", "int4")
 MEDIANS = ("load_s", "vision_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "peak_rss_mb")
 
 
-def test_bench_runs_every_configuration(qwen_checkpoint, qwen_export, qwen_export_int8, qwen_export_int4,
-                                        tmp_path):
+def test_bench_runs_every_configuration(qwen_checkpoint, qwen_export, qwen_export_kv16, qwen_export_int8,
+                                        qwen_export_int4, tmp_path):
     work = tmp_path / "bench"
     # The session's exports of the same checkpoint are reused (their manifests name the checkpoint).
-    for name, folder in (("none", qwen_export), ("int8", qwen_export_int8), ("int4", qwen_export_int4)):
+    for name, folder in (("none", qwen_export), ("none-kv16", qwen_export_kv16), ("int8", qwen_export_int8),
+                         ("int4", qwen_export_int4)):
         shutil.copytree(folder, work / name)
     proc = subprocess.run([sys.executable, "-m", "bench", "--config", qwen_checkpoint, "--work-dir", str(work),
                            "--repeats", "1", "--new-tokens", "4", "--accuracy-positions", "8", "--export-jobs", "2",
@@ -36,12 +37,14 @@ def test_bench_runs_every_configuration(qwen_checkpoint, qwen_export, qwen_expor
         assert len(config["runs"][0]["token_ids"]) == 4
     assert results["configs"]["none"]["agreement"]["text"] == "4/4"  # fp32 export reproduces eager fp32
     assert results["configs"]["eager-fp32"]["ratios"]["eager-fp32"]["ttft_speedup"] == 1.0
-    assert set(results["accuracy"]["configs"]) == {"int8", "int4"}
+    assert set(results["accuracy"]["configs"]) == {"none-kv16", "int8", "int4"}
     for figures in results["accuracy"]["configs"].values():
         assert figures["positions"] == 8 and 0.9 < figures["logits_cosine_mean"] <= 1.0 + 1e-9
         assert 0.0 <= figures["top1_agreement_pct"] <= 100.0 and figures["kl_mean"] >= -1e-9
+        assert figures["kv_dtype"] == "float16"  # none-kv16 by choice, the quantized ones by default
+    assert results["accuracy"]["configs"]["none-kv16"]["logits_cosine_mean"] > 0.9999
     assert results["machine"]["cpu"] and results["machine"]["versions"]["onnxruntime"]
     assert "reusing" in proc.stderr and "exporting" not in proc.stderr
-    assert "| none |" in proc.stdout and "| int4 |" in proc.stdout
+    assert "| none |" in proc.stdout and "| int4 |" in proc.stdout and "| none-kv16 | float16 |" in proc.stdout
     with open(work / "results.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

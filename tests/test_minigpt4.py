@@ -18,37 +18,11 @@ LOGITS_RTOL = 1e-4
 QUESTION = "What is unusual about this picture?"
 
 
-@pytest.fixture(scope="session")
-def smol_folder(tmp_path_factory) -> str:
-    folder = str(tmp_path_factory.mktemp("smol-tokenizer"))
-    helpers.smol_tokenizer_json(folder)
-    return folder
-
+# smol_folder, mg_checkpoint, mg_export and mg_vlm are shared session fixtures (tests/conftest.py).
 
 @pytest.fixture(scope="session")
 def hf_tok(smol_folder):
     return helpers.hf_tokenizer(smol_folder)
-
-
-@pytest.fixture(scope="session")
-def mg_checkpoint(smol_folder, tmp_path_factory) -> str:
-    return helpers.write_blip2_checkpoint(str(tmp_path_factory.mktemp("mg-ckpt") / "blip2-llama-tiny"), smol_folder)
-
-
-@pytest.fixture(scope="session")
-def mg_export(mg_checkpoint, tmp_path_factory) -> str:
-    from export.pipeline import Progress, run_export
-
-    out = str(tmp_path_factory.mktemp("mg-export") / "minigpt4-tiny-onnx")
-    run_export(mg_checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4)
-    return out
-
-
-@pytest.fixture(scope="session")
-def mg_vlm(mg_export):
-    from runtime.engine import VisionLanguageModel
-
-    return VisionLanguageModel(mg_export, threads=2)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 Agreement is measured teacher-forced: the fp32 export's greedy continuation is fed to each
 quantized export one token at a time and the next-token logits are compared at every position.
+The quantized exports keep their KV cache in float16 (the default for --quantize int8/int4/mixed).
 Thresholds come from measurement on this tiny random model over 48 positions (int8: cosine 0.9997,
 top-1 100%; int4 block 32: cosine 0.975, top-1 98%) with a margin; random weights make 4-bit error
 look larger than on trained weights, so these are floors against breakage, not quality claims.
@@ -53,6 +54,12 @@ def test_quantized_config_generates_and_agrees_with_fp32(method, request, photos
         assert set(manifest["graphs"]) == {"vision", "decoder", "prefill"}
     assert "MatMulInteger" in manifest["quantization"]["vision"]["ops"]
     assert manifest["embeddings"]["dtype"] == "int8"
+    # quantized exports default to a float16 KV cache; the quantizers (prefill twin included) keep its I/O
+    assert manifest["text_config"]["kv_dtype"] == "float16"
+    for name in ("decoder", "prefill") if method == "mixed" else ("decoder",):
+        graph = manifest["graphs"][name]
+        assert {v["type"] for v in graph["inputs"] + graph["outputs"]
+                if v["name"].startswith(("past_key_values.", "present."))} == {"float16"}, name
 
     model = VisionLanguageModel(folder, threads=2)
     result = model.generate(_messages(photos), SamplingParams(greedy=True), max_new_tokens=8, min_new_tokens=8)
