@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.grounding import GROUNDING_SCALE
+
 from . import positions
 from .preprocess import ImageProcessorParams, preprocess_images
 from .prompt import expand_image_pads, tokenize_prompt
@@ -44,6 +46,9 @@ class Family:
     decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (1, 2), "deepstack_embeds": (1, 2)}
     # Vision outputs -> the axis along which one image's rows follow another's.
     vision_output_axes = (0, 1)  # image_embeds [n, H], deepstack_embeds [K, n, H]
+    # Answers to "locate"/"detect"/"point" prompts hold bbox_2d / point_2d JSON relative to the image, 0..1000
+    # (kernels/grounding.py gives the sources); the engine turns them into pixels (GenerationResult.boxes).
+    grounding_scale = GROUNDING_SCALE
 
     def __init__(self, manifest: dict):
         self.manifest = manifest

@@ -189,6 +189,14 @@ async function send(event) {
   if (usage) parts.push(usage.prompt_tokens + " prompt tokens");
   if (finish) parts.push(finish);
   stats.textContent = parts.join(" · ");
+  // boxes and points in the answer (Qwen3-VL grounding, grounding.js), drawn over the image they refer to
+  const figure = renderGrounding(groundedImageUrl(state.history), parseGrounding(answer));
+  if (figure) {
+    bubble.insertBefore(figure, stats);
+    const scroll = () => { $("log").scrollTop = $("log").scrollHeight; };
+    figure.querySelector("img").addEventListener("load", scroll);
+    scroll();
+  }
   stats.dataset.finish = finish || "";
 }
 
