@@ -194,3 +194,26 @@ def test_preprocessing_equals_blip_image_processor(size, mg_photos):
     theirs = blip_processor(size)([Image.open(p).convert("RGB") for p in mg_photos], return_tensors="np")
     assert ours.shape == (3, 3, size, size) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, theirs["pixel_values"], rtol=0, atol=1e-6)
+
+
+# --- the batched engine ------------------------------------------------------------------------------
+
+def test_batched_equals_alone(mg_vlm, mg_photos):
+    """Five requests joining at staggered steps, decoded together: each gives exactly its tokens alone
+    (stop strings off by making every request run to its length)."""
+    from batching_helpers import alone, run_schedule
+
+    def request(paths, question, sampling, n):
+        return {"messages": _messages(paths, question), "sampling": sampling, "max_new_tokens": n,
+                "min_new_tokens": n}
+
+    requests = [request(mg_photos[:1], QUESTION, SamplingParams(greedy=True), 18),
+                request([], "Tell me about lighthouses and the sea.", SamplingParams(temperature=0.9, seed=4), 25),
+                request(mg_photos[:2], "Compare them.", SamplingParams(greedy=True), 7),
+                request(mg_photos[1:2], "Why?", SamplingParams(temperature=1.1, top_p=0.9, seed=9), 15),
+                request([], "Hi", SamplingParams(greedy=True, repetition_penalty=1.2), 11)]
+    expected = alone(mg_vlm, requests, prefill_chunk=16, cache_mb=0)
+    got, engine, widest = run_schedule(mg_vlm, requests, [0, 0, 3, 7, 12], prefill_chunk=16, cache_mb=0, parallel=8)
+    assert widest >= 3
+    for g, e in zip(got, expected):
+        assert g == e
