@@ -249,8 +249,14 @@ class BatchEngine:
             stop = min(start + per_call, rows)
             logits.append(self._decode_rows(start, stop))
         logits = np.concatenate(logits)
+        failed = []
         for sequence in list(self.decoding):
-            sequence.sample(logits[sequence.row])
+            try:
+                sequence.sample(logits[sequence.row])
+            except Exception as e:  # one request's failure (its grammar) ends only that request
+                failed.append((sequence, e))
+        for sequence, error in failed:  # rows move as sequences leave: only after every row has sampled
+            self._leave(sequence, error=error)
         for sequence in [s for s in self.decoding if s.finished]:
             self._leave(sequence)
 

@@ -66,3 +66,10 @@ def check_stop_strings(stop, name: str = "stop") -> list[str]:
     if any(text == "" for text in texts):
         raise ParameterError(name, f"{name} must be non-empty text (an empty stop text matches at once), got ''")
     return list(texts)
+
+
+def check_logprobs(logprobs, name: str = "logprobs") -> None:
+    """Refuse a `logprobs` count other than None (off) or an integer in [0, 20] (OpenAI's top_logprobs range)."""
+    if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= 20):
+        raise ParameterError(name, f"{name} must be an integer from 0 to 20 (how many of the most likely tokens "
+                                   f"to report beside each chosen one), got {logprobs!r}")

@@ -21,10 +21,12 @@ from models import get_family
 
 from .batch_engine import DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, BatchEngine
 from .chat import build_user_messages, normalize_messages, render_chat
-from .checks import check_stop_strings, check_token_limits
+from .checks import check_logprobs, check_stop_strings, check_token_limits
+from .constraint import GrammarCompiler
 from .sequence import GenerationChunk, Sequence
 from .errors import ContextLengthError, ModelFolderError, UserError
 from .kv_cache import KVCache
+from .logprobs import TokenTable
 from .manifest import load_manifest
 from .sessions import create_session
 
@@ -40,11 +42,15 @@ class GenerationResult:
     finish_reason: str
     timings: dict = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "image_tokens": self.image_tokens, "cached_tokens": self.cached_tokens,
-                "finish_reason": self.finish_reason, "timings": self.timings, **self.timings}
+        result = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                  "image_tokens": self.image_tokens, "cached_tokens": self.cached_tokens,
+                  "finish_reason": self.finish_reason, "timings": self.timings, **self.timings}
+        if self.logprobs is not None:
+            result["logprobs"] = [entry.to_dict() for entry in self.logprobs]
+        return result
 
 
 class VisionLanguageModel:
@@ -91,6 +97,10 @@ class VisionLanguageModel:
         self.num_layers, self.num_kv_heads = int(text["num_layers"]), int(text["num_kv_heads"])
         self.head_dim, self.max_context = int(text["head_dim"]), int(text["max_context"])
         self.eos_token_ids = [int(t) for t in manifest["special_tokens"].get("eos_token_ids", [])]
+        # Constrained decoding (response_format): llguidance's tokenizer is built on the first such request.
+        self.grammars = GrammarCompiler(os.path.join(folder, manifest["tokenizer"]), self.embeddings.shape[0],
+                                        self.eos_token_ids)
+        self.token_table = TokenTable(self.tokenizer)  # token text and bytes for logprobs
         self.generation_defaults = manifest.get("generation", {})
         for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
@@ -171,18 +181,32 @@ class VisionLanguageModel:
                 f"{names['max_new_tokens']}")
 
     def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-               min_new_tokens: int = 0, stop: list | None = None) -> Sequence:
+               min_new_tokens: int = 0, stop: list | None = None, response_format=None,
+               logprobs: int | None = None) -> Sequence:
         """Queue one prompt (a PreparedPrompt or chat messages) in the engine; read `sequence.chunks()`.
 
-        The family's own stop strings are added to `stop`. Errors in the arguments are raised here."""
+        Args:
+            response_format: constrain the answer (needs the `structured` extra, llguidance):
+                ``{"type": "json_object"}`` (any JSON object), ``{"type": "json_schema", "json_schema":
+                {"name": ..., "schema": {...}}}``, ``{"type": "grammar", "grammar": LARK}``, ``{"type":
+                "text"}`` / None (free text), or a Grammar from ``self.grammars.compile``. The answer ends
+                ("stop") when the grammar is complete.
+            logprobs: report each token's log-probability and its this many (0-20) most likely
+                alternatives (on each chunk; see runtime/logprobs.py); None: not computed.
+
+        The family's own stop strings are added to `stop`. Errors in the arguments are raised here (a bad
+        schema or grammar: ParameterError naming response_format)."""
         check_token_limits(max_new_tokens, min_new_tokens)
         stop = check_stop_strings(stop)
+        check_logprobs(logprobs)
+        grammar = self.grammars.compile(response_format)
         if isinstance(prompt, list):
             prompt = self.prepare(prompt)
         self.check_context(len(prompt.input_ids), max_new_tokens)
         stops = list(stop or []) + list(getattr(self.family, "stop_strings", ()))
         sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
-                            self.tokenizer)
+                            self.tokenizer, constraint=self.grammars.constraint(grammar) if grammar else None,
+                            logprobs=logprobs, token_table=self.token_table)
         return self.engine.submit(sequence)
 
     def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
@@ -208,12 +232,14 @@ class VisionLanguageModel:
                 timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
 
     def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                        min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None):
+                        min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None,
+                        response_format=None, logprobs: int | None = None):
         """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
 
         `prompt` is a PreparedPrompt or a list of chat messages. Closing the generator early cancels
-        the request (its decoder row is freed at the engine's next step)."""
-        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop)
+        the request (its decoder row is freed at the engine's next step). `response_format` and
+        `logprobs` as in `submit` (a chunk carrying a token has its `logprobs`)."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs)
         try:
             yield from sequence.chunks()
         finally:
@@ -222,40 +248,55 @@ class VisionLanguageModel:
                 timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
 
     def _result(self, sequence: Sequence) -> GenerationResult:
-        pieces, token_ids, finish = [], [], "length"
+        pieces, token_ids, logprobs, finish = [], [], [], "length"
         for chunk in sequence.chunks():
             pieces.append(chunk.text)
             if chunk.token_id is not None:
                 token_ids.append(chunk.token_id)
+                logprobs.append(chunk.logprobs)
             finish = chunk.finish_reason or finish
         prompt = sequence.prompt
         return GenerationResult("".join(pieces), token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
-                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens)
+                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens,
+                                logprobs=logprobs if sequence.logprobs is not None else None)
 
     def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                 min_new_tokens: int = 0, stop: list | None = None) -> GenerationResult:
-        """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult."""
-        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop)
+                 min_new_tokens: int = 0, stop: list | None = None, response_format=None,
+                 logprobs: int | None = None) -> GenerationResult:
+        """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult.
+
+        `response_format` constrains it (e.g. ``{"type": "json_object"}``) and `logprobs=N` fills
+        `result.logprobs`; see `submit`."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs)
         try:
             return self._result(sequence)
         finally:
             sequence.cancel()
 
     def generate_batch(self, prompts: list, sampling=None, max_new_tokens: int = 256, min_new_tokens: int = 0,
-                       stop: list | None = None) -> list:
+                       stop: list | None = None, response_format=None, logprobs: int | None = None) -> list:
         """Answer many prompts at once (decoded together, `parallel` at a time): a GenerationResult each.
 
         Args:
             prompts: chat message lists or PreparedPrompts.
             sampling: one SamplingParams for all, or a list with one per prompt (each keeps its own seed).
+            response_format: one for all, or a list with one per prompt (None entries: free text); see `submit`.
         """
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
             raise ValueError(f"sampling has {len(samplings)} entries for {len(prompts)} prompts; give one per prompt")
-        prepared = [self.prepare(p) if isinstance(p, list) else p for p in prompts]  # all errors before any work
+        formats = (list(response_format) if isinstance(response_format, (list, tuple))
+                   else [response_format] * len(prompts))
+        if len(formats) != len(prompts):
+            raise ValueError(f"response_format has {len(formats)} entries for {len(prompts)} prompts; give one per "
+                             f"prompt")
+        check_logprobs(logprobs)
+        grammars = [self.grammars.compile(f) for f in formats]  # all errors before any work
+        prepared = [self.prepare(p) if isinstance(p, list) else p for p in prompts]
         for prompt in prepared:
             self.check_context(len(prompt.input_ids), max_new_tokens)
-        sequences = [self.submit(p, s, max_new_tokens, min_new_tokens, stop) for p, s in zip(prepared, samplings)]
+        sequences = [self.submit(p, s, max_new_tokens, min_new_tokens, stop, g, logprobs)
+                     for p, s, g in zip(prepared, samplings, grammars)]
         try:
             return [self._result(sequence) for sequence in sequences]
         finally:
@@ -265,7 +306,8 @@ class VisionLanguageModel:
     def chat(self, system: str | None = None, **generation):
         """A conversation that keeps its history; each turn reuses the previous turns' KV (prefix cache).
 
-        `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop)."""
+        `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop,
+        response_format, logprobs)."""
         from .chat_session import ChatSession
 
         return ChatSession(self, system, **generation)

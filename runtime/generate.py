@@ -13,7 +13,7 @@ import sys
 from kernels.image import ImageError
 from kernels.sampling import SamplingParamError, SamplingParams
 
-from .checks import check_stop_strings, check_text
+from .checks import check_logprobs, check_stop_strings, check_text
 from .errors import UserError
 
 
@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-inputs", metavar="DIR",
                    help="write the model inputs (input_ids, pixel_values, image_grid_thw, position_ids) as .npy")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    constrain = p.add_mutually_exclusive_group()
+    constrain.add_argument("--json-schema", metavar="FILE",
+                           help="answer with JSON valid against the JSON schema in FILE (needs llguidance: the "
+                                "'structured' extra)")
+    constrain.add_argument("--json-object", action="store_true", help="answer with a JSON object (needs llguidance)")
+    constrain.add_argument("--grammar", metavar="FILE",
+                           help="answer in the Lark grammar in FILE, as llguidance reads it (needs llguidance)")
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json: each token's log-probability and its N (0-20) most likely alternatives")
     return p
 
 
@@ -59,17 +68,17 @@ def _decode_utf8(data: bytes, source: str) -> str:
     return text.rstrip("\r\n")
 
 
-def read_prompt_file(path: str, flag: str) -> str:
-    """The text of the file `path` (UTF-8), or a UserError naming `flag` and the file."""
+def read_prompt_file(path: str, flag: str, what: str = "prompt file") -> str:
+    """The text of the file `path` (UTF-8), or a UserError naming `flag` and the file (`what` it is)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise UserError(f"{flag}: prompt file {path!r} not found") from None
+        raise UserError(f"{flag}: {what} {path!r} not found") from None
     except IsADirectoryError:
-        raise UserError(f"{flag}: {path!r} is a folder, not a prompt file") from None
+        raise UserError(f"{flag}: {path!r} is a folder, not a {what}") from None
     except OSError as e:
-        raise UserError(f"{flag}: cannot read prompt file {path!r} ({e.strerror})") from None
+        raise UserError(f"{flag}: cannot read {what} {path!r} ({e.strerror})") from None
     return _decode_utf8(data, f"{flag}: {path!r}")
 
 
@@ -127,7 +136,36 @@ def check_args(args) -> None:
     if args.dump_inputs and os.path.exists(args.dump_inputs) and not os.path.isdir(args.dump_inputs):
         raise UserError(f"--dump-inputs {args.dump_inputs!r} is a file, not a folder; give a folder "
                         f"(it is created if missing)")
+    check_logprobs(args.logprobs, "--logprobs")
+    if args.logprobs is not None and not args.json:
+        raise UserError("--logprobs adds the log-probabilities to the --json output; add --json")
     sampling_from_args(args, {})  # the explicit sampling flags, checked before a model is loaded
+
+
+def response_format_from_args(args) -> tuple[dict | None, str]:
+    """(the response_format that --json-schema / --json-object / --grammar asks for or None, the flag as errors
+    name it). Files are read and checked here, before the model loads; each error names its flag."""
+    from .constraint import check_grammar
+
+    if args.json_object:
+        response_format, flag = {"type": "json_object"}, "--json-object"
+    elif args.json_schema is not None:
+        flag = f"--json-schema {args.json_schema!r}"
+        schema = read_prompt_file(args.json_schema, "--json-schema", "schema file")
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{flag} is not valid JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise UserError(f"{flag} must hold a JSON schema (a JSON object), not {type(schema).__name__}")
+        response_format = {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
+    elif args.grammar is not None:
+        flag = f"--grammar {args.grammar!r}"
+        response_format = {"type": "grammar", "grammar": read_prompt_file(args.grammar, "--grammar", "grammar file")}
+    else:
+        return None, ""
+    check_grammar(response_format, flag)
+    return response_format, flag
 
 
 def peak_rss_mb() -> float:
@@ -149,25 +187,30 @@ def dump_inputs(folder: str, prompt) -> None:
 def run(args) -> int:
     prompt_text = prompt_from_args(args)
     check_args(args)
+    response_format, format_flag = response_format_from_args(args)
     from .chat import build_user_messages
     from .engine import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
     sampling = sampling_from_args(args, model.generation_defaults)
+    grammar = model.grammars.compile(response_format, format_flag) if response_format else None
     messages = build_user_messages(prompt_text, args.image, args.system)
     prompt = model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.dump_inputs:
         dump_inputs(args.dump_inputs, prompt)
     model.check_context(len(prompt.input_ids), args.max_new_tokens,
                         names={"max_new_tokens": "--max-new-tokens", "max_pixels": "--max-pixels"})
-    timings, pieces, token_ids, finish = {}, [], [], "length"
-    for chunk in model.stream_generate(prompt, sampling, args.max_new_tokens, args.min_new_tokens, args.stop, timings):
+    timings, pieces, token_ids, logprobs, finish = {}, [], [], [], "length"
+    for chunk in model.stream_generate(prompt, sampling, args.max_new_tokens, args.min_new_tokens, args.stop, timings,
+                                       response_format=grammar, logprobs=args.logprobs):
         if not args.json and chunk.text:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         pieces.append(chunk.text)
         if chunk.token_id is not None:
             token_ids.append(chunk.token_id)
+            if chunk.logprobs is not None:
+                logprobs.append(chunk.logprobs.to_dict())
         finish = chunk.finish_reason or finish
     from .engine import summarize_timings
 
@@ -176,6 +219,8 @@ def run(args) -> int:
                   "image_tokens": prompt.image_tokens, "finish_reason": finish,
                   "timings": summarize_timings(timings, model.load_s), "peak_rss_mb": round(peak_rss_mb(), 1)}
         result.update(result["timings"])
+        if args.logprobs is not None:
+            result["logprobs"] = logprobs  # one per token id, OpenAI's shape (runtime/logprobs.py)
         print(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

@@ -1,4 +1,5 @@
-"""One request inside the engine: its tokens, KV rows, sampler (own RNG), logits processors and stop state.
+"""One request inside the engine: its tokens, KV rows, sampler (own RNG), logits processors, optional
+grammar constraint and log-probabilities, and stop state.
 
 The engine moves a sequence through waiting -> prefill -> decode -> done and hands it logits; the
 sequence samples, detokenizes, checks its stops and puts GenerationChunks in its outbox, a thread-safe
@@ -15,6 +16,7 @@ import numpy as np
 from kernels.sampling import SamplingParams, make_sampler, min_new_tokens_processor, repetition_penalty_processor
 
 from .detokenize import StopStringMatcher, StreamingDetokenizer
+from .logprobs import TokenLogprob, TokenTable, token_logprob
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
@@ -26,6 +28,7 @@ class GenerationChunk:
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprobs: TokenLogprob | None = None  # the token's, when the request asked for them
 
 
 class Sequence:
@@ -38,10 +41,17 @@ class Sequence:
         stop_strings: text that ends the answer (the family's own are added by the caller).
         eos_token_ids: ids that end the answer.
         tokenizer: a tokenizers.Tokenizer for the streamed text.
+        constraint: a runtime.constraint.Constraint (its own matcher): tokens the grammar does not allow
+            are masked before the processors and the sampler, and the answer ends ("stop") when the
+            grammar is complete. None: free text.
+        logprobs: report each token's log-probability with this many top alternatives (0-20) on its
+            chunk; None: not computed.
+        token_table: a TokenTable for the logprobs' token text (made here when not given).
     """
 
     def __init__(self, prompt, sampling: SamplingParams | None, max_new_tokens: int, min_new_tokens: int,
-                 stop_strings, eos_token_ids, tokenizer):
+                 stop_strings, eos_token_ids, tokenizer, constraint=None, logprobs: int | None = None,
+                 token_table: TokenTable | None = None):
         self.prompt = prompt
         self.sampling = (sampling or SamplingParams(greedy=True)).validate()
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
@@ -55,6 +65,9 @@ class Sequence:
         if self.min_new_tokens > 0 and self.eos_token_ids:
             self.processors.append(min_new_tokens_processor(sorted(self.eos_token_ids), self.min_new_tokens,
                                                             self.prompt_len))
+        self.constraint = constraint
+        self.logprobs = logprobs
+        self.token_table = token_table or (TokenTable(tokenizer) if logprobs is not None else None)
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.stopper = StopStringMatcher(list(stop_strings or []))
         self.state = WAITING
@@ -87,10 +100,21 @@ class Sequence:
         self.cancelled = True
 
     def sample(self, logits: np.ndarray) -> int:
-        """Pick the next token from this sequence's logits [vocab] and stream it; returns the token."""
+        """Pick the next token from this sequence's logits [vocab] and stream it; returns the token.
+
+        Order: grammar mask, logits processors, sampler (warpers included). Log-probabilities are those of
+        the raw `logits`."""
+        raw = logits
+        if self.constraint is not None:
+            logits = masked = self.constraint.mask(logits)
         for process in self.processors:
             logits = process(np.asarray(self.tokens), logits)
+        if self.constraint is not None and self.processors and not np.isfinite(logits).any():
+            logits = masked  # min_new_tokens forbade the only end the grammar allows: the grammar wins
         token = int(self.sampler(logits))
+        logprob = None if self.logprobs is None else token_logprob(raw, token, self.logprobs, self.token_table)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         now = time.perf_counter()
         if self.generated == 0:
             self.timings["ttft_s"] = now - self.timings["submitted"]
@@ -99,19 +123,23 @@ class Sequence:
             self.timings["decode_s"] = now - self.timings["decode_start"]
             self.timings["decode_steps"] = self.generated
         self.tokens.append(token)
-        self._stream(token)
+        self._stream(token, logprob)
         return token
 
-    def _stream(self, token: int) -> None:
+    def _stream(self, token: int, logprob: TokenLogprob | None) -> None:
         if token in self.eos_token_ids:
             text = self.stopper.feed(self.detokenizer.finalize())
-            self.finish(GenerationChunk(text + self.stopper.flush(), token, "stop"))
+            self.finish(GenerationChunk(text + self.stopper.flush(), token, "stop", logprob))
             return
         text = self.stopper.feed(self.detokenizer.add_token(token))
         if self.stopper.stopped:
-            self.finish(GenerationChunk(text, token, "stop"))
+            self.finish(GenerationChunk(text, token, "stop", logprob))
             return
-        self.outbox.put(GenerationChunk(text, token))
+        if self.constraint is not None and self.constraint.finished:  # the grammar allows nothing more
+            text += self.stopper.feed(self.detokenizer.finalize())
+            self.finish(GenerationChunk(text + self.stopper.flush(), token, "stop", logprob))
+            return
+        self.outbox.put(GenerationChunk(text, token, logprobs=logprob))
         if self.generated >= self.max_new_tokens:
             text = self.stopper.feed(self.detokenizer.finalize())
             self.finish(GenerationChunk(text + self.stopper.flush(), None,

@@ -6,11 +6,13 @@ from runtime.sequence import Sequence
 
 
 def make_sequence(vlm, request: dict) -> Sequence:
-    """request: {"messages", "sampling", "max_new_tokens", optional "min_new_tokens", "stop"}."""
+    """request: {"messages", "sampling", "max_new_tokens", optional "min_new_tokens", "stop", "response_format"}."""
     prompt = vlm.prepare(request["messages"])
     stops = list(request.get("stop", [])) + list(getattr(vlm.family, "stop_strings", ()))
+    grammar = vlm.grammars.compile(request.get("response_format"))
     return Sequence(prompt, request["sampling"], request["max_new_tokens"], request.get("min_new_tokens", 0),
-                    stops, vlm.eos_token_ids, vlm.tokenizer)
+                    stops, vlm.eos_token_ids, vlm.tokenizer,
+                    constraint=vlm.grammars.constraint(grammar) if grammar else None)
 
 
 def run_schedule(vlm, requests: list, join_steps: list, max_steps: int = 2000, **engine_options):

@@ -28,6 +28,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..errors import ParameterError
 from . import images, schema, worker
 from .config import ServeConfig
 from .errors import AuthError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestError
@@ -160,6 +161,9 @@ class ChatServer:
                            param="model", code="model_not_found")
         encoded = [await self.fetch_image(image) for image in chat.images]
         schema.make_sampling(chat.sampling, self.vlm.generation_defaults)  # sampling errors before queueing
+        if chat.response_format is not None:  # schema errors before queueing too; compiled off the event loop
+            chat = dataclasses.replace(chat, response_format=await asyncio.to_thread(self.compile_format,
+                                                                                     chat.response_format))
         events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens)
         ticket = self.scheduler.submit(events, arrived)
         try:
@@ -167,12 +171,27 @@ class ChatServer:
             completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
             if chat.stream:
                 return DisconnectAwareStreamingResponse(
-                    self.sse_events(ticket, request, completion_id, prepared.prompt_tokens, chat.include_usage),
+                    self.sse_events(ticket, request, completion_id, prepared.prompt_tokens, chat.include_usage,
+                                    chat.logprobs),
                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await self.whole_answer(ticket, request, completion_id, prepared.prompt_tokens)
+            return await self.whole_answer(ticket, request, completion_id, prepared.prompt_tokens, chat.logprobs)
         except BaseException:
             ticket.cancel()  # an error, or the handler was cancelled (client gone, server stopping)
             raise
+
+    def compile_format(self, response_format):
+        """A response_format -> the model's compiled Grammar (cached by its text); a 400 naming the field when
+        the schema or grammar does not compile."""
+        try:
+            return self.vlm.grammars.compile(response_format)
+        except ParameterError as e:
+            raise RequestError(str(e), param="response_format") from None
+
+    def logprobs_content(self, chunk) -> list:
+        """OpenAI's logprobs.content entries for one streamed chunk: none for EOS, which is not in the text."""
+        if chunk.logprobs is None or chunk.token_id in self.vlm.eos_token_ids:
+            return []
+        return [chunk.logprobs.to_dict()]
 
     async def fetch_image(self, image: schema.ImageURL) -> images.EncodedImage:
         """Bytes of one image_url (fetched off the event loop), header checked: cheap, before queueing."""
@@ -197,20 +216,26 @@ class ChatServer:
                 pass
 
     async def whole_answer(self, ticket: Ticket, request: Request, completion_id: str,
-                           prompt_tokens: int) -> JSONResponse:
-        pieces = []
+                           prompt_tokens: int, logprobs: int | None = None) -> JSONResponse:
+        pieces, content = [], []
         while not isinstance(event := await self.next_event(ticket, request, watch=True), worker.Finished):
             pieces.append(event.text)
+            content += self.logprobs_content(event)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": event.finish_reason}],
+                         "logprobs": None if logprobs is None else {"content": content, "refusal": None},
+                         "finish_reason": event.finish_reason}],
             "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings})
 
     async def sse_events(self, ticket: Ticket, request: Request, completion_id: str, prompt_tokens: int,
-                         include_usage: bool):
-        """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event)."""
+                         include_usage: bool, logprobs: int | None = None):
+        """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event).
+
+        With logprobs, each event carries the entries of the tokens whose text it brings (a token whose text
+        is held back, such as part of a character, rides on the next event)."""
         created = int(time.time())
+        pending: list = []  # logprobs entries not yet sent
 
         def event(choices: list, **extra) -> str:
             payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -220,11 +245,16 @@ class ChatServer:
             return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
         def choice(delta: dict, finish=None) -> list:
-            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            entries = None
+            if logprobs is not None and ("content" in delta or finish):
+                entries = {"content": pending[:], "refusal": None}
+                pending.clear()
+            return [{"index": 0, "delta": delta, "logprobs": entries, "finish_reason": finish}]
 
         try:
             yield event(choice({"role": "assistant", "content": ""}))
             while not isinstance(item := await self.next_event(ticket, request, watch=False), worker.Finished):
+                pending += self.logprobs_content(item)
                 if item.text:
                     yield event(choice({"content": item.text}))
             yield event(choice({}, item.finish_reason))

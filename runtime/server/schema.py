@@ -18,7 +18,8 @@ import math
 from .errors import RequestError
 
 MAX_STOP_STRINGS = 4
-MAX_JSON_DEPTH = 64  # a chat request needs 6; tools' JSON schemas (refused anyway) a few more
+MAX_JSON_DEPTH = 64  # a chat request needs 6; a response_format JSON schema a few more per nesting level
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class ChatRequest:
     stop: list = dataclasses.field(default_factory=list)
     sampling: dict = dataclasses.field(default_factory=dict)  # only the fields the request gave
     model: str | None = None
+    # constrained decoding: the response_format object (None: free text); the app puts the compiled Grammar here
+    response_format: object = None
+    logprobs: int | None = None  # None: off; else how many top alternatives per token (top_logprobs, 0-20)
 
     def engine_messages(self, images: list) -> list:
         """The messages with image indices replaced by `images` (decoded, in `self.images` order)."""
@@ -218,7 +222,33 @@ def parse_chat_request(body, max_images: int) -> ChatRequest:
     return ChatRequest(messages=messages, images=images, stream=stream,
                        include_usage=bool(options.get("include_usage", False)), max_tokens=max_tokens,
                        min_tokens=min_tokens, stop=stop, sampling=_parse_sampling(body),
-                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None))
+                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None),
+                       response_format=_parse_response_format(body.get("response_format")),
+                       logprobs=_parse_logprobs(body))
+
+
+def _parse_response_format(value):
+    """The response_format object, its structure checked (the schema itself is compiled by the app), or None
+    for free text."""
+    from ..constraint import grammar_source
+    from ..errors import ParameterError
+
+    if value is None:
+        return None
+    try:
+        return None if grammar_source(value, "response_format") is None else value
+    except ParameterError as e:
+        raise RequestError(str(e), param="response_format") from None
+
+
+def _parse_logprobs(body: dict) -> int | None:
+    """logprobs (true/false) and top_logprobs (0-20, only with logprobs) -> the top count, or None when off."""
+    logprobs = _get(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False)
+    top = _get(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
+               f"an integer from 0 to {MAX_TOP_LOGPROBS}", None)
+    if top is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if logprobs else None
 
 
 def _parse_stop(stop) -> list:
@@ -244,18 +274,11 @@ def _refuse_unsupported(body: dict) -> None:
     if n != 1:
         raise RequestError(f"'n' must be 1 (one answer per request), got {n}", param="n",
                            code="unsupported_parameter")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise RequestError("'logprobs' is not supported", param="logprobs", code="unsupported_parameter")
     if body.get("tools") or body.get("functions"):
         raise RequestError("tools / function calling are not supported", param="tools",
                            code="unsupported_parameter")
     if body.get("logit_bias"):
         raise RequestError("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None and not (isinstance(response_format, dict)
-                                            and response_format.get("type") == "text"):
-        raise RequestError("only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported_parameter")
 
 
 SAMPLING_FIELDS = {

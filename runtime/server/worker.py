@@ -71,7 +71,8 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int) -
 
     timings: dict = {}
     completion_tokens, finish = 0, "length"
-    chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings)
+    chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings,
+                                 response_format=request.response_format, logprobs=request.logprobs)
     try:
         for chunk in chunks:
             if chunk.token_id is not None:
