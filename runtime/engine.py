@@ -25,6 +25,7 @@ from .checks import check_logprobs, check_stop_strings, check_token_limits
 from .constraint import GrammarCompiler
 from .sequence import GenerationChunk, Sequence
 from .errors import ContextLengthError, ModelFolderError, UserError
+from .grounding import answer_boxes, grounding_image
 from .kv_cache import KVCache
 from .logprobs import TokenTable
 from .manifest import load_manifest
@@ -42,12 +43,14 @@ class GenerationResult:
     finish_reason: str
     timings: dict = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # the answer's boxes and points in pixels of the image they refer to (runtime/grounding.py); [] without images
+    boxes: list = field(default_factory=list)
     logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
 
     def to_dict(self) -> dict:
         result = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                   "image_tokens": self.image_tokens, "cached_tokens": self.cached_tokens,
-                  "finish_reason": self.finish_reason, "timings": self.timings, **self.timings}
+                  "finish_reason": self.finish_reason, "boxes": self.boxes, "timings": self.timings, **self.timings}
         if self.logprobs is not None:
             result["logprobs"] = [entry.to_dict() for entry in self.logprobs]
         return result
@@ -133,7 +136,10 @@ class VisionLanguageModel:
         if images:
             pixel_values, grid = self.family.preprocess(images, min_pixels=min_pixels, max_pixels=max_pixels)
         input_ids = self.family.tokenize(self.tokenizer, text, grid)
-        return self.family.prepare(input_ids, pixel_values, grid)
+        prompt = self.family.prepare(input_ids, pixel_values, grid)
+        if getattr(self.family, "grounding_scale", None):  # the image an answer's boxes refer to
+            prompt.grounding_image = grounding_image(messages, images)
+        return prompt
 
     # --- generation ---------------------------------------------------------------------------
     def _run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
@@ -255,9 +261,11 @@ class VisionLanguageModel:
                 token_ids.append(chunk.token_id)
                 logprobs.append(chunk.logprobs)
             finish = chunk.finish_reason or finish
-        prompt = sequence.prompt
-        return GenerationResult("".join(pieces), token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
-                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens,
+        prompt, text = sequence.prompt, "".join(pieces)
+        scale = getattr(self.family, "grounding_scale", None)
+        boxes = answer_boxes(text, getattr(prompt, "grounding_image", None), scale)
+        return GenerationResult(text, token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
+                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens, boxes=boxes,
                                 logprobs=logprobs if sequence.logprobs is not None else None)
 
     def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,

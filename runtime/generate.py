@@ -13,8 +13,11 @@ import sys
 from kernels.image import ImageError
 from kernels.sampling import SamplingParamError, SamplingParams
 
+from kernels.grounding import GROUNDING_SCALE
+
 from .checks import check_logprobs, check_stop_strings, check_text
 from .errors import UserError
+from .grounding import answer_boxes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--dump-inputs", metavar="DIR",
                    help="write the model inputs (input_ids, pixel_values, image_grid_thw, position_ids) as .npy")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with text, tokens, timings and the answer's boxes")
     constrain = p.add_mutually_exclusive_group()
     constrain.add_argument("--json-schema", metavar="FILE",
                            help="answer with JSON valid against the JSON schema in FILE (needs llguidance: the "
@@ -54,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="answer in the Lark grammar in FILE, as llguidance reads it (needs llguidance)")
     p.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's log-probability and its N (0-20) most likely alternatives")
+    p.add_argument("--draw-boxes", metavar="OUT.png",
+                   help="write the first image with the answer's boxes and points drawn on it (Qwen3-VL grounding; "
+                        "nothing is written, and stderr says so, when the answer holds none)")
     return p
 
 
@@ -136,10 +143,52 @@ def check_args(args) -> None:
     if args.dump_inputs and os.path.exists(args.dump_inputs) and not os.path.isdir(args.dump_inputs):
         raise UserError(f"--dump-inputs {args.dump_inputs!r} is a file, not a folder; give a folder "
                         f"(it is created if missing)")
+    if args.draw_boxes is not None:
+        check_draw_boxes(args.draw_boxes, args.image)
     check_logprobs(args.logprobs, "--logprobs")
     if args.logprobs is not None and not args.json:
         raise UserError("--logprobs adds the log-probabilities to the --json output; add --json")
     sampling_from_args(args, {})  # the explicit sampling flags, checked before a model is loaded
+
+
+def check_draw_boxes(out: str, images: list) -> None:
+    """Refuse a --draw-boxes that cannot be written: no --image to draw on, a folder, a missing folder, or a file
+    name whose extension names no image format Pillow writes."""
+    from PIL import Image
+
+    if not images:
+        raise UserError("--draw-boxes needs an image to draw on; give one with --image")
+    if os.path.isdir(out):
+        raise UserError(f"--draw-boxes {out!r} is a folder; give a file name such as boxes.png")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f"--draw-boxes {out!r}: folder {folder!r} does not exist")
+    image_format = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
+    if image_format is None or image_format not in Image.SAVE:
+        raise UserError(f"--draw-boxes {out!r}: the extension names no image format that can be written; "
+                        f"use .png or .jpg")
+
+
+def draw_answer_boxes(answer: str, image: str, out: str, scale: float = GROUNDING_SCALE) -> list:
+    """--draw-boxes: write `image` (as the user sees it: EXIF orientation applied) with the answer's boxes and
+    points drawn on it to `out`, and return the boxes (kernels.grounding.to_pixels' dicts).
+
+    When the answer holds no box or point, nothing is written (a file already at `out` is left as it is) and a
+    line on stderr says so: the answer itself is not an error, so the exit status stays 0."""
+    from kernels.grounding import draw_grounding, grounding_boxes
+    from kernels.image import open_image
+
+    picture = open_image(image)
+    boxes = grounding_boxes(answer, picture.width, picture.height, scale)
+    if not boxes:
+        print(f"--draw-boxes: the answer holds no boxes or points; {out!r} not written", file=sys.stderr)
+        return boxes
+    drawn = draw_grounding(picture, boxes)
+    try:
+        drawn.save(out)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--draw-boxes {out!r}: cannot write the image ({e})") from None
+    return boxes
 
 
 def response_format_from_args(args) -> tuple[dict | None, str]:
@@ -192,6 +241,10 @@ def run(args) -> int:
     from .engine import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
+    scale = getattr(model.family, "grounding_scale", None)
+    if args.draw_boxes is not None and not scale:
+        raise UserError(f"--draw-boxes: {model.manifest['family']} models write no boxes or points "
+                        f"(grounding is a Qwen3-VL output)")
     sampling = sampling_from_args(args, model.generation_defaults)
     grammar = model.grammars.compile(response_format, format_flag) if response_format else None
     messages = build_user_messages(prompt_text, args.image, args.system)
@@ -214,16 +267,21 @@ def run(args) -> int:
         finish = chunk.finish_reason or finish
     from .engine import summarize_timings
 
+    answer = "".join(pieces)
+    if not args.json:
+        sys.stdout.write("\n")
+    if args.draw_boxes is not None:
+        boxes = draw_answer_boxes(answer, args.image[0], args.draw_boxes, scale)
+    else:  # one user turn: its first image is the one the boxes refer to (runtime/grounding.py)
+        boxes = answer_boxes(answer, getattr(prompt, "grounding_image", None), scale)
     if args.json:
-        result = {"text": "".join(pieces), "token_ids": token_ids, "prompt_tokens": int(len(prompt.input_ids)),
-                  "image_tokens": prompt.image_tokens, "finish_reason": finish,
+        result = {"text": answer, "token_ids": token_ids, "prompt_tokens": int(len(prompt.input_ids)),
+                  "image_tokens": prompt.image_tokens, "finish_reason": finish, "boxes": boxes,
                   "timings": summarize_timings(timings, model.load_s), "peak_rss_mb": round(peak_rss_mb(), 1)}
         result.update(result["timings"])
         if args.logprobs is not None:
             result["logprobs"] = logprobs  # one per token id, OpenAI's shape (runtime/logprobs.py)
         print(json.dumps(result, ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
     return 0
 
 
