@@ -24,12 +24,13 @@ from .chat import build_user_messages, normalize_messages, render_chat
 from .checks import check_logprobs, check_stop_strings, check_token_limits
 from .constraint import GrammarCompiler
 from .sequence import GenerationChunk, Sequence
-from .errors import ContextLengthError, ModelFolderError, UserError
+from .errors import ContextLengthError, ModelFolderError, ParameterError, UserError
 from .grounding import answer_boxes, grounding_image
 from .kv_cache import KVCache
 from .logprobs import TokenTable
 from .manifest import load_manifest
 from .sessions import create_session
+from .tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallParser, tool_use
 
 
 @dataclass
@@ -46,6 +47,8 @@ class GenerationResult:
     # the answer's boxes and points in pixels of the image they refer to (runtime/grounding.py); [] without images
     boxes: list = field(default_factory=list)
     logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
+    # with tools: the calls the model made ([ToolCall]); `text` is then the content outside the call blocks
+    tool_calls: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         result = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
@@ -53,6 +56,8 @@ class GenerationResult:
                   "finish_reason": self.finish_reason, "boxes": self.boxes, "timings": self.timings, **self.timings}
         if self.logprobs is not None:
             result["logprobs"] = [entry.to_dict() for entry in self.logprobs]
+        if self.tool_calls:
+            result["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         return result
 
 
@@ -119,17 +124,23 @@ class VisionLanguageModel:
             rows *= np.asarray(self.embedding_scale[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
         return rows
 
-    def render(self, messages: list) -> tuple[str, list]:
-        """Chat messages -> (prompt text with one image pad per image, image sources in order)."""
+    def render(self, messages: list, tools: list | None = None) -> tuple[str, list]:
+        """Chat messages -> (prompt text with one image pad per image, image sources in order).
+
+        `tools` (OpenAI function tools) are passed to the chat template as given, as transformers'
+        ``apply_chat_template(tools=...)`` does."""
         if self.chat_template is None:
             raise ModelFolderError(f"{self.folder!r} has no chat template; pass token ids instead")
         template_messages, images = normalize_messages(messages)
         variables = self.manifest.get("template_variables", {})
-        return render_chat(self.chat_template, template_messages, add_generation_prompt=True, **variables), images
+        return render_chat(self.chat_template, template_messages, add_generation_prompt=True, tools=tools or None,
+                           **variables), images
 
-    def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None):
-        """Chat messages (transformers' processor format) -> the family's PreparedPrompt."""
-        text, images = self.render(messages)
+    def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None,
+                tools: list | None = None):
+        """Chat messages (transformers' processor format) -> the family's PreparedPrompt (`tools` rendered
+        by the chat template)."""
+        text, images = self.render(messages, tools)
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
             images = [fetch_remote_image(image) if is_remote_url(image) else image for image in images]
         pixel_values = grid = None
@@ -188,7 +199,8 @@ class VisionLanguageModel:
 
     def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                min_new_tokens: int = 0, stop: list | None = None, response_format=None,
-               logprobs: int | None = None) -> Sequence:
+               logprobs: int | None = None, tools: list | None = None, tool_choice=None,
+               parallel_tool_calls: bool = True) -> Sequence:
         """Queue one prompt (a PreparedPrompt or chat messages) in the engine; read `sequence.chunks()`.
 
         Args:
@@ -199,20 +211,35 @@ class VisionLanguageModel:
                 ("stop") when the grammar is complete.
             logprobs: report each token's log-probability and its this many (0-20) most likely
                 alternatives (on each chunk; see runtime/logprobs.py); None: not computed.
+            tools: OpenAI function tools (``{"type": "function", "function": {"name", "description",
+                "parameters"}}``), rendered by the chat template when `prompt` is messages; the model's
+                ``<tool_call>`` blocks become `chunk.tool_calls` (the chunk text is the content outside them).
+            tool_choice: "auto" (default), "none" (tools rendered, no calls parsed), "required" or
+                ``{"type": "function", "function": {"name": ...}}`` (decoding constrained to a call of one
+                of the tools, or of the named one, whose arguments fit its parameters; see runtime/tools.py).
+            parallel_tool_calls: with "required", allow several calls in one answer.
 
         The family's own stop strings are added to `stop`. Errors in the arguments are raised here (a bad
         schema or grammar: ParameterError naming response_format)."""
         check_token_limits(max_new_tokens, min_new_tokens)
         stop = check_stop_strings(stop)
         check_logprobs(logprobs)
+        use = tool_use(tools, tool_choice, parallel_tool_calls)
         grammar = self.grammars.compile(response_format)
+        if use is not None and use.constrained:
+            if grammar is not None:
+                raise ParameterError("response_format", f"response_format cannot be combined with tool_choice "
+                                                        f"{use.choice!r}, which constrains the answer to a tool call")
+            grammar = self.grammars.compile(use.response_format(self.tokenizer.token_to_id(TOOL_CALL_START),
+                                                                self.tokenizer.token_to_id(TOOL_CALL_END)), "tools")
         if isinstance(prompt, list):
-            prompt = self.prepare(prompt)
+            prompt = self.prepare(prompt, tools=use.tools if use is not None else None)
         self.check_context(len(prompt.input_ids), max_new_tokens)
         stops = list(stop or []) + list(getattr(self.family, "stop_strings", ()))
         sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
                             self.tokenizer, constraint=self.grammars.constraint(grammar) if grammar else None,
-                            logprobs=logprobs, token_table=self.token_table)
+                            logprobs=logprobs, token_table=self.token_table,
+                            tool_parser=ToolCallParser() if use is not None and use.parses_calls else None)
         return self.engine.submit(sequence)
 
     def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
@@ -239,13 +266,16 @@ class VisionLanguageModel:
 
     def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                         min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None,
-                        response_format=None, logprobs: int | None = None):
+                        response_format=None, logprobs: int | None = None, tools: list | None = None,
+                        tool_choice=None, parallel_tool_calls: bool = True):
         """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
 
         `prompt` is a PreparedPrompt or a list of chat messages. Closing the generator early cancels
         the request (its decoder row is freed at the engine's next step). `response_format` and
-        `logprobs` as in `submit` (a chunk carrying a token has its `logprobs`)."""
-        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs)
+        `logprobs` as in `submit` (a chunk carrying a token has its `logprobs`); with `tools`, chunk text is
+        the content and a chunk completing a call carries it in `tool_calls`."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
+                               tools, tool_choice, parallel_tool_calls)
         try:
             yield from sequence.chunks()
         finally:
@@ -254,9 +284,10 @@ class VisionLanguageModel:
                 timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
 
     def _result(self, sequence: Sequence) -> GenerationResult:
-        pieces, token_ids, logprobs, finish = [], [], [], "length"
+        pieces, token_ids, logprobs, tool_calls, finish = [], [], [], [], "length"
         for chunk in sequence.chunks():
             pieces.append(chunk.text)
+            tool_calls += chunk.tool_calls or []
             if chunk.token_id is not None:
                 token_ids.append(chunk.token_id)
                 logprobs.append(chunk.logprobs)
@@ -266,16 +297,19 @@ class VisionLanguageModel:
         boxes = answer_boxes(text, getattr(prompt, "grounding_image", None), scale)
         return GenerationResult(text, token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
                                 summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens, boxes=boxes,
-                                logprobs=logprobs if sequence.logprobs is not None else None)
+                                logprobs=logprobs if sequence.logprobs is not None else None, tool_calls=tool_calls)
 
     def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                  min_new_tokens: int = 0, stop: list | None = None, response_format=None,
-                 logprobs: int | None = None) -> GenerationResult:
+                 logprobs: int | None = None, tools: list | None = None, tool_choice=None,
+                 parallel_tool_calls: bool = True) -> GenerationResult:
         """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult.
 
         `response_format` constrains it (e.g. ``{"type": "json_object"}``) and `logprobs=N` fills
-        `result.logprobs`; see `submit`."""
-        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs)
+        `result.logprobs`; with `tools`, `result.tool_calls` holds the calls and `result.text` the content
+        outside them (see `submit`)."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
+                               tools, tool_choice, parallel_tool_calls)
         try:
             return self._result(sequence)
         finally:
@@ -315,7 +349,7 @@ class VisionLanguageModel:
         """A conversation that keeps its history; each turn reuses the previous turns' KV (prefix cache).
 
         `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop,
-        response_format, logprobs)."""
+        response_format, logprobs, tools, tool_choice)."""
         from .chat_session import ChatSession
 
         return ChatSession(self, system, **generation)

@@ -29,6 +29,7 @@ class GenerationChunk:
     token_id: int | None
     finish_reason: str | None = None
     logprobs: TokenLogprob | None = None  # the token's, when the request asked for them
+    tool_calls: list | None = None  # ToolCalls completed by this chunk (requests with tools; runtime/tools.py)
 
 
 class Sequence:
@@ -47,11 +48,13 @@ class Sequence:
         logprobs: report each token's log-probability with this many top alternatives (0-20) on its
             chunk; None: not computed.
         token_table: a TokenTable for the logprobs' token text (made here when not given).
+        tool_parser: a runtime.tools.ToolCallParser: `chunks` then yields the content (the text outside
+            ``<tool_call>`` blocks) with the calls on the chunk that completes them. None: text as is.
     """
 
     def __init__(self, prompt, sampling: SamplingParams | None, max_new_tokens: int, min_new_tokens: int,
                  stop_strings, eos_token_ids, tokenizer, constraint=None, logprobs: int | None = None,
-                 token_table: TokenTable | None = None):
+                 token_table: TokenTable | None = None, tool_parser=None):
         self.prompt = prompt
         self.sampling = (sampling or SamplingParams(greedy=True)).validate()
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
@@ -67,6 +70,7 @@ class Sequence:
                                                             self.prompt_len))
         self.constraint = constraint
         self.logprobs = logprobs
+        self.tool_parser = tool_parser
         self.token_table = token_table or (TokenTable(tokenizer) if logprobs is not None else None)
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.stopper = StopStringMatcher(list(stop_strings or []))
@@ -165,7 +169,12 @@ class Sequence:
         self.outbox.put(None)
 
     def chunks(self, timeout: float | None = None):
-        """Yield this sequence's GenerationChunks as the engine produces them (re-raises an engine error)."""
+        """Yield this sequence's GenerationChunks as the engine produces them (re-raises an engine error);
+        with a tool parser, their text is the content and calls ride on `chunk.tool_calls`."""
+        items = self._items(timeout)
+        return self.tool_parser.chunks(items) if self.tool_parser is not None else items
+
+    def _items(self, timeout: float | None):
         while True:
             item = self.outbox.get(timeout=timeout)
             if item is None:

@@ -164,6 +164,8 @@ class ChatServer:
         if chat.response_format is not None:  # schema errors before queueing too; compiled off the event loop
             chat = dataclasses.replace(chat, response_format=await asyncio.to_thread(self.compile_format,
                                                                                      chat.response_format))
+        if chat.tools:  # a tool grammar ("required", a named function) compiles (and is cached) before queueing
+            await asyncio.to_thread(self.compile_tools, chat)
         events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens)
         ticket = self.scheduler.submit(events, arrived)
         try:
@@ -186,6 +188,21 @@ class ChatServer:
             return self.vlm.grammars.compile(response_format)
         except ParameterError as e:
             raise RequestError(str(e), param="response_format") from None
+
+    def compile_tools(self, chat: schema.ChatRequest) -> None:
+        """Compile the grammar of a "required" or named tool_choice: a 400 naming `tools` when a function's
+        parameters schema does not compile."""
+        from ..tools import TOOL_CALL_END, TOOL_CALL_START, tool_use
+
+        use = tool_use(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
+        if not use.constrained:
+            return
+        tokenizer = self.vlm.tokenizer
+        try:
+            self.vlm.grammars.compile(use.response_format(tokenizer.token_to_id(TOOL_CALL_START),
+                                                          tokenizer.token_to_id(TOOL_CALL_END)), "tools")
+        except ParameterError as e:
+            raise RequestError(str(e), param="tools") from None
 
     def logprobs_content(self, chunk) -> list:
         """OpenAI's logprobs.content entries for one streamed chunk: none for EOS, which is not in the text."""
@@ -217,13 +234,18 @@ class ChatServer:
 
     async def whole_answer(self, ticket: Ticket, request: Request, completion_id: str,
                            prompt_tokens: int, logprobs: int | None = None) -> JSONResponse:
-        pieces, content = [], []
+        pieces, content, calls = [], [], []
         while not isinstance(event := await self.next_event(ticket, request, watch=True), worker.Finished):
             pieces.append(event.text)
             content += self.logprobs_content(event)
+            calls += event.tool_calls or []
+        message = {"role": "assistant", "content": "".join(pieces)}
+        if calls:  # OpenAI's shape: content null when the answer is only calls
+            message = {"role": "assistant", "content": message["content"] or None,
+                       "tool_calls": [call.to_dict() for call in calls]}
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None if logprobs is None else {"content": content, "refusal": None},
                          "finish_reason": event.finish_reason}],
             "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings})
@@ -233,9 +255,12 @@ class ChatServer:
         """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event).
 
         With logprobs, each event carries the entries of the tokens whose text it brings (a token whose text
-        is held back, such as part of a character, rides on the next event)."""
+        is held back, such as part of a character, rides on the next event). A tool call is sent whole, when
+        its block closes, as OpenAI's deltas: ``delta.tool_calls`` [{index, id, type, function: {name,
+        arguments: ""}}], then [{index, function: {arguments}}]."""
         created = int(time.time())
         pending: list = []  # logprobs entries not yet sent
+        calls = 0  # tool calls sent
 
         def event(choices: list, **extra) -> str:
             payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -246,7 +271,7 @@ class ChatServer:
 
         def choice(delta: dict, finish=None) -> list:
             entries = None
-            if logprobs is not None and ("content" in delta or finish):
+            if logprobs is not None and ("content" in delta or "tool_calls" in delta or finish):
                 entries = {"content": pending[:], "refusal": None}
                 pending.clear()
             return [{"index": 0, "delta": delta, "logprobs": entries, "finish_reason": finish}]
@@ -257,6 +282,11 @@ class ChatServer:
                 pending += self.logprobs_content(item)
                 if item.text:
                     yield event(choice({"content": item.text}))
+                for call in item.tool_calls or []:
+                    yield event(choice({"tool_calls": [{"index": calls, "id": call.id, "type": "function",
+                                                        "function": {"name": call.name, "arguments": ""}}]}))
+                    yield event(choice({"tool_calls": [{"index": calls, "function": {"arguments": call.arguments}}]}))
+                    calls += 1
             yield event(choice({}, item.finish_reason))
             if include_usage:
                 yield event([], usage=usage(prompt_tokens, item.completion_tokens, item.cached_tokens), timings=item.timings)

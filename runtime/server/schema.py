@@ -50,6 +50,10 @@ class ChatRequest:
     # constrained decoding: the response_format object (None: free text); the app puts the compiled Grammar here
     response_format: object = None
     logprobs: int | None = None  # None: off; else how many top alternatives per token (top_logprobs, 0-20)
+    # function tools (checked, as given: the chat template renders them) and how they may be used (runtime/tools.py)
+    tools: list | None = None
+    tool_choice: object = None
+    parallel_tool_calls: bool = True
 
     def engine_messages(self, images: list) -> list:
         """The messages with image indices replaced by `images` (decoded, in `self.images` order)."""
@@ -59,7 +63,7 @@ class ChatRequest:
             if isinstance(content, list):
                 content = [{"type": "image", "image": images[p["image"]]} if p["type"] == "image" else p
                            for p in content]
-            messages.append({"role": message["role"], "content": content})
+            messages.append({**message, "content": content})
         return messages
 
 
@@ -157,23 +161,47 @@ def parse_messages(raw, max_images: int) -> tuple[list, list]:
         role = message.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise RequestError(f"{where}.role must be 'system', 'developer', 'user' or 'assistant', got "
-                               f"{json.dumps(role)[:40]} (tool messages are not supported)", param=f"{where}.role")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise RequestError(f"{where}: tool calls are not supported", param=f"{where}.tool_calls")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise RequestError(f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got "
+                               f"{json.dumps(role)[:40]}", param=f"{where}.role")
+        if message.get("function_call"):
+            raise RequestError(f"{where}.function_call (the deprecated form) is not supported; use 'tool_calls'",
+                               param=f"{where}.function_call", code="unsupported_parameter")
+        extra = _tool_fields(message, role, where)
         content = message.get("content")
         if content is None:
             content = ""
         if isinstance(content, str):
-            messages.append({"role": role, "content": content})
+            messages.append({"role": role, "content": content, **extra})
             continue
         if not isinstance(content, list):
             raise RequestError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
         parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images) for j, part in enumerate(content)]
-        messages.append({"role": role, "content": parts})
+        messages.append({"role": role, "content": parts, **extra})
     return messages, images
+
+
+def _tool_fields(message: dict, role: str, where: str) -> dict:
+    """An assistant message's `tool_calls` (OpenAI's shape, arguments a JSON string) or a tool message's
+    `tool_call_id`, checked; passed to the chat template as given."""
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise RequestError(f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id")
+        return {} if call_id is None else {"tool_call_id": call_id}
+    calls = message.get("tool_calls")
+    if not calls:
+        return {}
+    if role != "assistant" or not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be a list, in an assistant message", param=f"{where}.tool_calls")
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), (str, dict))):
+            raise RequestError(f"{where}.tool_calls[{k}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                               f"{{\"name\", \"arguments\"}}}}", param=f"{where}.tool_calls[{k}]")
+    return {"tool_calls": calls}
 
 
 def _parse_part(part, where: str, role: str, images: list, max_images: int) -> dict:
@@ -224,7 +252,25 @@ def parse_chat_request(body, max_images: int) -> ChatRequest:
                        min_tokens=min_tokens, stop=stop, sampling=_parse_sampling(body),
                        model=_get(body, "model", lambda v: isinstance(v, str), "a string", None),
                        response_format=_parse_response_format(body.get("response_format")),
-                       logprobs=_parse_logprobs(body))
+                       logprobs=_parse_logprobs(body), **_parse_tools(body))
+
+
+def _parse_tools(body: dict) -> dict:
+    """tools, tool_choice and parallel_tool_calls, checked together (runtime/tools.py's rules)."""
+    from ..errors import ParameterError
+    from ..tools import tool_use
+
+    try:
+        use = tool_use(body.get("tools"), body.get("tool_choice"),
+                       _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True))
+    except ParameterError as e:
+        raise RequestError(str(e), param=e.param) from None
+    if use is None:
+        return {}
+    if use.constrained and body.get("response_format") not in (None, {"type": "text"}):
+        raise RequestError(f"response_format cannot be combined with tool_choice {json.dumps(body['tool_choice'])[:60]}, "
+                           f"which constrains the answer to a tool call", param="response_format")
+    return {"tools": use.tools, "tool_choice": body.get("tool_choice"), "parallel_tool_calls": use.parallel}
 
 
 def _parse_response_format(value):
@@ -274,9 +320,10 @@ def _refuse_unsupported(body: dict) -> None:
     if n != 1:
         raise RequestError(f"'n' must be 1 (one answer per request), got {n}", param="n",
                            code="unsupported_parameter")
-    if body.get("tools") or body.get("functions"):
-        raise RequestError("tools / function calling are not supported", param="tools",
-                           code="unsupported_parameter")
+    if body.get("functions") or body.get("function_call"):
+        name = "functions" if body.get("functions") else "function_call"
+        raise RequestError(f"'{name}' (the deprecated form of function calling) is not supported; use 'tools' and "
+                           f"'tool_choice'", param=name, code="unsupported_parameter")
     if body.get("logit_bias"):
         raise RequestError("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
 

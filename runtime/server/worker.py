@@ -61,7 +61,7 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int) -
     from ..engine import summarize_timings
 
     try:
-        prompt = vlm.prepare(request.engine_messages(images))
+        prompt = vlm.prepare(request.engine_messages(images), tools=request.tools)
     except (ImageError, ValueError, UserError) as e:
         raise RequestError(str(e), param="messages") from None
     prompt_tokens = int(len(prompt.input_ids))
@@ -72,7 +72,9 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int) -
     timings: dict = {}
     completion_tokens, finish = 0, "length"
     chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings,
-                                 response_format=request.response_format, logprobs=request.logprobs)
+                                 response_format=request.response_format, logprobs=request.logprobs,
+                                 tools=request.tools, tool_choice=request.tool_choice,
+                                 parallel_tool_calls=request.parallel_tool_calls)
     try:
         for chunk in chunks:
             if chunk.token_id is not None:
