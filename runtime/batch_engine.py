@@ -43,17 +43,20 @@ class BatchEngine:
         parallel: sequences prefilled or decoded at once; more wait their turn.
         prefill_chunk: prompt tokens per prefill call.
         cache_mb: memory for the prefix and image-feature caches (0 turns both off).
+        batch_invariant: make a sequence's results independent of the batch (see the module docstring);
+            False runs a lone 4-bit row by ORT's one-row kernel (faster on hosts where a second row is
+            costly) and int8 rows together, at the price of float-level differences between alone and batched.
     """
 
     def __init__(self, model, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cache_mb: float = DEFAULT_CACHE_MB):
+                 cache_mb: float = DEFAULT_CACHE_MB, batch_invariant: bool = True):
         self.model = model
         self.parallel, self.prefill_chunk = int(parallel), int(prefill_chunk)
         self.cache = EngineCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self.family = model.family
         method = model.manifest.get("quantization", {}).get("method", "none")
-        self.rows_per_call = 1 if method == "int8" else None  # dynamic int8: one scale per tensor
-        self.min_rows = 2 if method in ("int4", "mixed") else 1  # MatMulNBits: M = 1 is another kernel
+        self.rows_per_call = 1 if method == "int8" and batch_invariant else None  # int8: one scale per tensor
+        self.min_rows = 2 if method in ("int4", "mixed") and batch_invariant else 1  # MatMulNBits: M = 1 differs
         self.kv_dtype = np.float16 if model.manifest["text_config"].get("kv_dtype") == "float16" else np.float32
         self.batch = BatchKVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
                                   dtype=self.kv_dtype, min_rows=self.min_rows)

@@ -70,12 +70,15 @@ class VisionLanguageModel:
         parallel: sequences decoded together at most (more requests wait their turn).
         prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
         cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
+        batch_invariant: a request's tokens never depend on what is batched with it (default); False trades
+            that for the one-row 4-bit kernel when a sequence decodes alone (see runtime/batch_engine.py).
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
     """
 
     def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
+                 batch_invariant: bool = True,
                  allow_remote_images: bool = False):
         start = time.perf_counter()
         self.folder = folder
@@ -113,7 +116,8 @@ class VisionLanguageModel:
         for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
+        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb,
+                                  batch_invariant=batch_invariant)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Agreement is measured teacher-forced: the fp32 export's greedy continuation is f
 quantized export one token at a time and the next-token logits are compared at every position.
 The quantized exports keep their KV cache in float16 (the default for --quantize int8/int4/mixed).
 Thresholds come from measurement on this tiny random model over 48 positions (int8: cosine 0.9997,
-top-1 100%; int4 block 32: cosine 0.975, top-1 98%) with a margin; random weights make 4-bit error
+top-1 100% on an AMX host; 0.9990 on an AVX2-only host, where int8 weights are 7-bit (reduce_range,
+see export/quantize.py); int4 block 32: cosine 0.975, top-1 98%) with a margin; random weights make 4-bit error
 look larger than on trained weights, so these are floors against breakage, not quality claims.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kernels.sampling import SamplingParams
 from runtime.engine import VisionLanguageModel
 
 POSITIONS = 48
-FLOORS = {"int8": {"cosine": 0.999, "top1": 0.95, "vision_cosine": 0.999},
+FLOORS = {"int8": {"cosine": 0.998, "top1": 0.95, "vision_cosine": 0.999},
           "int4": {"cosine": 0.95, "top1": 0.85, "vision_cosine": 0.999},
           "mixed": {"cosine": 0.95, "top1": 0.85, "vision_cosine": 0.999}}  # decode steps are int4
 

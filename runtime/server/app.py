@@ -330,7 +330,8 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
         from ..engine import VisionLanguageModel
 
         vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
-                                  prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb)
+                                  prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,
+                                  batch_invariant=config.batch_invariant)
     # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own check (header size) comes first.
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     scheduler = Scheduler(config.workers, config.max_queue, config.timeout)

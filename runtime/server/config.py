@@ -21,6 +21,7 @@ class ServeConfig:
     parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
     prefill_chunk: int = 128
     cache_mb: float = 256.0
+    batch_invariant: bool = True
     max_queue: int = 8
     timeout: float = 600.0
     max_body_mb: float = 32.0
