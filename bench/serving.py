@@ -81,20 +81,21 @@ class Server:
         response = conn.getresponse()
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
-        usage = None
+        usage, pieces = None, []
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0]["delta"].get("content") is not None:
+            if event.get("choices") and event["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
+                pieces.append(event["choices"][0]["delta"]["content"])  # text arrived (the first event, the role, has none)
             if event.get("usage"):
                 usage = event["usage"]
             if cancel is not None and cancel.is_set():
                 break
         conn.close()
-        return {"start": start, "usage": usage}
+        return {"start": start, "usage": usage, "text": "".join(pieces)}
 
 
 def image_url(seed: int, size: int) -> str:
@@ -155,7 +156,7 @@ def follow_up(server: Server, size: int) -> dict:
     stamps1, stamps2 = [], []
     messages = user(200, size, "What is in this picture?")
     first = server.stream(messages, 16, stamps1)
-    history = messages + [{"role": "assistant", "content": "A picture."},
+    history = messages + [{"role": "assistant", "content": first["text"]},  # what a chat client sends back
                           {"role": "user", "content": "What colours does it have?"}]
     second = server.stream(history, 16, stamps2)
     t1, t2 = stamps1[0] - first["start"], stamps2[0] - second["start"]
@@ -188,12 +189,14 @@ def main(argv=None) -> int:
     p.add_argument("--long-tokens", type=int, default=1000, help="tokens per stream in the memory runs")
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--skip-memory", action="store_true", help="skip the (long) peak-RSS runs")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra option for the server (repeatable), e.g. --server-arg=--no-batch-invariance")
     p.add_argument("--out", default="bench-out/serving.json")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.streams.split(",")]
-    common = ["--prefill-chunk", str(args.prefill_chunk), "--max-queue", "16"]
+    common = ["--prefill-chunk", str(args.prefill_chunk), "--max-queue", "16", *args.server_arg]
     result = {"machine": machine.describe(), "export": os.path.abspath(args.export), "image_size": args.image_size,
-              "tokens_per_stream": args.tokens}
+              "tokens_per_stream": args.tokens, "server_args": common}
     server = Server(args.export, "--parallel", str(max(levels)), *common)
     try:
         runs = {}
