@@ -5,6 +5,7 @@ Servers run as subprocesses on free loopback ports with the tiny exported model 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -501,101 +502,99 @@ def test_a_queued_request_whose_client_left_frees_its_place_at_once(qwen_export,
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
-def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
+@contextlib.contextmanager
+def chromium_page():
+    """A page in headless Debian Chromium (driven by playwright), closed afterwards."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is a test dependency")
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 900, "height": 700})
-            external = []
-            page.on("request", lambda r: None if r.url.startswith(server.url) else external.append(r.url))
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
-            # open/close the settings panel by state, not by toggling clicks (robust on a loaded machine)
-            page.evaluate("document.getElementById('settings').open = true")
-            page.fill("#max-tokens", str(N_TOKENS))
-            page.fill("#temperature", "0")
-            page.evaluate("document.getElementById('settings').open = false")
-            page.set_input_files("#file", IMAGE)
-            page.wait_for_selector("#attachments img")
-            page.fill("#prompt", PROMPT)
-            page.click("#send")
-            page.wait_for_function("document.querySelector('.assistant .text') && "
-                                   "document.querySelector('.assistant .text').textContent.length > 0")
-            page.wait_for_selector(".assistant .stats[data-finish]:not([data-finish=''])", timeout=30_000)
-            answer = page.text_content(".assistant .text")
-            stats = page.text_content(".assistant .stats")
-            assert answer == expected["text"]
-            assert "first token" in stats and "tokens/s" in stats, stats
-            assert page.locator(".user img").count() == 1
-
-            # a long answer stopped with the stop button frees the server's worker
-            page.evaluate("document.getElementById('settings').open = true")
-            page.fill("#max-tokens", "3000")
-            page.evaluate("document.getElementById('settings').open = false")
-            page.fill("#prompt", "Again, at length.")
-            page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.assistant .text')[1] && "
-                                   "document.querySelectorAll('.assistant .text')[1].textContent.length > 20")
-            page.click("#stop")
-            page.wait_for_selector(".assistant .stats[data-finish='stopped']", timeout=10_000)
-            server.wait_idle(5)
-            shot = tmp_path / "serve-screenshot.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 1000
-            if os.environ.get("VLM_UPDATE_SCREENSHOT"):  # refresh the README's picture on request only
-                os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-                shutil.copy(shot, os.path.join(ROOT, "docs", "serve-screenshot.png"))
-            assert external == [], external  # nothing from a CDN
+            yield browser.new_page(viewport={"width": 900, "height": 700})
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
+    with chromium_page() as page:
+        external = []
+        page.on("request", lambda r: None if r.url.startswith(server.url) else external.append(r.url))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
+        # open/close the settings panel by state, not by toggling clicks (robust on a loaded machine)
+        page.evaluate("document.getElementById('settings').open = true")
+        page.fill("#max-tokens", str(N_TOKENS))
+        page.fill("#temperature", "0")
+        page.evaluate("document.getElementById('settings').open = false")
+        page.set_input_files("#file", IMAGE)
+        page.wait_for_selector("#attachments img")
+        page.fill("#prompt", PROMPT)
+        page.click("#send")
+        page.wait_for_function("document.querySelector('.assistant .text') && "
+                               "document.querySelector('.assistant .text').textContent.length > 0")
+        page.wait_for_selector(".assistant .stats[data-finish]:not([data-finish=''])", timeout=30_000)
+        answer = page.text_content(".assistant .text")
+        stats = page.text_content(".assistant .stats")
+        assert answer == expected["text"]
+        assert "first token" in stats and "tokens/s" in stats, stats
+        assert page.locator(".user img").count() == 1
+
+        # a long answer stopped with the stop button frees the server's worker
+        page.evaluate("document.getElementById('settings').open = true")
+        page.fill("#max-tokens", "3000")
+        page.evaluate("document.getElementById('settings').open = false")
+        page.fill("#prompt", "Again, at length.")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.assistant .text')[1] && "
+                               "document.querySelectorAll('.assistant .text')[1].textContent.length > 20")
+        page.click("#stop")
+        page.wait_for_selector(".assistant .stats[data-finish='stopped']", timeout=10_000)
+        server.wait_idle(5)
+        shot = tmp_path / "serve-screenshot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 1000
+        if os.environ.get("VLM_UPDATE_SCREENSHOT"):  # refresh the README's picture on request only
+            os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+            shutil.copy(shot, os.path.join(ROOT, "docs", "serve-screenshot.png"))
+        assert external == [], external  # nothing from a CDN
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 def test_chat_page_drops_a_failed_turn(server, tmp_path):
     """A turn that fails (here a broken image) shows its error, leaves no empty answer bubble, and is not sent
     again with the next question, which is answered."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is a test dependency")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 700})
-            sent = []
-            page.on("request", lambda r: sent.append(json.loads(r.post_data))
-                    if r.url.endswith("/v1/chat/completions") else None)
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
-            page.evaluate("document.getElementById('settings').open = true")
-            page.fill("#max-tokens", "4")
-            page.fill("#temperature", "0")
-            page.evaluate("document.getElementById('settings').open = false")
+    with chromium_page() as page:
+        sent = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data))
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
+        page.evaluate("document.getElementById('settings').open = true")
+        page.fill("#max-tokens", "4")
+        page.fill("#temperature", "0")
+        page.evaluate("document.getElementById('settings').open = false")
 
-            page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
-                                                  "buffer": b"this is not a PNG"}])
-            page.wait_for_selector("#attachments img")
-            page.fill("#prompt", "What is in the picture?")
-            page.click("#send")
-            page.wait_for_selector(".msg.error", timeout=30_000)
-            page.wait_for_function("!document.getElementById('send').disabled")
-            assert "not an image" in page.text_content(".msg.error")
-            assert page.locator(".msg.user.failed").count() == 1  # still visible, marked as failed
-            assert page.locator(".msg.assistant").count() == 0  # no empty "0 tokens" answer
-            assert "0 tokens" not in page.text_content("#log")
+        page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
+                                              "buffer": b"this is not a PNG"}])
+        page.wait_for_selector("#attachments img")
+        page.fill("#prompt", "What is in the picture?")
+        page.click("#send")
+        page.wait_for_selector(".msg.error", timeout=30_000)
+        page.wait_for_function("!document.getElementById('send').disabled")
+        assert "not an image" in page.text_content(".msg.error")
+        assert page.locator(".msg.user.failed").count() == 1  # still visible, marked as failed
+        assert page.locator(".msg.assistant").count() == 0  # no empty "0 tokens" answer
+        assert "0 tokens" not in page.text_content("#log")
 
-            page.fill("#prompt", "Describe.")
-            page.click("#send")
-            page.wait_for_selector(".assistant .stats[data-finish]:not([data-finish=''])", timeout=30_000)
-            assert page.locator(".msg.error").count() == 1  # the second question did not fail
-            assert len(sent) == 2
-            assert sent[1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Describe."}]}]
-            page.screenshot(path=str(tmp_path / "failed-turn.png"), full_page=True)
-        finally:
-            browser.close()
+        page.fill("#prompt", "Describe.")
+        page.click("#send")
+        page.wait_for_selector(".assistant .stats[data-finish]:not([data-finish=''])", timeout=30_000)
+        assert page.locator(".msg.error").count() == 1  # the second question did not fail
+        assert len(sent) == 2
+        assert sent[1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Describe."}]}]
+        page.screenshot(path=str(tmp_path / "failed-turn.png"), full_page=True)
 
 
 def test_refuses_public_host_without_key(qwen_export):
