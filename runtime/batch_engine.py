@@ -143,7 +143,7 @@ class BatchEngine:
     def _start(self, sequence: Sequence) -> None:
         """Key ids, prefix-cache lookup, a private KV cache for the prompt."""
         model, prompt = self.model, sequence.prompt
-        sequence.key_ids = self._key_ids(prompt)
+        sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
         sequence.cache = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
                                  dtype=self.kv_dtype, expected_length=sequence.prompt_len)
         if self.cache is not None:
@@ -166,15 +166,16 @@ class BatchEngine:
             start += count
         return spans
 
-    def _key_ids(self, prompt) -> np.ndarray:
+    def _key_ids(self, prompt) -> tuple[np.ndarray, list]:
+        """(the prompt's key ids, one digest per image): image tokens replaced by their image's digest id."""
         key_ids = np.array(prompt.input_ids, dtype=np.int64)
         if prompt.pixel_values is None:
-            return key_ids
+            return key_ids, []
         images = self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)
-        prompt.image_digests = [image_hash(pixels, grid) for pixels, grid in images]
-        for (first, count), digest in zip(self._image_spans(prompt), prompt.image_digests):
+        digests = [image_hash(pixels, grid) for pixels, grid in images]
+        for (first, count), digest in zip(self._image_spans(prompt), digests):
             key_ids[first:first + count] = image_key_id(digest)
-        return key_ids
+        return key_ids, digests
 
     # --- prompt work ------------------------------------------------------------------------
     def _prefill_unit(self, sequence: Sequence) -> None:
@@ -215,7 +216,7 @@ class BatchEngine:
         prompt = sequence.prompt
         index = sequence.images_done
         pixels, grid = self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)[index]
-        digest = prompt.image_digests[index]
+        digest = sequence.image_digests[index]
         outputs = self.cache.get_image(digest) if self.cache is not None else None
         if outputs is None:
             outputs = self.model.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
@@ -242,7 +243,7 @@ class BatchEngine:
 
     # --- decoding -------------------------------------------------------------------------
     def _decode(self) -> None:
-        batch, model = self.batch, self.model
+        batch = self.batch
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
         batch.reserve(rows, max(batch.lengths) + 1)

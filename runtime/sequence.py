@@ -83,6 +83,7 @@ class Sequence:
         self.row: int | None = None  # row in the engine's BatchKVCache while decoding
         # prefill state (set by the engine)
         self.key_ids: np.ndarray | None = None
+        self.image_digests: list = []  # one per image: keys of the image-feature cache
         self.cache = None
         self.position = 0
         self.feeds = None
