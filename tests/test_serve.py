@@ -205,29 +205,41 @@ def test_concurrent_streams_and_memory(server, client, expected, photos):
 
 def test_concurrent_different_streams_equal_what_each_gives_alone(qwen_export, photos):
     """Five requests (different images or none, prompts, lengths, greedy and seeded sampling) streamed at once
-    by the official client, starting at staggered times: each answer equals the one it gets alone."""
+    by the official client, joining at staggered times while a long one decodes: each answer equals the one
+    it gets alone."""
     openai = pytest.importorskip("openai", reason="the official openai client is a test dependency")
     srv = Server(qwen_export, "--parallel", "4", "--cache-mb", "0", "--prefill-chunk", "16")
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         requests = [
-            (image_messages(photos["astronaut"], "What is this?"), {"temperature": 0, "max_tokens": 24}),
+            # The first is long, so the others join while it decodes however fast the host is (a fixed
+            # stagger let every request finish before the next arrived on a fast host).
             ([{"role": "user", "content": "Write a poem about the sea."}],
-             {"temperature": 0.9, "top_p": 0.9, "seed": 3, "max_tokens": 30}),
+             {"temperature": 0.9, "top_p": 0.9, "seed": 3, "max_tokens": 300}),
+            (image_messages(photos["astronaut"], "What is this?"), {"temperature": 0, "max_tokens": 24}),
             (image_messages(photos["coffee"], "Describe the colours."), {"temperature": 0, "max_tokens": 9}),
             ([{"role": "user", "content": "Hi"}], {"temperature": 1.1, "seed": 8, "max_tokens": 16}),
             (image_messages(photos["noise"]), {"temperature": 0.7, "seed": 1, "max_tokens": 20}),
         ]
+        first_text = threading.Event()
 
         def ask(messages, options):
             stream = client.chat.completions.create(model="qwen3-vl-tiny-onnx", messages=messages, stream=True, **options)
-            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            parts = []
+            for c in stream:
+                if c.choices and c.choices[0].delta.content:
+                    parts.append(c.choices[0].delta.content)
+                    first_text.set()
+            return "".join(parts)
 
         alone = [ask(m, o) for m, o in requests]
+        first_text.clear()
         results = [None] * len(requests)
 
         def one(i):
-            time.sleep(0.15 * i)
+            if i:
+                first_text.wait(60)  # the long request is decoding
+                time.sleep(0.02 * i)
             try:
                 results[i] = ask(*requests[i])
             except Exception as e:  # reported by the assertion below
