@@ -25,6 +25,7 @@ from .image import ImageError, ImageTooLarge, describe_source
 
 # Most bytes read from a remote image URL (a larger body is refused, not truncated).
 MAX_REMOTE_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_REMOTE_VIDEO_BYTES = 256 * 1024 * 1024  # a few minutes of 720p
 REMOTE_TIMEOUT_S = 30.0
 
 
@@ -68,12 +69,15 @@ class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch_remote_image(url: str, timeout: float = REMOTE_TIMEOUT_S, max_bytes: int = MAX_REMOTE_IMAGE_BYTES) -> bytes:
-    """GET an http(s) URL and return its body (at most `max_bytes`).
+def fetch_remote_image(url: str, timeout: float = REMOTE_TIMEOUT_S, max_bytes: int | None = None,
+                       kind: str = "image") -> bytes:
+    """GET an http(s) URL and return its body (at most `max_bytes`; default by `kind`, "image" or "video").
 
     Raises:
         ImageError: any network or HTTP error; ImageTooLarge (an ImageError): a body over `max_bytes`.
     """
+    if max_bytes is None:
+        max_bytes = MAX_REMOTE_VIDEO_BYTES if kind == "video" else MAX_REMOTE_IMAGE_BYTES
     opener = urllib.request.OpenerDirector()  # http(s) handlers only: no file:, ftp: or data: opening
     for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
                     _HTTPOnlyRedirects(), urllib.request.HTTPDefaultErrorHandler(),
@@ -83,9 +87,9 @@ def fetch_remote_image(url: str, timeout: float = REMOTE_TIMEOUT_S, max_bytes: i
         with opener.open(urllib.request.Request(url, headers={"User-Agent": "vlm-core"}), timeout=timeout) as r:
             data = r.read(max_bytes + 1)
     except Exception as e:  # network errors come in many types (URLError, HTTPError, timeouts, bad URLs)
-        raise ImageError(f"{describe_source(url)}: could not fetch the image ({e})") from None
+        raise ImageError(f"{describe_source(url)}: could not fetch the {kind} ({e})") from None
     if len(data) > max_bytes:
-        raise ImageTooLarge(f"{describe_source(url)}: the image is larger than {max_bytes} bytes")
+        raise ImageTooLarge(f"{describe_source(url)}: the {kind} is larger than {max_bytes} bytes")
     return data
 
 

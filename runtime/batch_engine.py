@@ -33,6 +33,15 @@ from .sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 DEFAULT_PARALLEL = 4
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_CACHE_MB = 256
+# A clip is encoded a few frame groups per vision call (each group attends only to itself, so the
+# pieces give the same features): the graph's attention mask is quadratic in the patches of one call.
+VISION_PATCHES_PER_CALL = 4096
+
+
+def join_vision(family, per_item: list) -> list:
+    """Vision outputs of consecutive images (or pieces of one clip) -> one set, joined along the family's axes."""
+    return [np.concatenate([outputs[i] for outputs in per_item], axis=axis)
+            for i, axis in enumerate(family.vision_output_axes)]
 
 
 class BatchEngine:
@@ -156,25 +165,26 @@ class BatchEngine:
         self.prefilling.append(sequence)
 
     def _image_spans(self, prompt) -> list:
-        """[(first token index, token count)] of each image in the prompt, in order."""
+        """The prompt positions (int64 arrays) each image or clip fills, in order (a clip's frame groups are
+        apart: timestamps lie between them)."""
         if prompt.image_grid_thw is None:
             return []
-        where = np.flatnonzero(prompt.input_ids == self.family.image_token_id)
+        where = np.flatnonzero(self.family.media_token_mask(prompt.input_ids))
         spans, start = [], 0
         for count in self.family.image_token_counts(prompt.image_grid_thw):
-            spans.append((int(where[start]), count))
+            spans.append(where[start:start + count])
             start += count
         return spans
 
     def _key_ids(self, prompt) -> tuple[np.ndarray, list]:
-        """(the prompt's key ids, one digest per image): image tokens replaced by their image's digest id."""
+        """(the prompt's key ids, one digest per image or clip): their tokens replaced by their digest id."""
         key_ids = np.array(prompt.input_ids, dtype=np.int64)
         if prompt.pixel_values is None:
             return key_ids, []
         images = self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)
         digests = [image_hash(pixels, grid) for pixels, grid in images]
-        for (first, count), digest in zip(self._image_spans(prompt), digests):
-            key_ids[first:first + count] = image_key_id(digest)
+        for positions, digest in zip(self._image_spans(prompt), digests):
+            key_ids[positions] = image_key_id(digest)
         return key_ids, digests
 
     # --- prompt work ------------------------------------------------------------------------
@@ -183,7 +193,7 @@ class BatchEngine:
         start = time.perf_counter()
         if sequence.feeds is None:
             spans = self._image_spans(prompt)
-            needs_images = spans and spans[-1][0] + spans[-1][1] > sequence.position
+            needs_images = spans and spans[-1][-1] >= sequence.position
             if needs_images and sequence.images_done < len(spans):
                 self._encode_one_image(sequence)
                 sequence.timings["vision_s"] += time.perf_counter() - start
@@ -213,13 +223,22 @@ class BatchEngine:
         self.decoding.append(sequence)
 
     def _encode_one_image(self, sequence: Sequence) -> None:
+        """One vision call: a whole image, or the next few frame groups of a clip (a long clip's patches in
+        one call would make the vision graph's attention mask quadratic in the whole clip)."""
         prompt = sequence.prompt
         index = sequence.images_done
         pixels, grid = self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)[index]
         digest = sequence.image_digests[index]
-        outputs = self.cache.get_image(digest) if self.cache is not None else None
+        outputs = self.cache.get_image(digest) if self.cache is not None and not sequence.item_parts else None
         if outputs is None:
-            outputs = self.model.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
+            pieces = self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)
+            piece_pixels, piece_grid = pieces[len(sequence.item_parts)]
+            sequence.item_parts.append(self.model.sessions["vision"].run(
+                None, self.family.vision_feeds(piece_pixels, piece_grid)))
+            if len(sequence.item_parts) < len(pieces):
+                return
+            outputs = self._join_vision(sequence.item_parts)
+            sequence.item_parts = []
             self.counters["vision_images"] += 1
             if self.cache is not None:
                 self.cache.put_image(digest, outputs)
@@ -227,8 +246,7 @@ class BatchEngine:
         sequence.images_done += 1
 
     def _join_vision(self, per_image: list) -> list:
-        return [np.concatenate([outputs[i] for outputs in per_image], axis=axis)
-                for i, axis in enumerate(self.family.vision_output_axes)]
+        return join_vision(self.family, per_image)
 
     def _run(self, feeds: dict, cache: KVCache, new_tokens: int) -> np.ndarray:
         """One batch-1 decoder call over a private cache (prompt chunks); returns the last logits."""

@@ -45,6 +45,8 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from models.media import VideoPart
+
 from .checks import check_text
 from .errors import ParameterError
 
@@ -61,6 +63,8 @@ __all__ = [
 _TEXT_TYPES = ("text",)
 _IMAGE_TYPES = ("image", "image_url")
 _VIDEO_TYPES = ("video", "video_url")
+# Keys a video part's source is read from (transformers' processors take "video", "url" and "path")
+_VIDEO_SOURCE_KEYS = ("video", "url", "path", "base64")
 # Keys transformers' processor reads an image block's source from, in its order
 # (ProcessorMixin._multimodal_inputs_from_conversations).
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
@@ -309,11 +313,33 @@ def _image_source(part: Mapping[str, Any], where: str) -> Any:
     return source
 
 
+def _openai_video_url(part: Mapping[str, Any]) -> dict:
+    """``{"type": "video_url", "video_url": {"url": u}}`` (vLLM's spelling) -> ``{"type": "video", "url": u}``."""
+    info = part["video_url"]
+    return {"type": "video", "url": info.get("url", "") if isinstance(info, Mapping) else info}
+
+
+def _video_source(part: Mapping[str, Any], where: str) -> Any:
+    keys = [k for k in _VIDEO_SOURCE_KEYS if k in part]
+    if len(keys) != 1:
+        raise _bad_message(
+            f"{where}: video part needs exactly one source, one of {', '.join(repr(k) for k in _VIDEO_SOURCE_KEYS)} "
+            f"(or 'video_url': {{'url': ...}})" + (f"; it has {keys}" if keys else ""))
+    source = part[keys[0]]
+    if isinstance(source, str) and not source:
+        raise _bad_message(f"{where}: video part has an empty {keys[0]!r}")
+    if isinstance(source, (list, tuple)) and not source:
+        raise _bad_message(f"{where}: video part has an empty frame list")
+    if keys[0] == "base64" and isinstance(source, str) and source[:5].lower() != "data:":
+        source = "data:;base64," + source
+    return source
+
+
 def _part_type(part: Mapping[str, Any], where: str) -> str:
     ptype = part.get("type")
     if ptype is None:
         # The chat templates also recognize parts by key; infer the type the same way.
-        found = [k for k in ("text", "image", "image_url", "video") if k in part]
+        found = [k for k in ("text", "image", "image_url", "video", "video_url") if k in part]
         if len(found) != 1:
             raise _bad_message(
                 f"{where}: content part has no 'type' "
@@ -334,7 +360,7 @@ def _check_message_text(message: Mapping[str, Any], i: int) -> None:
         if isinstance(value, str):
             check_text(value, where, param="messages")
         elif isinstance(value, Mapping):
-            if value.get("type") == "image":
+            if value.get("type") in ("image", "video"):
                 return
             for key, item in value.items():
                 walk(item, f"{where}.{key}")
@@ -354,18 +380,21 @@ def normalize_messages(messages: Any) -> tuple[list[dict], list[Any]]:
     ``{"type": "image", "base64": ...}`` or OpenAI-style ``{"type": "image_url", "image_url":
     {"url": ...}}`` (or ``"image_url": "..."``). A part without ``"type"`` is typed by its key.
 
-    Returns ``(messages_for_template, image_sources)``: deep-copied messages with ``None``-valued
+    A video is ``{"type": "video", "video" | "path" | "url" | "base64": ...}`` (a file, a data: URL,
+    a list of frames or a [T, H, W, 3] array) or ``{"type": "video_url", "video_url": {"url": ...}}``.
+
+    Returns ``(messages_for_template, media_sources)``: deep-copied messages with ``None``-valued
     keys dropped, parts typed, and image_url parts rewritten to ``{"type": "image", "url": u}``
-    (as the processor does before rendering); and the image sources in conversation order,
-    i.e. the order of the ``<|image_pad|>`` placeholders the template emits.
+    (as the processor does before rendering; video_url parts likewise to ``{"type": "video", ...}``);
+    and the image sources in conversation order, i.e. the order of the placeholders the template
+    emits, each video's source wrapped in a ``models.media.VideoPart``.
 
     A bare ``base64`` string is passed on as a ``data:`` URL; the engine decodes ``data:`` URLs.
 
     Raises ``ParameterError`` (a UserError and a ValueError, ``param == "messages"``) naming the
     offending message/part for: an empty conversation, a non-dict message, a missing or non-string
     role, content that is neither a string nor a list, a part that is not a dict, an unknown part
-    type, a text part without a string ``text``, an image part without exactly one source, video
-    parts (not supported by this runtime), and text holding a lone surrogate (not valid Unicode).
+    type, a text part without a string ``text``, an image or video part without exactly one source, and text holding a lone surrogate (not valid Unicode).
     """
     chat = _conversation(messages)
     if len(chat) == 0:
@@ -413,9 +442,15 @@ def normalize_messages(messages: Any) -> tuple[list[dict], list[Any]]:
                 part["type"] = "image"
                 images.append(_image_source(part, where))
             elif ptype in _VIDEO_TYPES:
-                raise _bad_message(f"{where}: video parts are not supported (only text and image parts)")
+                if "video_url" in part and not any(k in part for k in _VIDEO_SOURCE_KEYS):
+                    part = _openai_video_url(part)
+                    if not part["url"]:
+                        raise _bad_message(f"{where}: video_url part has no 'url'")
+                part["type"] = "video"
+                images.append(VideoPart(_video_source(part, where)))
             else:
-                raise _bad_message(f"{where}: unknown content part type {ptype!r} (expected 'text', 'image' or 'image_url')")
+                raise _bad_message(f"{where}: unknown content part type {ptype!r} (expected 'text', 'image', "
+                                   f"'image_url', 'video' or 'video_url')")
             parts.append(part)
         message["content"] = parts
         out_messages.append(message)

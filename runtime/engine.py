@@ -18,8 +18,10 @@ import numpy as np
 from kernels.image_url import fetch_remote_image, is_remote_url
 from kernels.sampling import SamplingParams
 from models import get_family
+from models.media import VideoOptions, VideoPart
 
-from .batch_engine import DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, BatchEngine
+from .batch_engine import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
+                           BatchEngine, join_vision)
 from .chat import build_user_messages, normalize_messages, render_chat
 from .checks import check_logprobs, check_stop_strings, check_token_limits
 from .constraint import GrammarCompiler
@@ -59,6 +61,18 @@ class GenerationResult:
         if self.tool_calls:
             result["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         return result
+
+
+def video_options(video) -> VideoOptions | None:
+    """VideoOptions from None, a VideoOptions or a dict of its fields (ParameterError naming `video` otherwise)."""
+    if video is None or isinstance(video, VideoOptions):
+        return video
+    if isinstance(video, dict):
+        unknown = set(video) - {"fps", "max_frames", "max_pixels"}
+        if not unknown:
+            return VideoOptions(**video)
+        raise ParameterError("video", f"video has unknown keys {sorted(unknown)}; use fps, max_frames, max_pixels")
+    raise ParameterError("video", f"video must be a dict or VideoOptions, got {type(video).__name__}")
 
 
 class VisionLanguageModel:
@@ -141,19 +155,35 @@ class VisionLanguageModel:
                            **variables), images
 
     def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None,
-                tools: list | None = None):
+                tools: list | None = None, video: VideoOptions | None = None, max_new_tokens: int = 0):
         """Chat messages (transformers' processor format) -> the family's PreparedPrompt (`tools` rendered
-        by the chat template)."""
-        text, images = self.render(messages, tools)
+        by the chat template).
+
+        `min_pixels` / `max_pixels` bound each image; `video` (VideoOptions: fps, max_frames, max_pixels)
+        each clip. Clips are probed before any frame is decoded: ones that cannot fit the context with
+        `max_new_tokens` are refused then (VideoError)."""
+        text, sources = self.render(messages, tools)
+        if video is not None:
+            try:
+                video.check()
+            except ValueError as e:
+                raise ParameterError("video", str(e)) from None
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
-            images = [fetch_remote_image(image) if is_remote_url(image) else image for image in images]
-        pixel_values = grid = None
-        if images:
-            pixel_values, grid = self.family.preprocess(images, min_pixels=min_pixels, max_pixels=max_pixels)
-        input_ids = self.family.tokenize(self.tokenizer, text, grid)
-        prompt = self.family.prepare(input_ids, pixel_values, grid)
+            sources = [VideoPart(fetch_remote_image(s.source, kind="video")) if isinstance(s, VideoPart)
+                       and isinstance(s.source, str) and is_remote_url(s.source)
+                       else fetch_remote_image(s) if not isinstance(s, VideoPart) and is_remote_url(s) else s
+                       for s in sources]
+        media = None
+        if sources:
+            media = self.family.preprocess(sources, min_pixels=min_pixels, max_pixels=max_pixels, video=video,
+                                           token_limit=max(self.max_context - max_new_tokens, 0))
+        input_ids = self.family.tokenize(self.tokenizer, text, media)
+        if media is None:
+            prompt = self.family.prepare(input_ids)
+        else:
+            prompt = self.family.prepare(input_ids, media.pixel_values, media.grid_thw, media.kinds)
         if getattr(self.family, "grounding_scale", None):  # the image an answer's boxes refer to
-            prompt.grounding_image = grounding_image(messages, images)
+            prompt.grounding_image = grounding_image(messages, [s for s in sources if not isinstance(s, VideoPart)])
         return prompt
 
     # --- generation ---------------------------------------------------------------------------
@@ -170,7 +200,10 @@ class VisionLanguageModel:
         """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
         if prompt.pixel_values is None:
             return None
-        return self.sessions["vision"].run(None, self.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw))
+        pieces = [piece for pixels, grid in self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)
+                  for piece in self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)]
+        return join_vision(self.family, [self.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
+                                         for pixels, grid in pieces])
 
     def new_cache(self, expected_length: int) -> KVCache:
         """An empty KV cache for a request of at most `expected_length` tokens (prompt + new tokens).
@@ -204,7 +237,7 @@ class VisionLanguageModel:
     def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                min_new_tokens: int = 0, stop: list | None = None, response_format=None,
                logprobs: int | None = None, tools: list | None = None, tool_choice=None,
-               parallel_tool_calls: bool = True) -> Sequence:
+               parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None) -> Sequence:
         """Queue one prompt (a PreparedPrompt or chat messages) in the engine; read `sequence.chunks()`.
 
         Args:
@@ -222,6 +255,9 @@ class VisionLanguageModel:
                 ``{"type": "function", "function": {"name": ...}}`` (decoding constrained to a call of one
                 of the tools, or of the named one, whose arguments fit its parameters; see runtime/tools.py).
             parallel_tool_calls: with "required", allow several calls in one answer.
+            video: the clips' budget when `prompt` is messages: VideoOptions or a dict with ``fps`` (frames
+                sampled per second), ``max_frames``, ``max_pixels`` (over all of a clip's frames); None: the
+                model's video_preprocessor_config.json.
 
         The family's own stop strings are added to `stop`. Errors in the arguments are raised here (a bad
         schema or grammar: ParameterError naming response_format)."""
@@ -237,7 +273,8 @@ class VisionLanguageModel:
             grammar = self.grammars.compile(use.response_format(self.tokenizer.token_to_id(TOOL_CALL_START),
                                                                 self.tokenizer.token_to_id(TOOL_CALL_END)), "tools")
         if isinstance(prompt, list):
-            prompt = self.prepare(prompt, tools=use.tools if use is not None else None)
+            prompt = self.prepare(prompt, tools=use.tools if use is not None else None,
+                                  video=video_options(video), max_new_tokens=max_new_tokens)
         self.check_context(len(prompt.input_ids), max_new_tokens)
         stops = list(stop or []) + list(getattr(self.family, "stop_strings", ()))
         sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
@@ -271,15 +308,15 @@ class VisionLanguageModel:
     def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                         min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None,
                         response_format=None, logprobs: int | None = None, tools: list | None = None,
-                        tool_choice=None, parallel_tool_calls: bool = True):
+                        tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None):
         """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
 
         `prompt` is a PreparedPrompt or a list of chat messages. Closing the generator early cancels
         the request (its decoder row is freed at the engine's next step). `response_format` and
         `logprobs` as in `submit` (a chunk carrying a token has its `logprobs`); with `tools`, chunk text is
-        the content and a chunk completing a call carries it in `tool_calls`."""
+        the content and a chunk completing a call carries it in `tool_calls`; `video` as in `submit`."""
         sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
-                               tools, tool_choice, parallel_tool_calls)
+                               tools, tool_choice, parallel_tool_calls, video)
         try:
             yield from sequence.chunks()
         finally:
@@ -306,14 +343,14 @@ class VisionLanguageModel:
     def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                  min_new_tokens: int = 0, stop: list | None = None, response_format=None,
                  logprobs: int | None = None, tools: list | None = None, tool_choice=None,
-                 parallel_tool_calls: bool = True) -> GenerationResult:
+                 parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None) -> GenerationResult:
         """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult.
 
         `response_format` constrains it (e.g. ``{"type": "json_object"}``) and `logprobs=N` fills
         `result.logprobs`; with `tools`, `result.tool_calls` holds the calls and `result.text` the content
-        outside them (see `submit`)."""
+        outside them (see `submit`, also for `video`)."""
         sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
-                               tools, tool_choice, parallel_tool_calls)
+                               tools, tool_choice, parallel_tool_calls, video)
         try:
             return self._result(sequence)
         finally:

@@ -89,6 +89,7 @@ class Sequence:
         self.feeds = None
         self.vision_outputs = None
         self.images_done = 0
+        self.item_parts: list = []  # vision outputs of the pieces of the image or clip being encoded
         self.cached_tokens = 0
         self.timings: dict = {"submitted": time.perf_counter(), "vision_s": 0.0, "prefill_s": 0.0}
 

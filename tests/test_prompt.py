@@ -442,13 +442,31 @@ def test_tokenize_prompt_no_bos(tokenizer):
 # --------------------------------------------------------------------------------------
 
 
+def test_normalize_messages_videos():
+    """Video parts, in every spelling, become VideoPart sources in conversation order among the images;
+    the template sees {"type": "video", ...} (what transformers' processor hands it)."""
+    from models.media import VideoPart
+
+    messages = [{"role": "user", "content": [
+        {"type": "video", "video": "a.mp4"}, {"type": "image", "image": "b.png"},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, {"video": ["f1.png", "f2.png"]},
+        {"type": "video", "path": "c.webm"}, {"type": "text", "text": "What happens?"}]}]
+    out, media = normalize_messages(messages)
+    assert media == [VideoPart("a.mp4"), "b.png", VideoPart("data:video/mp4;base64,AAAA"),
+                     VideoPart(["f1.png", "f2.png"]), VideoPart("c.webm")]
+    assert [p["type"] for p in out[0]["content"]] == ["video", "image", "video", "video", "video", "text"]
+    assert out[0]["content"][2] == {"type": "video", "url": "data:video/mp4;base64,AAAA"}
+
+
 def test_normalize_messages_errors():
     with pytest.raises(ValueError, match=r"messages\[1\].*no 'role'"):
         normalize_messages([{"role": "user", "content": "a"}, {"content": "b"}])
     with pytest.raises(ValueError, match=r"messages\[0\]\.content\[1\].*unknown content part type 'audio'"):
         normalize_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "audio", "audio": "x"}]}])
-    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\].*video parts are not supported"):
-        normalize_messages([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}])
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\].*video part needs exactly one source"):
+        normalize_messages([{"role": "user", "content": [{"type": "video"}]}])
+    with pytest.raises(ValueError, match=r"video_url part has no 'url'"):
+        normalize_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}])
     with pytest.raises(ValueError, match=r"image part has no image source"):
         normalize_messages([{"role": "user", "content": [{"type": "image"}]}])
     with pytest.raises(ValueError, match=r"several image sources"):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..media import MediaInputs, UnsupportedMedia, VideoPart
 from .preprocess import BlipImageParams, preprocess_images
 from .prompt import TEMPLATES, tokenize_segments
 
@@ -53,10 +54,16 @@ class Family:
         self.stop_strings = list(manifest.get("prompt", {}).get("stop_strings", TEMPLATES[self.template]["stop"]))
 
     # --- images -------------------------------------------------------------------------------
-    def preprocess(self, images, min_pixels=None, max_pixels=None):
-        """Images -> (pixel_values [n, 3, S, S], query tokens per image [n]). Pixel budgets do not apply."""
+    def preprocess(self, images, min_pixels=None, max_pixels=None, video=None, token_limit=None) -> MediaInputs:
+        """Images -> MediaInputs(pixel_values [n, 3, S, S], query tokens per image [n]). Pixel budgets do not
+        apply; clips are refused (MiniGPT-4 reads single images)."""
+        images = list(images)
+        if any(isinstance(image, VideoPart) for image in images):
+            raise UnsupportedMedia("this model (MiniGPT-4) reads images only, not video; give frames as images "
+                                   "or use a Qwen3-VL model")
         pixel_values = preprocess_images(images, self.image_params)
-        return pixel_values, np.full((len(pixel_values),), self.num_query_tokens, dtype=np.int64)
+        return MediaInputs(pixel_values, np.full((len(pixel_values),), self.num_query_tokens, dtype=np.int64),
+                           ("image",) * len(pixel_values), [None] * len(pixel_values))
 
     def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw=None) -> dict:
         return {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
@@ -66,17 +73,25 @@ class Family:
         return [(pixel_values[i:i + 1], np.full((1,), self.num_query_tokens, dtype=np.int64))
                 for i in range(len(pixel_values))]
 
+    def split_frames(self, pixel_values: np.ndarray, image_grid_thw, max_patches: int) -> list:
+        """One image -> [(pixel_values, query counts)]: images are never split."""
+        return [(pixel_values, image_grid_thw)]
+
     def image_token_counts(self, image_grid_thw) -> list:
         """Prompt tokens each image occupies (its query embeddings), in order."""
         return [int(n) for n in np.asarray(image_grid_thw).reshape(-1)]
 
     # --- prompt ---------------------------------------------------------------------------------
-    def tokenize(self, tokenizer, text: str, image_grid_thw) -> np.ndarray:
+    def media_token_mask(self, input_ids: np.ndarray) -> np.ndarray:
+        """Which prompt tokens take image query embeddings."""
+        return np.asarray(input_ids) == self.image_token_id
+
+    def tokenize(self, tokenizer, text: str, media: MediaInputs | None) -> np.ndarray:
         """Rendered prompt -> ids: split at <ImageHere>, BOS on the first segment only, query slots between."""
-        n_images = 0 if image_grid_thw is None else len(image_grid_thw)
+        n_images = 0 if media is None else len(media.grid_thw)
         return tokenize_segments(tokenizer, text, n_images, self.num_query_tokens, self.image_token_id)
 
-    def prepare(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None) -> PreparedPrompt:
+    def prepare(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, media_kinds=()) -> PreparedPrompt:
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         n_images = 0 if pixel_values is None else len(pixel_values)
         if image_grid_thw is None and pixel_values is not None:

@@ -88,36 +88,50 @@ def vision_inputs(grid_thw: np.ndarray, num_position_embeddings: int, merge_size
 
 
 def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None, image_token_id: int,
-                   merge_size: int) -> tuple[np.ndarray, int]:
+                   merge_size: int, video_grid_thw: np.ndarray | None = None,
+                   video_token_id: int | None = None) -> tuple[np.ndarray, int]:
     """3-D M-RoPE position ids for one prompt, and the delta decode steps add to their position.
 
-    Mirrors Qwen3VLModel.get_rope_index for images (text runs count up on all three axes; an image
-    run takes (t, h, w) grid coordinates offset by the running position; the next text starts at
-    max + 1). input_ids: int [S]. Returns (position_ids int64 [3, S], rope_delta int).
+    Mirrors Qwen3VLModel.get_rope_index: text runs count up on all three axes; an image run takes
+    (t, h, w) grid coordinates offset by the running position; the next text starts at
+    max(h, w) / merge + the run's start. A clip's grid (t, h, w) is split into t frame groups of
+    (1, h, w), each its own run (timestamps and vision_start/end separate them in the prompt); image
+    runs take the image grids in order, video runs the frame groups in order.
+    input_ids: int [S]. Returns (position_ids int64 [3, S], rope_delta int).
     """
     input_ids = np.asarray(input_ids).reshape(-1)
-    is_image = input_ids == image_token_id
-    grids = iter(np.asarray(image_grid_thw, dtype=np.int64).tolist() if image_grid_thw is not None else [])
+    kind = np.zeros(len(input_ids), dtype=np.int8)  # 0 text, 1 image, 2 video (transformers' mm_token_type_ids)
+    kind[input_ids == image_token_id] = 1
+    frame_groups = []
+    if video_grid_thw is not None:
+        if video_token_id is None:
+            raise ValueError("video_grid_thw needs video_token_id")
+        kind[input_ids == video_token_id] = 2
+        for t, h, w in np.asarray(video_grid_thw, dtype=np.int64).tolist():
+            frame_groups += [(1, h, w)] * t
+    grids = {1: iter(np.asarray(image_grid_thw, dtype=np.int64).tolist() if image_grid_thw is not None else []),
+             2: iter(frame_groups)}
     pieces, current, start = [], 0, 0
     length = len(input_ids)
     while start < length:
         end = start + 1
-        while end < length and is_image[end] == is_image[start]:
+        while end < length and kind[end] == kind[start]:
             end += 1
-        if not is_image[start]:
+        if not kind[start]:
             pieces.append(np.arange(end - start)[None, :].repeat(3, axis=0) + current)
             current += end - start
         else:
+            what = "image" if kind[start] == 1 else "video frame-group"
             try:
-                t, h, w = next(grids)
+                t, h, w = next(grids[int(kind[start])])
             except StopIteration:
-                raise ValueError("the prompt has more image-token runs than images were given") from None
+                raise ValueError(f"the prompt has more {what} token runs than were given") from None
             gh, gw = h // merge_size, w // merge_size
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
             block = np.stack([tt, hh + current, ww + current]).reshape(3, -1)
             block[0] += current
             if block.shape[1] != end - start:
-                raise ValueError(f"image run of {end - start} tokens does not match its grid {t}x{h}x{w}")
+                raise ValueError(f"{what} run of {end - start} tokens does not match its grid {t}x{h}x{w}")
             pieces.append(block)
             current += max(h, w) // merge_size
         start = end

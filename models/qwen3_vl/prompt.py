@@ -21,13 +21,17 @@ Serve-time module: numpy + tokenizers only.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
-__all__ = ["IMAGE_PAD", "expand_image_pads", "num_image_tokens", "tokenize_prompt"]
+__all__ = ["IMAGE_PAD", "VIDEO_PAD", "expand_image_pads", "expand_media_pads", "num_image_tokens", "tokenize_prompt"]
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
 
 
 def _grid_array(image_grid_thw: Any) -> np.ndarray:
@@ -78,6 +82,44 @@ def expand_image_pads(text: str, image_grid_thw: Any, merge_size: int, image_pad
     out = [pieces[0]]
     for count, piece in zip(counts, pieces[1:]):
         out.append(image_pad * count)
+        out.append(piece)
+    return "".join(out)
+
+
+def video_placeholder(grid_thw: Any, timestamps: list, merge_size: int) -> str:
+    """What ``Qwen3VLProcessor.replace_video_token`` writes for one clip: per frame group (t of them)
+    ``<{seconds:.1f} seconds>`` + vision_start + h*w/merge_size**2 video pads + vision_end."""
+    t, h, w = (int(v) for v in np.asarray(grid_thw).reshape(3))
+    if len(timestamps) != t:
+        raise ValueError(f"a clip of {t} frame groups needs {t} timestamps, got {len(timestamps)}")
+    frame = VISION_START + VIDEO_PAD * (h * w // merge_size ** 2) + VISION_END
+    return "".join(f"<{seconds:.1f} seconds>" + frame for seconds in timestamps)
+
+
+def expand_media_pads(text: str, media: Any, merge_size: int) -> str:
+    """Expand every ``<|image_pad|>`` and ``<|video_pad|>`` of the rendered prompt, left to right, as the
+    processor does: the i-th image pad takes the i-th image's token run (`expand_image_pads`), the j-th
+    video pad the j-th clip's timestamped frame groups (`video_placeholder`). `media` is a
+    models.media.MediaInputs (items in prompt order). Raises ValueError when the pads and items disagree."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    images = [i for i, kind in enumerate(media.kinds) if kind == "image"]
+    videos = [i for i, kind in enumerate(media.kinds) if kind == "video"]
+    pieces = re.split(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})", text)
+    n_image_pads, n_video_pads = pieces[1::2].count(IMAGE_PAD), pieces[1::2].count(VIDEO_PAD)
+    if (n_image_pads, n_video_pads) != (len(images), len(videos)):
+        raise ValueError(f"The prompt has {n_image_pads} {IMAGE_PAD} and {n_video_pads} {VIDEO_PAD} placeholder(s) "
+                         f"but {len(images)} image(s) and {len(videos)} video(s) were given; each needs exactly one "
+                         "placeholder (the chat template emits one per image or video part)")
+    grid = np.asarray(media.grid_thw)
+    next_image, next_video = iter(images), iter(videos)
+    out = [pieces[0]]
+    for pad, piece in zip(pieces[1::2], pieces[2::2]):
+        if pad == IMAGE_PAD:
+            out.append(IMAGE_PAD * num_image_tokens(grid[next(next_image)][None], merge_size)[0])
+        else:
+            index = next(next_video)
+            out.append(video_placeholder(grid[index], media.timestamps[index], merge_size))
         out.append(piece)
     return "".join(out)
 
