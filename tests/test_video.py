@@ -1,0 +1,130 @@
+"""Video parity: clips written here with PyAV from real photographs (panned and zoomed, so frames differ),
+run by our runtime on the exported tiny Qwen3-VL, against transformers' eager model given the same
+`pixel_values_videos`, `video_grid_thw` and prompt: 24 greedy tokens equal, first-step logits close, M-RoPE
+positions equal `get_rope_index`. (Pixel values and prompt ids against transformers' own processors:
+tests/test_video_preprocess.py and test_video_prompt_ids_equal_the_processors below.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.parity import relative_error
+from kernels.sampling import SamplingParams
+
+av = pytest.importorskip("av", reason="video decoding needs PyAV (the `video` extra; in the test extra)")
+
+NEW_TOKENS = 24
+LOGITS_RTOL = 1e-4
+
+
+def write_clip(path: str, photo: np.ndarray, frames: int, size: tuple, fps: int = 6, zoom: float = 0.5) -> str:
+    """An H.264 clip of `frames` frames of `size` (w, h): a window over `photo` panning right and zooming in."""
+    from PIL import Image
+
+    width, height = size
+    picture = Image.fromarray(photo)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            scale = 1 - zoom * i / max(frames - 1, 1)
+            w, h = int(picture.width * scale * 0.8), int(picture.height * scale * 0.8)
+            left = int((picture.width - w) * i / max(frames - 1, 1))
+            top = (picture.height - h) // 2
+            frame = picture.crop((left, top, left + w, top + h)).resize((width, height))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict:
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("clips")
+    return {"astronaut": write_clip(str(folder / "astronaut.mp4"), data.astronaut(), 12, (96, 64)),
+            "coffee": write_clip(str(folder / "coffee.mp4"), data.coffee(), 9, (64, 80), fps=4)}
+
+
+def _messages(kind: str, clips: dict, photos: dict) -> list:
+    video = {"type": "video", "video": clips["astronaut"]}
+    text = {"type": "text", "text": "What happens in this video?"}
+    if kind == "clip":
+        parts = [video, text]
+    elif kind == "clip_and_image":
+        parts = [{"type": "image", "path": photos["coffee"]}, video, text]
+    else:  # two clips
+        parts = [video, {"type": "video", "path": clips["coffee"]}, {"type": "text", "text": "Compare them."}]
+    return [{"role": "user", "content": parts}]
+
+
+def transformers_inputs(prompt, family) -> dict:
+    """Our prompt's arrays under transformers' names: images and clips apart, token types 0/1/2."""
+    arrays = prompt.dump()
+    inputs = {"input_ids": torch.from_numpy(arrays["input_ids"]),
+              "attention_mask": torch.ones_like(torch.from_numpy(arrays["input_ids"]))}
+    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grid in arrays and len(arrays[grid]):
+            inputs[pixels] = torch.from_numpy(arrays[pixels])
+            inputs[grid] = torch.from_numpy(arrays[grid])
+    types = np.zeros_like(arrays["input_ids"])
+    types[arrays["input_ids"] == family.image_token_id] = 1
+    types[arrays["input_ids"] == family.video_token_id] = 2
+    inputs["mm_token_type_ids"] = torch.from_numpy(types)
+    return inputs
+
+
+@pytest.mark.parametrize("kind", ["clip", "clip_and_image", "two_clips"])
+def test_greedy_tokens_and_positions_match_transformers(kind, clips, photos, vlm, hf_model):
+    prompt = vlm.prepare(_messages(kind, clips, photos))
+    kinds = prompt.media_kinds
+    assert kinds.count("video") == (2 if kind == "two_clips" else 1)
+    assert (prompt.image_grid_thw[np.array(kinds) == "video", 0] >= 2).all()  # several frame groups per clip
+    inputs = transformers_inputs(prompt, vlm.family)
+
+    with torch.no_grad():
+        positions, delta = hf_model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"))
+        reference_logits = hf_model(**inputs).logits[0, -1].numpy()
+        generated = hf_model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    np.testing.assert_array_equal(prompt.position_ids, positions[:, 0].numpy())
+    assert prompt.rope_delta == int(delta)
+
+    assert relative_error(vlm.prefill(prompt), reference_logits) < LOGITS_RTOL
+    result = vlm.generate(prompt, SamplingParams(greedy=True), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    assert result.token_ids == generated[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_clip_encoded_in_pieces_equals_one_call(clips, photos, vlm):
+    """The engine encodes a long clip a few frame groups per vision call; the features equal one call's."""
+    prompt = vlm.prepare(_messages("clip", clips, photos))
+    feeds = vlm.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw)
+    whole = vlm.sessions["vision"].run(None, feeds)
+    t, h, w = prompt.image_grid_thw[0]
+    pieces = vlm.family.split_frames(prompt.pixel_values, prompt.image_grid_thw[0], h * w)  # one group per call
+    assert len(pieces) == t
+    parts = [vlm.sessions["vision"].run(None, vlm.family.vision_feeds(p, g)) for p, g in pieces]
+    for i, axis in enumerate(vlm.family.vision_output_axes):
+        np.testing.assert_allclose(np.concatenate([part[i] for part in parts], axis=axis), whole[i],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_batched_clip_answers_equal_alone(clips, photos, vlm):
+    """A clip request decoded next to an image request and a text one gives the tokens it gets alone."""
+    requests = [_messages("clip", clips, photos), _messages("two_clips", clips, photos),
+                [{"role": "user", "content": "Hello"}]]
+    alone = [vlm.generate(m, SamplingParams(greedy=True), max_new_tokens=8, min_new_tokens=8).token_ids
+             for m in requests]
+    together = vlm.generate_batch(requests, SamplingParams(greedy=True), max_new_tokens=8, min_new_tokens=8)
+    assert [r.token_ids for r in together] == alone
+
+
+def test_same_clip_again_is_not_encoded_again(clips, photos, vlm):
+    messages = _messages("clip", clips, photos)
+    vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=2)
+    before = vlm.engine.counters["vision_images"]
+    again = vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=2)
+    assert vlm.engine.counters["vision_images"] == before
+    assert again.cached_tokens > 0
