@@ -358,14 +358,21 @@ class _ContainerReader:
         av = _import_av()
         if av is None:
             raise VideoError(f"{name}: {PYAV_MISSING}")
-        self.av = av
+        self.av, self.file = av, file
+        self._open()
+
+    def _open(self) -> None:
+        if self.container is not None:
+            self.container.close()
+        if isinstance(self.file, io.BytesIO):
+            self.file.seek(0)
         try:
-            self.container = av.open(file, mode="r")
-        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-            raise VideoError(f"{name}: not a video file, or a corrupt or truncated one "
+            self.container = self.av.open(self.file, mode="r")
+        except (self.av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise VideoError(f"{self.name}: not a video file, or a corrupt or truncated one "
                              f"(FFmpeg: {_reason(e)})") from None
         if not self.container.streams.video:
-            raise VideoError(f"{name}: has no video stream (an audio file or an image?)")
+            raise VideoError(f"{self.name}: has no video stream (an audio file or an image?)")
         self.stream = self.container.streams.video[0]
 
     def probe(self) -> VideoInfo:
@@ -395,19 +402,19 @@ class _ContainerReader:
             for packet in self.container.demux(self.stream):
                 if packet.size:
                     count += 1
-            self.container.seek(0)
         except self.av.FFmpegError:
             pass  # a truncated file: what was counted
+        self._open()  # back to the start (raw streams cannot seek)
         return count
 
     def read(self, wanted: np.ndarray) -> dict:
         """Decode from the start, keeping the wanted frames (transformers' loop: seek(0), decode, break)."""
         out, last, want = {}, int(wanted[-1]), set(wanted.tolist())
-        self.stream.thread_type = "AUTO"  # frame threads: same pictures, several cores
         try:
             self.container.seek(0)
         except self.av.FFmpegError:
-            pass  # unseekable raw streams: the freshly opened container is at the start anyway
+            self._open()  # unseekable (raw streams): a failed seek leaves the demuxer unusable, so reopen
+        self.stream.thread_type = "AUTO"  # frame threads: same pictures, several cores
         count, previous = 0, None
         try:
             for frame in self.container.decode(self.stream):

@@ -223,6 +223,27 @@ def test_matroska_frame_count_from_duration(processor_class, clips):
     np.testing.assert_array_equal(clip.frames, expected)
 
 
+def test_raw_stream_without_frame_count_or_duration(tmp_path):
+    """A raw H.264 stream has neither a frame count nor a duration, and cannot seek: its packets are counted
+    (demuxed, not decoded) and the frames are FFmpeg's."""
+    frames = photo_frames(14, 48, 64)
+    path = tmp_path / "raw.h264"
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0 and container.duration is None
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert probe_video(path).total_frames == 14
+    clip = load_video(path.read_bytes(), lambda info: [0, 6, 13])
+    np.testing.assert_array_equal(clip.frames, decoded[[0, 6, 13]])
+
+
 def test_bytes_data_url_and_pathlike_match_path(clips):
     def choose(info):
         return np.array([0, 3, 9, 22])
