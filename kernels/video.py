@@ -93,7 +93,7 @@ def probe_video(source: VideoSource, max_frame_pixels: int = MAX_FRAME_PIXELS) -
     Raises:
         VideoError: missing file, not a video, no frames, a frame over `max_frame_pixels`, PyAV missing.
     """
-    reader = _reader(source)
+    reader = _reader(source, max_frame_pixels)
     try:
         info = reader.probe()
     finally:
@@ -117,7 +117,7 @@ def load_video(source: VideoSource, choose_indices: Callable[[VideoInfo], np.nda
     Raises:
         VideoError: as `probe_video`, plus a corrupt or truncated stream, or indices out of range.
     """
-    reader = _reader(source)
+    reader = _reader(source, max_frame_pixels)
     try:
         info = reader.probe()
         _check_size(reader.name, info.height, info.width, max_frame_pixels)
@@ -154,7 +154,7 @@ def _check_size(name: str, height: int, width: int, max_frame_pixels: int) -> No
 
 # --- readers: one per kind of source, each with probe() -> VideoInfo and read(sorted indices) -> {i: frame}
 
-def _reader(source):
+def _reader(source, max_frame_pixels: int = MAX_FRAME_PIXELS):
     """Pick the reader for a source (data: URLs decoded, files sniffed: GIF/WebP to Pillow, others to PyAV)."""
     name = describe_video(source)
     if isinstance(source, np.ndarray):
@@ -173,8 +173,8 @@ def _reader(source):
         if not data:
             raise VideoError(f"{name}: empty video data")
         if _is_animated_image(data[:16]):
-            return _AnimatedImageReader(io.BytesIO(data), name)
-        return _ContainerReader(io.BytesIO(data), name)
+            return _AnimatedImageReader(io.BytesIO(data), name, max_frame_pixels)
+        return _ContainerReader(io.BytesIO(data), name, max_frame_pixels)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
@@ -189,8 +189,8 @@ def _reader(source):
         if not head:
             raise VideoError(f"{name}: empty file, not a video")
         if _is_animated_image(head):
-            return _AnimatedImageReader(path, name)
-        return _ContainerReader(path, name)
+            return _AnimatedImageReader(path, name, max_frame_pixels)
+        return _ContainerReader(path, name, max_frame_pixels)
     raise VideoError(f"{name}: unsupported video input; pass a file path, a frame folder, a data: URL, bytes, "
                      "a list of frames or a uint8 [T, H, W, 3] array")
 
@@ -255,7 +255,8 @@ class _FrameListReader:
         if isinstance(frame, (str, os.PathLike)) and os.path.isfile(frame):
             try:
                 with Image.open(frame) as image:  # header only
-                    return image.height, image.width
+                    turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: load_image turns it
+                    return (image.width, image.height) if turned else (image.height, image.width)
             except Exception:
                 return self._load(frame, i).shape[:2]  # let the full decode report the problem
         return self._load(frame, i).shape[:2]
@@ -284,8 +285,8 @@ class _FrameListReader:
 class _AnimatedImageReader:
     """Animated GIF or WebP through Pillow; fps = frames / total duration (None when no durations)."""
 
-    def __init__(self, file, name: str):
-        self.name = name
+    def __init__(self, file, name: str, max_frame_pixels: int):
+        self.name, self.max_frame_pixels = name, max_frame_pixels
         try:
             self.image = Image.open(file)
         except Image.DecompressionBombError as e:
@@ -296,6 +297,7 @@ class _AnimatedImageReader:
 
     def probe(self) -> VideoInfo:
         image = self.image
+        _check_size(self.name, image.height, image.width, self.max_frame_pixels)  # before reading any frame
         count, duration_ms = 0, 0.0
         try:
             for frame in ImageSequence.Iterator(image):
@@ -353,8 +355,8 @@ def _import_av():
 class _ContainerReader:
     """A video container (mp4, webm, mkv, avi, mov, ...) through PyAV, decoded as transformers' read_video_pyav."""
 
-    def __init__(self, file, name: str):
-        self.name, self.container, self.frames_seen = name, None, 0
+    def __init__(self, file, name: str, max_frame_pixels: int):
+        self.name, self.container, self.frames_seen, self.max_frame_pixels = name, None, 0, max_frame_pixels
         av = _import_av()
         if av is None:
             raise VideoError(f"{name}: {PYAV_MISSING}")
@@ -377,6 +379,9 @@ class _ContainerReader:
 
     def probe(self) -> VideoInfo:
         stream = self.stream
+        height = stream.codec_context.height or stream.height or 0
+        width = stream.codec_context.width or stream.width or 0
+        _check_size(self.name, height, width, self.max_frame_pixels)  # before counting or decoding anything
         fps = float(stream.average_rate) if stream.average_rate else None
         total = int(stream.frames or 0)
         if total <= 0 and fps:
@@ -391,8 +396,6 @@ class _ContainerReader:
             total = self._count_packets()
         if total <= 0:
             raise VideoError(f"{self.name}: video has zero frames")
-        height = stream.codec_context.height or stream.height or 0
-        width = stream.codec_context.width or stream.width or 0
         return VideoInfo(total, fps, height, width)
 
     def _count_packets(self) -> int:
