@@ -495,15 +495,18 @@ def antialias_bicubic_weights(in_size: int, out_size: int) -> tuple[np.ndarray, 
     return indices, integer, precision
 
 
-def _resize_axis(pixels: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """One separable pass along `axis` on uint8 data: integer dot products, +half, >> precision, clamp."""
-    indices, weights, precision = antialias_bicubic_weights(pixels.shape[axis], out_size)
-    moved = np.moveaxis(pixels, axis, -1)
-    acc = np.full(moved.shape[:-1] + (out_size,), 1 << (precision - 1), dtype=np.int32)
+def _resample_rows(rows: np.ndarray, plan: tuple) -> np.ndarray:
+    """One separable pass along axis 0 of uint8 [in, M] -> uint8 [out, M]: integer dot products over the
+    taps, plus half, >> precision, clamped to 0..255 (basic_loop_aa_* <uint8_t> / the AVX kernels)."""
+    indices, weights, precision = plan
+    acc = np.full((len(indices), rows.shape[1]), 1 << (precision - 1), dtype=np.int32)
+    product = np.empty_like(acc)
     for j in range(weights.shape[1]):
-        if weights[:, j].any():
-            acc += moved[..., indices[:, j]].astype(np.int32) * weights[:, j]
-    return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), -1, axis)
+        if weights[:, j].any():  # gathering whole rows keeps the copies contiguous
+            np.multiply(rows[indices[:, j]], weights[:, j, None], out=product, dtype=np.int32, casting="unsafe")
+            acc += product
+    np.right_shift(acc, precision, out=acc)
+    return np.clip(acc, 0, 255, out=acc).astype(np.uint8)
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -511,12 +514,21 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     `interpolate(uint8, mode="bicubic", antialias=True)` (what torchvision's `resize(BICUBIC)` runs on uint8).
 
     Width first, then height, each pass rounding to uint8 (UpSampleKernelAVXAntialias.h); a pass whose
-    size does not change is skipped. Checked bit for bit against torch on photos and noise, up and down.
+    size does not change is skipped. One plane at a time, so the int32 sums stay small (and in cache).
     """
     if frames.dtype != np.uint8:
         raise TypeError(f"resize_frames takes uint8 frames, got {frames.dtype}")
-    if frames.shape[-1] != width:
-        frames = _resize_axis(frames, width, frames.ndim - 1)
-    if frames.shape[-2] != height:
-        frames = _resize_axis(frames, height, frames.ndim - 2)
-    return frames
+    *lead, old_height, old_width = frames.shape
+    if (old_height, old_width) == (height, width):
+        return frames
+    across = antialias_bicubic_weights(old_width, width) if width != old_width else None
+    down = antialias_bicubic_weights(old_height, height) if height != old_height else None
+    planes = frames.reshape(-1, old_height, old_width)
+    out = np.empty((len(planes), height, width), dtype=np.uint8)
+    for k, plane in enumerate(planes):
+        if across is not None:  # along the width: resample the transposed plane's rows
+            plane = _resample_rows(np.ascontiguousarray(plane.T), across).T
+        if down is not None:
+            plane = _resample_rows(np.ascontiguousarray(plane), down)
+        out[k] = plane
+    return out.reshape(*lead, height, width)
