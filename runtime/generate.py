@@ -1,4 +1,5 @@
-"""`python -m runtime.generate -m OUT [--image PATH ...] -p TEXT`: answer a prompt, streaming to stdout.
+"""`python -m runtime.generate -m OUT [--image PATH ...] [--video PATH ...] -p TEXT`: answer a prompt, streaming
+to stdout.
 
 Serve-time only: numpy, onnxruntime, tokenizers, pillow, jinja2. Never imports torch or transformers.
 """
@@ -19,13 +20,31 @@ from .checks import check_logprobs, check_stop_strings, check_text
 from .errors import UserError
 from .grounding import answer_boxes
 
+# The video budget flags, by VideoOptions field (models/media.py): errors name the flag.
+VIDEO_FLAGS = {"fps": "--video-fps", "max_frames": "--video-max-frames", "max_pixels": "--video-max-pixels"}
+
+
+class MediaAction(argparse.Action):
+    """--image / --video: append the path to its own list (`args.image`, `args.video`) and, with its kind, to
+    `args.media`, which keeps the order of both flags as given: the order of the media in the user turn."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), value])
+        namespace.media = [*(getattr(namespace, "media", None) or []), (self.dest, value)]
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.generate",
-                                description="Answer an image + text prompt with an exported model (CPU, no PyTorch).")
+                                description="Answer an image/video + text prompt with an exported model (CPU, no "
+                                            "PyTorch).")
     p.add_argument("-m", "--model", required=True, help="exported model folder (from `python -m export`)")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image; repeat for several (they come before the text, in the order given)")
+    p.set_defaults(media=[])
+    p.add_argument("--image", action=MediaAction, default=[], metavar="PATH",
+                   help="an image; repeat for several (images and videos come before the text, in the order given)")
+    p.add_argument("--video", action=MediaAction, default=[], metavar="PATH",
+                   help="a video (Qwen3-VL): a video file (mp4, webm, mkv, ...: needs PyAV, the 'video' extra), an "
+                        "animated GIF/WebP or a folder of frame images; repeatable, mixed with --image in the order "
+                        "given")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("-p", "--prompt", metavar="TEXT",
                         help="the user's text; @FILE reads it from FILE, - from standard input (UTF-8; @@ for text "
@@ -44,9 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text; repeatable")
     p.add_argument("--min-pixels", type=int, help="smallest image area in pixels after resizing (token budget)")
     p.add_argument("--max-pixels", type=int, help="largest image area in pixels after resizing (token budget)")
+    p.add_argument("--video-fps", type=float, metavar="FPS",
+                   help="frames sampled per second of video (default: the model's video_preprocessor_config.json)")
+    p.add_argument("--video-max-frames", type=int, metavar="N", help="most frames sampled from one video")
+    p.add_argument("--video-max-pixels", type=int, metavar="N",
+                   help="most pixels over all of a video's sampled frames after resizing (its token budget)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--dump-inputs", metavar="DIR",
-                   help="write the model inputs (input_ids, pixel_values, image_grid_thw, position_ids) as .npy")
+                   help="write the model inputs (input_ids, pixel_values, image_grid_thw, position_ids; with videos "
+                        "pixel_values_videos, video_grid_thw) as .npy")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text, tokens, timings and the answer's boxes")
     constrain = p.add_mutually_exclusive_group()
@@ -137,6 +162,7 @@ def check_args(args) -> None:
     for image in args.image:
         if not os.path.isfile(image):
             raise UserError(f"image {image!r} does not exist or is not a file")
+    check_videos(args)
     if args.system is not None:
         check_text(args.system, "--system")
     check_stop_strings(args.stop, "--stop")
@@ -149,6 +175,67 @@ def check_args(args) -> None:
     if args.logprobs is not None and not args.json:
         raise UserError("--logprobs adds the log-probabilities to the --json output; add --json")
     sampling_from_args(args, {})  # the explicit sampling flags, checked before a model is loaded
+
+
+def video_options_from_args(args):
+    """The --video-* budget flags -> models.media.VideoOptions (None when none is given); each error names its
+    flag. The flags without a --video are refused: they would change nothing."""
+    from models.media import VideoOptions
+
+    given = {field: getattr(args, "video_" + field) for field in VIDEO_FLAGS
+             if getattr(args, "video_" + field) is not None}
+    if not given:
+        return None
+    if not args.video:
+        flags = ", ".join(VIDEO_FLAGS[field] for field in given)
+        raise UserError(f"{flags}: a budget for --video clips, but no --video is given; add one or drop the flag")
+    options = VideoOptions(**given)
+    try:
+        options.check(VIDEO_FLAGS)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return options
+
+
+def check_videos(args) -> None:
+    """Refuse, before the model loads, a --video that cannot be read: missing, not a video, no frames, frames too
+    large, PyAV missing for a video file (only the container's header is read; no frame is decoded)."""
+    video_options_from_args(args)
+    for video in args.video:
+        if not os.path.exists(video):
+            raise UserError(f"--video {video!r}: no such file or folder")
+    if args.video:
+        from kernels.video import VideoError, probe_video
+
+        for video in args.video:
+            try:
+                probe_video(video)
+            except VideoError as e:  # its message starts with the path
+                raise UserError(f"--video {e}") from None
+
+
+def media_messages(prompt: str, media: list, system: str | None) -> list:
+    """The CLI's messages: `build_user_messages`' (optional system message, then one user turn) with the --image /
+    --video parts first, in the order given on the command line, then the text."""
+    from .chat import build_user_messages
+
+    messages = build_user_messages(prompt, [], system)
+    messages[-1]["content"][:0] = [{"type": kind, kind: path} for kind, path in media]
+    return messages
+
+
+def prepare_prompt(model, messages: list, args, video):
+    """`model.prepare` with the image and video budgets; a clip that cannot be decoded, or whose frames cannot fit
+    the context with --max-new-tokens (refused before decoding), is a UserError naming --video and the path."""
+    if not args.video:
+        return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    from kernels.video import VideoError
+
+    try:
+        return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels, video=video,
+                             max_new_tokens=args.max_new_tokens)
+    except VideoError as e:  # its message starts with the path
+        raise UserError(f"--video {e}") from None
 
 
 def check_draw_boxes(out: str, images: list) -> None:
@@ -237,7 +324,7 @@ def run(args) -> int:
     prompt_text = prompt_from_args(args)
     check_args(args)
     response_format, format_flag = response_format_from_args(args)
-    from .chat import build_user_messages
+    video = video_options_from_args(args)
     from .engine import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
@@ -247,8 +334,8 @@ def run(args) -> int:
                         f"(grounding is a Qwen3-VL output)")
     sampling = sampling_from_args(args, model.generation_defaults)
     grammar = model.grammars.compile(response_format, format_flag) if response_format else None
-    messages = build_user_messages(prompt_text, args.image, args.system)
-    prompt = model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    messages = media_messages(prompt_text, args.media, args.system)
+    prompt = prepare_prompt(model, messages, args, video)
     if args.dump_inputs:
         dump_inputs(args.dump_inputs, prompt)
     model.check_context(len(prompt.input_ids), args.max_new_tokens,
@@ -289,7 +376,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UserError, ImageError, ValueError) as e:  # user mistakes: one clear line, no traceback
+    except (UserError, ImageError, ValueError) as e:  # user mistakes (VideoError too): one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

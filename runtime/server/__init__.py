@@ -10,14 +10,16 @@ tokenizers, pillow and jinja2 only. Never imports torch or transformers.
 The request path, one idea per module:
 
 * ``schema.py``: the JSON body -> a typed ChatRequest; every refusal names the field (``param``).
-* ``images.py``: an image_url -> bytes (``data:`` URLs; ``http(s)`` only with ``--allow-remote-images``;
+* ``images.py``: an image_url -> bytes (``data:`` URLs; ``http(s)`` only with ``--allow-remote-media``;
   never a local path) -> a PIL image, opened by ``kernels.image`` with the pixel limit checked from the
   header before any pixel is decoded.
+* ``videos.py``: a video_url (or ``{"type": "video", "video": URL}``) -> bytes, the same way -> the container
+  probed (frame count, size) before queueing; frames are decoded on the worker by the engine's ``prepare``.
 * ``scheduler.py``: ``--workers`` worker threads and a queue of at most ``--max-queue`` (one more is
   refused at once), the per-request timeout (from arrival, queueing included), cancellation when a
   client goes away. No HTTP in it; it owns its counters.
-* ``worker.py``: a ChatRequest + decoded images -> Prepared, GenerationChunk..., Finished, driving
-  ``vlm.stream_generate``.
+* ``worker.py``: a ChatRequest + decoded images and videos' bytes -> Prepared, GenerationChunk..., Finished,
+  driving ``vlm.prepare`` and ``vlm.stream_generate``.
 * ``app.py``: the Starlette routes; one table maps error types to HTTP statuses and OpenAI's error
   shape ``{"error": {"message", "type", "param", "code"}}``.
 * ``config.py`` / ``cli.py``: ServeConfig (every default, once) and the command line.

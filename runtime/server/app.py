@@ -1,8 +1,8 @@
 """The HTTP layer: a Starlette app serving OpenAI's chat-completions API and the chat page.
 
-Routes parse (schema.py), fetch and check images (images.py), submit the work to the scheduler and turn
-its events into a JSON answer or server-sent events. Every error is an exception of a type named by what
-went wrong; `ERRORS` maps each type to an HTTP status and OpenAI's error shape
+Routes parse (schema.py), fetch and check images (images.py) and videos (videos.py), submit the work to the
+scheduler and turn its events into a JSON answer or server-sent events. Every error is an exception of a type
+named by what went wrong; `ERRORS` maps each type to an HTTP status and OpenAI's error shape
 ``{"error": {"message", "type", "param", "code"}}``, applied in one place (`error_response`), for routes
 and for errors in the middle of a stream alike.
 """
@@ -29,13 +29,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import ParameterError
-from . import images, schema, worker
+from . import images, schema, videos, worker
 from .config import ServeConfig
 from .errors import AuthError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestError
 from .scheduler import Cancelled, GenerationTimeout, QueueFull, QueueTimeout, Scheduler, Ticket
 
 log = logging.getLogger("runtime.server")
 
+# Bodies above this are parsed on a thread: a video data: URL is megabytes of JSON string.
+LARGE_BODY_BYTES = 1 << 20
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
@@ -155,18 +157,30 @@ class ChatServer:
         arrived = time.monotonic()
         check_auth(request, self.config.api_key)
         body = await read_body(request, self.config.max_body_bytes, self.config.max_body_mb)
-        chat = schema.parse_chat_request(schema.parse_json(body), self.config.max_images)
+        if len(body) > LARGE_BODY_BYTES:  # a video data: URL: ~0.1 s of JSON parsing per 40 MB, off the event loop
+            body = await asyncio.to_thread(schema.parse_json, body)
+        else:
+            body = schema.parse_json(body)
+        chat = schema.parse_chat_request(body, self.config.max_images, self.config.max_videos)
+        del body  # the request's JSON, video data: URLs included, is not kept while the answer is generated
         if chat.model is not None and chat.model != self.model_name:
             raise NotFound(f"model {chat.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+        if chat.videos and not worker.reads_video(self.vlm):
+            raise RequestError(f"{chat.videos[0].param}: this model ({self.vlm.manifest['family']}) reads images "
+                               f"only, not video; send frames as image_url parts, or use a Qwen3-VL model",
+                               param=chat.videos[0].param, code="unsupported_media")
         encoded = [await self.fetch_image(image) for image in chat.images]
+        clips = [await self.fetch_video(video) for video in chat.videos]
         schema.make_sampling(chat.sampling, self.vlm.generation_defaults)  # sampling errors before queueing
         if chat.response_format is not None:  # schema errors before queueing too; compiled off the event loop
             chat = dataclasses.replace(chat, response_format=await asyncio.to_thread(self.compile_format,
                                                                                      chat.response_format))
         if chat.tools:  # a tool grammar ("required", a named function) compiles (and is cached) before queueing
             await asyncio.to_thread(self.compile_tools, chat)
-        events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens)
+        video = dataclasses.replace(self.config.video_options, **chat.video) if clips else None
+        events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens,
+                            clips, video)
         ticket = self.scheduler.submit(events, arrived)
         try:
             prepared = await self.next_event(ticket, request, watch=True)
@@ -212,9 +226,19 @@ class ChatServer:
 
     async def fetch_image(self, image: schema.ImageURL) -> images.EncodedImage:
         """Bytes of one image_url (fetched off the event loop), header checked: cheap, before queueing."""
-        data = await asyncio.to_thread(images.image_bytes, image.url, image.param, self.config.allow_remote_images,
+        data = await asyncio.to_thread(images.image_bytes, image.url, image.param, self.config.allow_remote_media,
                                        self.config.max_body_bytes, min(30.0, self.config.timeout))
         return images.check_image(data, self.config.max_image_pixels, image.param)
+
+    async def fetch_video(self, video: schema.VideoURL) -> videos.EncodedVideo:
+        """Bytes of one video (base64 decoded or fetched) and its container probed, off the event loop: a file
+        that is not a video is refused before queueing. Frames are decoded on the worker, by `prepare`."""
+        def fetch_and_probe():
+            data = images.image_bytes(video.url, video.param, self.config.allow_remote_media,
+                                      self.config.max_body_bytes, min(30.0, self.config.timeout), kind="video")
+            return videos.check_video(data, self.config.max_image_pixels, video.param)
+
+        return await asyncio.to_thread(fetch_and_probe)
 
     async def next_event(self, ticket: Ticket, request: Request, watch: bool):
         """The job's next event; with `watch`, also notice (every 0.25 s) a client that went away.

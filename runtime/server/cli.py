@@ -26,8 +26,9 @@ def build_parser(prog: str = "python -m runtime.server") -> argparse.ArgumentPar
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $VLM_API_KEY, else none)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without --api-key (anyone who reaches the port can use it)")
-    p.add_argument("--allow-remote-images", action="store_true",
-                   help="let requests name http(s) image URLs, fetched by the server (off: data: URLs only)")
+    p.add_argument("--allow-remote-media", "--allow-remote-images", dest="allow_remote_media", action="store_true",
+                   help="let requests name http(s) image and video URLs, fetched by the server (off: data: URLs "
+                        "only); --allow-remote-images is the older name")
     p.add_argument("--model-name", default=default("model_name"),
                    help="the model id clients use (default: the folder's name)")
     p.add_argument("--threads", type=int, default=default("threads"),
@@ -50,12 +51,22 @@ def build_parser(prog: str = "python -m runtime.server") -> argparse.ArgumentPar
     p.add_argument("--timeout", type=float, default=default("timeout"),
                    help=f"seconds a request may take, queueing included (default {default('timeout'):g})")
     p.add_argument("--max-body-mb", type=float, default=default("max_body_mb"),
-                   help=f"largest request body in MiB (default {default('max_body_mb'):g})")
+                   help=f"largest request body in MiB (default {default('max_body_mb'):g}: a video sent as a data: "
+                        f"URL takes 4/3 of its file size), and the most fetched for one remote image or video")
     p.add_argument("--max-images", type=int, default=default("max_images"),
                    help=f"most images in one request (default {default('max_images')})")
+    p.add_argument("--max-videos", type=int, default=default("max_videos"),
+                   help=f"most videos in one request (default {default('max_videos')})")
     p.add_argument("--max-image-pixels", type=int, default=default("max_image_pixels"),
-                   help=f"most pixels (width x height) of an uploaded image, checked before decoding "
+                   help=f"most pixels (width x height) of an uploaded image or video frame, checked before decoding "
                         f"(default {default('max_image_pixels'):,})")
+    p.add_argument("--video-fps", type=float, default=default("video_fps"), metavar="FPS",
+                   help="frames sampled per second of video when a request gives no video_fps (default: the "
+                        "model's video_preprocessor_config.json)")
+    p.add_argument("--video-max-frames", type=int, default=default("video_max_frames"), metavar="N",
+                   help="most frames sampled from one video when a request gives no video_max_frames")
+    p.add_argument("--video-max-pixels", type=int, default=default("video_max_pixels"), metavar="N",
+                   help="most pixels over all of a video's sampled frames when a request gives no video_max_pixels")
     p.add_argument("--default-max-tokens", type=int, default=default("default_max_tokens"),
                    help=f"max_tokens when a request gives none (default {default('default_max_tokens')}, "
                         f"within the context)")

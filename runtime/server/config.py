@@ -16,7 +16,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    allow_remote_images: bool = False
+    allow_remote_media: bool = False  # http(s) image and video URLs (--allow-remote-images is the old name)
     threads: int | None = None
     parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
     prefill_chunk: int = 128
@@ -24,9 +24,14 @@ class ServeConfig:
     batch_invariant: bool = True
     max_queue: int = 8
     timeout: float = 600.0
-    max_body_mb: float = 32.0
+    max_body_mb: float = 64.0  # a video as a data: URL is 4/3 of its file: clips of up to ~48 MB
     max_images: int = 8
-    max_image_pixels: int = 40_000_000
+    max_videos: int = 4
+    max_image_pixels: int = 40_000_000  # also each video frame's, checked from the container before decoding
+    # the video budget when a request gives none (video_fps, ...); None: the model's video_preprocessor_config.json
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_max_pixels: int | None = None
     default_max_tokens: int = 512
     model_name: str | None = None
     insecure_no_auth: bool = False
@@ -42,17 +47,30 @@ class ServeConfig:
         return int(self.max_body_mb * 1024 * 1024)
 
     @property
+    def video_options(self):
+        """The server's default video budget, a models.media.VideoOptions (requests override it field by field)."""
+        from models.media import VideoOptions
+
+        return VideoOptions(self.video_fps, self.video_max_frames, self.video_max_pixels)
+
+    @property
     def name(self) -> str:
         """The model id clients use."""
         return self.model_name or os.path.basename(os.path.normpath(self.model))
 
     def check(self) -> None:
         """Refuse settings that cannot work (UserError naming the flag); a public host needs an API key."""
-        positive = {"parallel": self.parallel, "prefill-chunk": self.prefill_chunk, "max-images": self.max_images, "max-image-pixels": self.max_image_pixels,
+        positive = {"parallel": self.parallel, "prefill-chunk": self.prefill_chunk, "max-images": self.max_images,
+                    "max-videos": self.max_videos, "max-image-pixels": self.max_image_pixels,
                     "default-max-tokens": self.default_max_tokens}
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1, got {value}")
+        try:
+            self.video_options.check({"fps": "--video-fps", "max_frames": "--video-max-frames",
+                                      "max_pixels": "--video-max-pixels"})
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.cache_mb < 0:

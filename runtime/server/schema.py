@@ -5,9 +5,10 @@ Every refusal is a RequestError whose `param` names the JSON field at fault, as 
 images' bytes or the model, except `make_sampling`, which merges the request's sampling fields over
 the model's generation_config defaults.
 
-    chat = parse_chat_request(parse_json(body_bytes), max_images=8)
+    chat = parse_chat_request(parse_json(body_bytes), max_images=8, max_videos=4)
     chat.images          # [ImageURL(url, param)], in the order they appear
-    chat.engine_messages(decoded_images)   # the engine's message format, PIL images in place
+    chat.videos          # [VideoURL(url, param)]: video_url parts and transformers' {"type": "video", "video": url}
+    chat.engine_messages(decoded_images, video_bytes)   # the engine's message format, media in place
 """
 from __future__ import annotations
 
@@ -31,15 +32,31 @@ class ImageURL:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoURL:
+    """A video_url value (or a video part's URL) from the request, not yet fetched or probed."""
+
+    url: str
+    param: str
+
+
+# Request fields of the video budget -> models.media.VideoOptions fields.
+VIDEO_FIELDS = {"video_fps": "fps", "video_max_frames": "max_frames", "video_max_pixels": "max_pixels"}
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatRequest:
     """A validated chat-completions request.
 
-    `messages` are in the engine's format (``{"role", "content": str | [parts]}``) with each image part
-    holding the index of its entry in `images` until `engine_messages` puts decoded images in place.
+    `messages` are in the engine's format (``{"role", "content": str | [parts]}``) with each image (video)
+    part holding the index of its entry in `images` (`videos`) until `engine_messages` puts them in place.
     """
 
     messages: list
     images: list  # [ImageURL]
+    videos: list = dataclasses.field(default_factory=list)  # [VideoURL]
+    # the request's video budget: the VideoOptions fields it gave (fps, max_frames, max_pixels); the server's
+    # --video-* defaults fill the others
+    video: dict = dataclasses.field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None  # None: the server's default, within the context
@@ -55,14 +72,16 @@ class ChatRequest:
     tool_choice: object = None
     parallel_tool_calls: bool = True
 
-    def engine_messages(self, images: list) -> list:
-        """The messages with image indices replaced by `images` (decoded, in `self.images` order)."""
+    def engine_messages(self, images: list, videos: list = ()) -> list:
+        """The messages with image indices replaced by `images` (decoded, in `self.images` order) and video
+        indices by `videos` (their bytes, in `self.videos` order)."""
+        media = {"image": images, "video": videos}
         messages = []
         for message in self.messages:
             content = message["content"]
             if isinstance(content, list):
-                content = [{"type": "image", "image": images[p["image"]]} if p["type"] == "image" else p
-                           for p in content]
+                content = [{"type": p["type"], p["type"]: media[p["type"]][p[p["type"]]]} if p["type"] in media
+                           else p for p in content]
             messages.append({**message, "content": content})
         return messages
 
@@ -149,11 +168,11 @@ def _get(body: dict, name: str, check, expected: str, default=None):
     return value
 
 
-def parse_messages(raw, max_images: int) -> tuple[list, list]:
-    """OpenAI messages -> (engine messages with image indices, [ImageURL])."""
+def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, list, list]:
+    """OpenAI messages -> (engine messages with image and video indices, [ImageURL], [VideoURL])."""
     if not isinstance(raw, list) or not raw:
         raise RequestError("'messages' must be a non-empty list of message objects", param="messages")
-    messages, images = [], []
+    messages, images, videos = [], [], []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -177,9 +196,10 @@ def parse_messages(raw, max_images: int) -> tuple[list, list]:
         if not isinstance(content, list):
             raise RequestError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
-        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images) for j, part in enumerate(content)]
+        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images, videos, max_videos)
+                 for j, part in enumerate(content)]
         messages.append({"role": role, "content": parts, **extra})
-    return messages, images
+    return messages, images, videos
 
 
 def _tool_fields(message: dict, role: str, where: str) -> dict:
@@ -204,8 +224,9 @@ def _tool_fields(message: dict, role: str, where: str) -> dict:
     return {"tool_calls": calls}
 
 
-def _parse_part(part, where: str, role: str, images: list, max_images: int) -> dict:
-    """One content part -> the engine's part; an image part is appended to `images` and refers to it by index."""
+def _parse_part(part, where: str, role: str, images: list, max_images: int, videos: list, max_videos: int) -> dict:
+    """One content part -> the engine's part; an image (video) part is appended to `images` (`videos`) and refers
+    to it by index."""
     if not isinstance(part, dict):
         raise RequestError(f"{where} must be an object with a 'type'", param=where)
     kind = part.get("type")
@@ -225,15 +246,45 @@ def _parse_part(part, where: str, role: str, images: list, max_images: int) -> d
             raise RequestError(f"too many images: at most {max_images} per request (--max-images)",
                                param="messages", code="too_many_images")
         return {"type": "image", "image": len(images) - 1}
-    raise RequestError(f"{where}.type must be 'text' or 'image_url', got {json.dumps(kind)[:40]}",
-                       param=f"{where}.type")
+    if kind in ("video_url", "video"):
+        if role != "user":
+            raise RequestError(f"{where}: videos are only accepted in user messages", param=where)
+        videos.append(_video_url(part, kind, where))
+        if len(videos) > max_videos:
+            raise RequestError(f"too many videos: at most {max_videos} per request (--max-videos)",
+                               param="messages", code="too_many_videos")
+        return {"type": "video", "video": len(videos) - 1}
+    raise RequestError(f"{where}.type must be 'text', 'image_url', 'video_url' or 'video', got "
+                       f"{json.dumps(kind)[:40]}", param=f"{where}.type")
 
 
-def parse_chat_request(body, max_images: int) -> ChatRequest:
+def _video_url(part: dict, kind: str, where: str) -> VideoURL:
+    """A video part's URL: ``{"type": "video_url", "video_url": {"url": U}}`` (vLLM's spelling, also a bare
+    string) or transformers' ``{"type": "video", "video": U}`` (or ``"url": U``). Local paths (``"path"``) and
+    frame lists are refused: a request's media come only from its own bytes."""
+    if kind == "video_url":
+        info = part.get("video_url")
+        url, field = (info.get("url") if isinstance(info, dict) else info), "video_url"
+    else:
+        keys = [k for k in ("video", "url", "path") if k in part]
+        if keys == ["path"]:
+            raise RequestError(f"{where}.path: file paths are never read; send the video inline as a data: URL "
+                               f"(data:video/mp4;base64,...)", param=f"{where}.path", code="invalid_video_url")
+        if len(keys) != 1:
+            raise RequestError(f"{where} must hold the video's URL in 'video' (or 'url')", param=where)
+        url, field = part[keys[0]], keys[0]
+    if not isinstance(url, str) or not url:
+        expected = "video_url.url" if kind == "video_url" else field
+        raise RequestError(f"{where}.{expected} must be a non-empty string: a data: URL (data:video/mp4;base64,...)",
+                           param=f"{where}.{field}")
+    return VideoURL(url, f"{where}.{field}")
+
+
+def parse_chat_request(body, max_images: int, max_videos: int = 4) -> ChatRequest:
     """A parsed JSON body -> ChatRequest; refuses unsupported OpenAI fields by name."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    messages, images = parse_messages(body.get("messages"), max_images)
+    messages, images, videos = parse_messages(body.get("messages"), max_images, max_videos)
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
     options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer", None)
@@ -247,8 +298,8 @@ def parse_chat_request(body, max_images: int) -> ChatRequest:
                            param="min_tokens")
     stop = _parse_stop(body.get("stop"))
     _refuse_unsupported(body)
-    return ChatRequest(messages=messages, images=images, stream=stream,
-                       include_usage=bool(options.get("include_usage", False)), max_tokens=max_tokens,
+    return ChatRequest(messages=messages, images=images, videos=videos, video=_parse_video_budget(body),
+                       stream=stream, include_usage=bool(options.get("include_usage", False)), max_tokens=max_tokens,
                        min_tokens=min_tokens, stop=stop, sampling=_parse_sampling(body),
                        model=_get(body, "model", lambda v: isinstance(v, str), "a string", None),
                        response_format=_parse_response_format(body.get("response_format")),
@@ -271,6 +322,24 @@ def _parse_tools(body: dict) -> dict:
         raise RequestError(f"response_format cannot be combined with tool_choice {json.dumps(body['tool_choice'])[:60]}, "
                            f"which constrains the answer to a tool call", param="response_format")
     return {"tools": use.tools, "tool_choice": body.get("tool_choice"), "parallel_tool_calls": use.parallel}
+
+
+def _parse_video_budget(body: dict) -> dict:
+    """video_fps, video_max_frames, video_max_pixels (extensions; each optional) -> the VideoOptions fields given.
+    A value that is not a positive number (a whole one for frames and pixels) is refused naming its field."""
+    from models.media import VideoOptions
+
+    budget = {}
+    for name, field in VIDEO_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        try:
+            VideoOptions(**{field: value}).check({field: f"'{name}'"})
+        except ValueError as e:
+            raise RequestError(str(e), param=name) from None
+        budget[field] = value if field == "fps" else int(value)
+    return budget
 
 
 def _parse_response_format(value):

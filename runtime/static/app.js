@@ -34,15 +34,29 @@ async function loadModel() {
   }
 }
 
-function addMessage(role, text, images) {
+// An attachment ({kind, url}) as shown: an image, or a small muted video (never autoplayed) with controls in the
+// conversation and without them in the composer, where it is a thumbnail.
+function mediaElement(item, sending) {
+  const label = sending ? item.kind + " to send" : "attached " + item.kind;
+  if (item.kind === "video") {
+    const video = document.createElement("video");
+    video.src = item.url;
+    video.muted = true;
+    video.controls = !sending;
+    video.preload = "metadata";
+    video.setAttribute("aria-label", label);
+    return video;
+  }
+  const img = document.createElement("img");
+  img.src = item.url;
+  img.alt = label;
+  return img;
+}
+
+function addMessage(role, text, media) {
   const div = document.createElement("div");
   div.className = "msg " + role;
-  for (const url of images || []) {
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = "attached image";
-    div.appendChild(img);
-  }
+  for (const item of media || []) div.appendChild(mediaElement(item, false));
   const span = document.createElement("span");
   span.className = "text";
   span.textContent = text;
@@ -55,26 +69,28 @@ function addMessage(role, text, images) {
 function renderAttachments() {
   const box = $("attachments");
   box.innerHTML = "";
-  state.pending.forEach((url, i) => {
+  state.pending.forEach((item, i) => {
     const fig = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = "image to send";
+    const preview = mediaElement(item, true);
     const rm = document.createElement("button");
     rm.type = "button";
     rm.textContent = "×";
     rm.title = "remove";
     rm.onclick = () => { state.pending.splice(i, 1); renderAttachments(); };
-    fig.append(img, rm);
+    fig.append(preview, rm);
     box.appendChild(fig);
   });
 }
 
-function addFiles(files) {
+// Files -> pending attachments, as data: URLs. `kind` "video" (the video button: videos, animated GIF/WebP)
+// sends each as a video_url part; otherwise images are images and video files (dropped, pasted) videos.
+function addFiles(files, kind) {
   for (const file of files) {
-    if (!file.type.startsWith("image/")) continue;
+    const type = file.type || "";
+    const as = kind || (type.startsWith("video/") ? "video" : type.startsWith("image/") ? "image" : null);
+    if (!as) continue;
     const reader = new FileReader();
-    reader.onload = () => { state.pending.push(reader.result); renderAttachments(); };
+    reader.onload = () => { state.pending.push({ kind: as, url: reader.result }); renderAttachments(); };
     reader.readAsDataURL(file);
   }
 }
@@ -105,11 +121,13 @@ async function send(event) {
   const text = $("prompt").value.trim();
   if (!text && !state.pending.length) return;
   if (state.auth) localStorage.setItem("vlm-api-key", $("api-key").value);
-  const images = state.pending.splice(0);
+  const media = state.pending.splice(0);
   renderAttachments();
   $("prompt").value = "";
-  const userDiv = addMessage("user", text, images);
-  const content = images.map((url) => ({ type: "image_url", image_url: { url } }));
+  const userDiv = addMessage("user", text, media);
+  const content = media.map((item) => item.kind === "video"
+    ? { type: "video_url", video_url: { url: item.url } }
+    : { type: "image_url", image_url: { url: item.url } });
   content.push({ type: "text", text });
   state.history.push({ role: "user", content });
 
@@ -203,6 +221,7 @@ async function send(event) {
 $("composer").addEventListener("submit", send);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("file").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
+$("video").addEventListener("change", (e) => { addFiles(e.target.files, "video"); e.target.value = ""; });
 $("camera").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
