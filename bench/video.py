@@ -149,7 +149,7 @@ def _worker(kind: str, spec: dict) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--export", required=True)
+    p.add_argument("--export", help="the exported model folder (required)")
     p.add_argument("--checkpoint", help="the checkpoint the export came from (eager PyTorch); omitted: ours only")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--size", default="640x360")
@@ -165,6 +165,8 @@ def main(argv=None) -> None:
         kind, spec = args.worker[0], json.loads(args.worker[1])
         print(json.dumps(run_ours(spec) if kind == "ours" else run_eager(spec)))
         return
+    if not args.export:
+        p.error("--export is required")
     width, height = (int(v) for v in args.size.split("x"))
     work = tempfile.mkdtemp(prefix="bench-video-")
     clip = write_clip(os.path.join(work, "clip.mp4"), args.seconds, width, height, args.fps)

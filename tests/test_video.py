@@ -128,3 +128,66 @@ def test_same_clip_again_is_not_encoded_again(clips, photos, vlm):
     again = vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=2)
     assert vlm.engine.counters["vision_images"] == before
     assert again.cached_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def hf_video_processor(qwen_checkpoint):
+    """transformers' whole Qwen3VLProcessor on the checkpoint (PIL image processor, the video processor run
+    through tests/torchvision_shim.py): it reads the clip files itself."""
+    import json
+    import os
+
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from tests.torchvision_shim import torchvision_shim
+
+    def config(name):
+        with open(os.path.join(qwen_checkpoint, name)) as f:
+            return json.load(f)
+
+    keep = ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+    image_processor = Qwen2VLImageProcessorPil(**{k: config("preprocessor_config.json")[k] for k in keep})
+    video_config = {k: v for k, v in config("video_preprocessor_config.json").items()
+                    if k not in ("processor_class", "video_processor_type")}
+    class Qwen3VLProcessorNamedVideo(transformers.Qwen3VLProcessor):
+        # Without torchvision transformers' video-processor registry is empty: name the class explicitly.
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and isinstance(argument, Qwen3VLVideoProcessor):
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    class Qwen3VLVideoProcessorPyAV(Qwen3VLVideoProcessor):
+        # Its default decoder is torchcodec (not installed); transformers' own PyAV loader reads the files.
+        def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
+            from transformers.video_utils import load_video
+
+            if isinstance(video_url_or_urls, list):
+                return list(zip(*[self.fetch_videos(x, sample_indices_fn) for x in video_url_or_urls]))
+            return load_video(video_url_or_urls, backend="pyav", sample_indices_fn=sample_indices_fn)
+
+    with torchvision_shim():
+        video_processor = Qwen3VLVideoProcessorPyAV(cap_pixels_per_frame=False, **video_config)
+        with open(os.path.join(qwen_checkpoint, "chat_template.jinja")) as f:
+            template = f.read()
+        yield Qwen3VLProcessorNamedVideo(image_processor=image_processor, video_processor=video_processor,
+                                            tokenizer=transformers.AutoTokenizer.from_pretrained(qwen_checkpoint),
+                                            chat_template=template)
+
+
+@pytest.mark.parametrize("kind", ["clip", "clip_and_image", "two_clips"])
+def test_video_prompt_ids_equal_the_processors(kind, clips, photos, vlm, hf_video_processor):
+    """Prompt token ids (timestamps, per-group vision start/end, pad runs), pixel values and grids equal what
+    transformers' processor makes from the same files with `apply_chat_template(..., tokenize=True)`."""
+    messages = _messages(kind, clips, photos)
+    inputs = hf_video_processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True, return_tensors="np")
+    prompt = vlm.prepare(messages)
+    arrays = prompt.dump()
+    np.testing.assert_array_equal(arrays["input_ids"], inputs["input_ids"])
+    np.testing.assert_array_equal(arrays["video_grid_thw"], inputs["video_grid_thw"])
+    np.testing.assert_array_equal(arrays["pixel_values_videos"], inputs["pixel_values_videos"])
+    if kind == "clip_and_image":
+        np.testing.assert_array_equal(arrays["pixel_values"], inputs["pixel_values"])
+    assert "seconds>" in vlm.tokenizer.decode(prompt.input_ids.tolist(), skip_special_tokens=False)
