@@ -48,6 +48,27 @@ class VideoError(ValueError):
     """A video could not be read or is unusable; the one-line message names the source and what to do."""
 
 
+class VideoTooLong(VideoError):
+    """Clips whose frames cannot fit the context, found from their headers before any frame is decoded.
+
+    `str()` names the budget as the Python API spells it; `message(names)` in another front end's words
+    (`names`: the frames-per-second, max-frames, max-pixels and max-new-tokens settings, e.g. the CLI's flags)."""
+
+    API_NAMES = ("video fps", "max_frames", "max_pixels", "max_new_tokens")
+
+    def __init__(self, source: str, frames: int, width: int, height: int, tokens: int, room: int):
+        self.source, self.frames, self.width, self.height, self.tokens, self.room = (source, frames, width, height,
+                                                                                     tokens, room)
+        super().__init__(self.message(self.API_NAMES))
+
+    def message(self, names) -> str:
+        """The one-line error naming the four budget settings `names` (fps, max frames, max pixels, new tokens)."""
+        fps, frames, pixels, new_tokens = names
+        return (f"{self.source}: {self.frames} frames of {self.width}x{self.height} need about {self.tokens} prompt "
+                f"tokens (with the clips before it), over the {self.room} the context has room for; sample fewer "
+                f"frames ({fps}, {frames}), lower the clip's pixel budget ({pixels}) or {new_tokens}")
+
+
 @dataclass
 class VideoInfo:
     """What a source says about itself before any frame is decoded."""

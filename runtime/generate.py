@@ -229,11 +229,14 @@ def prepare_prompt(model, messages: list, args, video):
     the context with --max-new-tokens (refused before decoding), is a UserError naming --video and the path."""
     if not args.video:
         return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    from kernels.video import VideoError
+    from kernels.video import VideoError, VideoTooLong
 
     try:
         return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels, video=video,
                              max_new_tokens=args.max_new_tokens)
+    except VideoTooLong as e:
+        raise UserError("--video " + e.message(("--video-fps", "--video-max-frames", "--video-max-pixels",
+                                                "lower --max-new-tokens"))) from None
     except VideoError as e:  # its message starts with the path
         raise UserError(f"--video {e}") from None
 

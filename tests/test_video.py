@@ -191,3 +191,22 @@ def test_video_prompt_ids_equal_the_processors(kind, clips, photos, vlm, hf_vide
     if kind == "clip_and_image":
         np.testing.assert_array_equal(arrays["pixel_values"], inputs["pixel_values"])
     assert "seconds>" in vlm.tokenizer.decode(prompt.input_ids.tolist(), skip_special_tokens=False)
+
+
+def test_clip_too_long_for_the_context_is_refused_before_decoding(clips, photos, vlm, monkeypatch):
+    """The clip's frame count and size come from the container's header: a clip that cannot fit the context
+    with max_new_tokens is refused (naming the budget) before any frame is decoded, and nothing is queued."""
+    import kernels.video
+    from kernels.video import VideoTooLong
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(kernels.video, "load_video", no_decoding)
+    before = dict(vlm.engine.counters)
+    with pytest.raises(VideoTooLong, match=r"astronaut\.mp4: \d+ frames of 96x64 need about \d+ prompt tokens.*"
+                                            r"max_frames.*max_new_tokens"):
+        vlm.generate(_messages("clip", clips, photos), max_new_tokens=vlm.max_context - 8)
+    with pytest.raises(ValueError, match="video"):  # a bad budget names the parameter
+        vlm.generate(_messages("clip", clips, photos), video={"fps": 0})
+    assert vlm.engine.counters == before

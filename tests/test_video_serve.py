@@ -159,6 +159,7 @@ def test_cli_video_too_long_for_the_context(qwen_export, vlm, clip, capsys):
                              "--max-new-tokens", str(vlm.max_context - 8))
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"error: --video {clip}") and "context" in err, err
+    assert "--video-fps" in err and "--video-max-pixels" in err and "--max-new-tokens" in err, err
 
 
 def test_cli_minigpt4_refuses_video(mg_export, clip, capsys):
@@ -252,7 +253,7 @@ def test_bad_videos_get_400_naming_the_field_and_the_server_keeps_serving(server
         "pixels as text": (video_messages(part(b64(data))), {"video_max_pixels": "lots"}, "video_max_pixels",
                            "positive"),
         "too long for the context": (video_messages(part(b64(data))), {"max_tokens": vlm.max_context - 8}, where,
-                                     "context"),
+                                     "video_max_frames"),
     }
     for name, (messages, fields, param, says) in cases.items():
         status, _, answer = ask(server, messages, **fields)

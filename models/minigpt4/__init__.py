@@ -40,6 +40,7 @@ class Family:
     # Decoder inputs -> (batch axis, sequence axis), as in models/qwen3_vl.
     decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (0, 1)}
     vision_output_axes = (0,)  # image_embeds [n, num_query_tokens, H]
+    reads_video = False  # single images only: a video part is refused (UnsupportedMedia)
 
     def __init__(self, manifest: dict):
         self.manifest = manifest

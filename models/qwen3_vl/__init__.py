@@ -60,6 +60,7 @@ class Family:
     # Answers to "locate"/"detect"/"point" prompts hold bbox_2d / point_2d JSON relative to the image, 0..1000
     # (kernels/grounding.py gives the sources); the engine turns them into pixels (GenerationResult.boxes).
     grounding_scale = GROUNDING_SCALE
+    reads_video = True  # video parts (models.media.VideoPart) become clips
 
     def __init__(self, manifest: dict):
         self.manifest = manifest
@@ -74,8 +75,9 @@ class Family:
 
     @property
     def video_params(self):
-        """The clip preprocessing (video_preprocessor_config.json); exports made before video support get
-        transformers' Qwen3-VL defaults on the image config's geometry."""
+        """The clip preprocessing (the checkpoint's video_preprocessor_config.json); an export made before video
+        support gets what transformers falls back to without one: the image config's size, mean and std with
+        the video processor's other defaults."""
         from .video import VideoProcessorParams
 
         if self._video_params is None:
@@ -111,7 +113,7 @@ class Family:
 
     def _plan_clips(self, clips: list, options: VideoOptions, token_limit: int | None) -> list:
         """Probe every clip (no frame decoded): [(info, frame indices)], refusing clips past `token_limit`."""
-        from kernels.video import VideoError, describe_video, probe_video
+        from kernels.video import VideoTooLong, describe_video, probe_video
 
         from .video import sample_frame_indices, video_grid
 
@@ -126,10 +128,7 @@ class Family:
                 # each frame group: its pads, vision start/end and a "<x.x seconds>" of at least 4 tokens
                 total += t * (h * w // self.merge_size ** 2 + 6)
                 if token_limit is not None and total > token_limit:
-                    raise VideoError(
-                        f"{describe_video(clip)}: {len(indices)} frames of {info.width}x{info.height} need about "
-                        f"{total} prompt tokens with the clips before it, over the {token_limit} the context has "
-                        f"room for; sample fewer frames (video fps / max frames) or lower the video pixel budget")
+                    raise VideoTooLong(describe_video(clip), len(indices), info.width, info.height, total, token_limit)
         return plans
 
     def _read_clip(self, clip, plan, options: VideoOptions):

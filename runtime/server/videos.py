@@ -39,12 +39,14 @@ def check_video(data: bytes, max_frame_pixels: int, param: str) -> EncodedVideo:
 def as_request_error(videos: list):
     """kernels.video's VideoError -> a RequestError naming the field of the video it is about: the one whose
     source name (``<N bytes of video>``) begins the message, else the only video, else ``messages``."""
-    from kernels.video import VideoError, describe_video
+    from kernels.video import VideoError, VideoTooLong, describe_video
 
     try:
         yield
     except VideoError as e:
         message, param = str(e), "messages"
+        if isinstance(e, VideoTooLong):
+            message = e.message(("video_fps", "video_max_frames", "video_max_pixels", "lower max_tokens"))
         named = [v for v in videos if message.startswith(describe_video(v.data) + ": ")]
         if len(named) == 1 or len(videos) == 1:
             video = (named or videos)[0]

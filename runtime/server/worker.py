@@ -44,10 +44,8 @@ class Finished:
 
 
 def reads_video(vlm) -> bool:
-    """Whether the model's family reads clips: Qwen3-VL declares its video preprocessing (`video_params`);
-    MiniGPT-4 reads single images. A family's own `reads_video`, when it has one, decides."""
-    family = vlm.family
-    return bool(getattr(family, "reads_video", hasattr(type(family), "video_params")))
+    """Whether the model's family reads clips (its `reads_video`: Qwen3-VL does, MiniGPT-4 reads single images)."""
+    return bool(vlm.family.reads_video)
 
 
 def run(vlm, request: ChatRequest, images: list[EncodedImage], max_image_pixels: int,
