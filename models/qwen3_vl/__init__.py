@@ -113,7 +113,7 @@ class Family:
 
     def _plan_clips(self, clips: list, options: VideoOptions, token_limit: int | None) -> list:
         """Probe every clip (no frame decoded): [(info, frame indices)], refusing clips past `token_limit`."""
-        from kernels.video import VideoTooLong, describe_video, probe_video
+        from kernels.video import VideoError, VideoTooLong, describe_video, probe_video
 
         from .video import sample_frame_indices, video_grid
 
@@ -123,7 +123,11 @@ class Family:
             indices = sample_frame_indices(info, params, fps=options.fps, max_frames=options.max_frames)
             plans.append((info, indices))
             if info.total_frames > 0:
-                _, _, grid = video_grid(len(indices), info.height, info.width, params, max_pixels=options.max_pixels)
+                try:
+                    _, _, grid = video_grid(len(indices), info.height, info.width, params,
+                                            max_pixels=options.max_pixels)
+                except VideoError as e:  # too few frames, an extreme aspect ratio: say which clip
+                    raise VideoError(f"{describe_video(clip)}: {e}") from None
                 t, h, w = (int(v) for v in np.asarray(grid).reshape(3))
                 # each frame group: its pads, vision start/end and a "<x.x seconds>" of at least 4 tokens
                 total += t * (h * w // self.merge_size ** 2 + 6)
