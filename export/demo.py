@@ -63,8 +63,12 @@ TOKENIZER_CONFIG = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bo
                     "model_max_length": 262144, "tokenizer_class": "Qwen2Tokenizer"}
 
 
-def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0, dtype=None) -> str:
-    """Write a random-weight Qwen3-VL checkpoint (safetensors) with tokenizer and templates to `folder`."""
+def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0, dtype=None,
+                     spread_vectors: bool = False) -> str:
+    """Write a random-weight Qwen3-VL checkpoint (safetensors) with tokenizer and templates to `folder`.
+
+    transformers initialises every norm weight to 1 and every bias to 0, so a graph that drops one would still
+    match; `spread_vectors` (the tests' checkpoints) draws them instead: norm weights 1 +- 0.2, biases +- 0.1."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -73,6 +77,13 @@ def write_checkpoint(folder: str, config: dict | None = None, seed: int = 0, dty
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**(config or tiny_config())))
+    if spread_vectors:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.ndim == 1:
+                    noise = torch.empty(parameter.shape).uniform_(-1, 1, generator=generator)
+                    parameter.copy_(noise * 0.1 if name.endswith("bias") else 1 + noise * 0.2)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(folder, safe_serialization=True)

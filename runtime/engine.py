@@ -182,7 +182,7 @@ class VisionLanguageModel:
             prompt = self.family.prepare(input_ids)
         else:
             prompt = self.family.prepare(input_ids, media.pixel_values, media.grid_thw, media.kinds)
-        if getattr(self.family, "grounding_scale", None):  # the image an answer's boxes refer to
+        if self.family.grounding_scale:  # the image an answer's boxes refer to
             prompt.grounding_image = grounding_image(messages, [s for s in sources if not isinstance(s, VideoPart)])
         return prompt
 
@@ -276,7 +276,7 @@ class VisionLanguageModel:
             prompt = self.prepare(prompt, tools=use.tools if use is not None else None,
                                   video=video_options(video), max_new_tokens=max_new_tokens)
         self.check_context(len(prompt.input_ids), max_new_tokens)
-        stops = list(stop or []) + list(getattr(self.family, "stop_strings", ()))
+        stops = list(stop or []) + list(self.family.stop_strings)
         sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
                             self.tokenizer, constraint=self.grammars.constraint(grammar) if grammar else None,
                             logprobs=logprobs, token_table=self.token_table,
@@ -334,7 +334,7 @@ class VisionLanguageModel:
                 logprobs.append(chunk.logprobs)
             finish = chunk.finish_reason or finish
         prompt, text = sequence.prompt, "".join(pieces)
-        scale = getattr(self.family, "grounding_scale", None)
+        scale = self.family.grounding_scale
         boxes = answer_boxes(text, getattr(prompt, "grounding_image", None), scale)
         return GenerationResult(text, token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
                                 summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens, boxes=boxes,

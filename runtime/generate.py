@@ -331,7 +331,7 @@ def run(args) -> int:
     from .engine import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
-    scale = getattr(model.family, "grounding_scale", None)
+    scale = model.family.grounding_scale
     if args.draw_boxes is not None and not scale:
         raise UserError(f"--draw-boxes: {model.manifest['family']} models write no boxes or points "
                         f"(grounding is a Qwen3-VL output)")

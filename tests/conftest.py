@@ -29,7 +29,9 @@ def _tiny_config():
 def qwen_checkpoint(tmp_path_factory) -> str:
     from export.demo import write_checkpoint
 
-    return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qwen3-vl-tiny"), _tiny_config(), seed=0)
+    # Norm weights and biases drawn too (transformers' 1s and 0s would hide a graph that drops one).
+    return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qwen3-vl-tiny"), _tiny_config(), seed=0,
+                            spread_vectors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract import FamilyBase
 from ..media import MediaInputs, UnsupportedMedia, VideoPart
 from .preprocess import BlipImageParams, preprocess_images
 from .prompt import TEMPLATES, tokenize_segments
@@ -33,8 +34,8 @@ class PreparedPrompt:
                 else np.zeros((0, 3, 0, 0), np.float32)}
 
 
-class Family:
-    """MiniGPT-4's serve-time behaviour, configured from manifest.json."""
+class Family(FamilyBase):
+    """MiniGPT-4's serve-time behaviour, configured from manifest.json (the contract: models/contract.py)."""
 
     name = NAME
     # Decoder inputs -> (batch axis, sequence axis), as in models/qwen3_vl.
@@ -74,19 +75,11 @@ class Family:
         return [(pixel_values[i:i + 1], np.full((1,), self.num_query_tokens, dtype=np.int64))
                 for i in range(len(pixel_values))]
 
-    def split_frames(self, pixel_values: np.ndarray, image_grid_thw, max_patches: int) -> list:
-        """One image -> [(pixel_values, query counts)]: images are never split."""
-        return [(pixel_values, image_grid_thw)]
-
     def image_token_counts(self, image_grid_thw) -> list:
         """Prompt tokens each image occupies (its query embeddings), in order."""
         return [int(n) for n in np.asarray(image_grid_thw).reshape(-1)]
 
     # --- prompt ---------------------------------------------------------------------------------
-    def media_token_mask(self, input_ids: np.ndarray) -> np.ndarray:
-        """Which prompt tokens take image query embeddings."""
-        return np.asarray(input_ids) == self.image_token_id
-
     def tokenize(self, tokenizer, text: str, media: MediaInputs | None) -> np.ndarray:
         """Rendered prompt -> ids: split at <ImageHere>, BOS on the first segment only, query slots between."""
         n_images = 0 if media is None else len(media.grid_thw)

@@ -10,6 +10,7 @@ import numpy as np
 
 from kernels.grounding import GROUNDING_SCALE
 
+from ..contract import FamilyBase
 from ..media import MediaInputs, VideoOptions, VideoPart
 from . import positions
 from .preprocess import ImageProcessorParams, preprocess_images
@@ -48,8 +49,8 @@ class PreparedPrompt:
         return arrays
 
 
-class Family:
-    """Qwen3-VL's serve-time behaviour, configured from manifest.json."""
+class Family(FamilyBase):
+    """Qwen3-VL's serve-time behaviour, configured from manifest.json (the contract: models/contract.py)."""
 
     name = NAME
     # Decoder inputs -> (batch axis, sequence axis): the engine slices prompts into chunks along the
