@@ -73,8 +73,10 @@ def run_ours(spec: dict) -> dict:
     start = time.perf_counter()
     vlm = VisionLanguageModel(spec["export"], threads=spec["threads"], cache_mb=0)
     load_s = time.perf_counter() - start
-    if vlm.family._video_params is None:
-        vlm.family._video_params = QWEN3_VL_2B_VIDEO
+    if "video_preprocessing" not in vlm.manifest:
+        from models.qwen3_vl.video import VideoProcessorParams
+
+        vlm.family.video_params = VideoProcessorParams.from_dict(QWEN3_VL_2B_VIDEO)
     params = vlm.family.video_params
     start = time.perf_counter()
     clip = load_video(spec["clip"], lambda info: sample_frame_indices(info, params))

@@ -75,6 +75,14 @@ def video_options(video) -> VideoOptions | None:
     raise ParameterError("video", f"video must be a dict or VideoOptions, got {type(video).__name__}")
 
 
+def _fetch_if_remote(source):
+    """An image or clip source given as an http(s) URL -> its bytes (same wrapper); anything else unchanged."""
+    if isinstance(source, VideoPart):
+        url = source.source
+        return VideoPart(fetch_remote_image(url, kind="video")) if isinstance(url, str) and is_remote_url(url) else source
+    return fetch_remote_image(source) if is_remote_url(source) else source
+
+
 class VisionLanguageModel:
     """An exported model folder, loaded: ONNX Runtime sessions, tokenizer, chat template, embeddings.
 
@@ -169,10 +177,7 @@ class VisionLanguageModel:
             except ValueError as e:
                 raise ParameterError("video", str(e)) from None
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
-            sources = [VideoPart(fetch_remote_image(s.source, kind="video")) if isinstance(s, VideoPart)
-                       and isinstance(s.source, str) and is_remote_url(s.source)
-                       else fetch_remote_image(s) if not isinstance(s, VideoPart) and is_remote_url(s) else s
-                       for s in sources]
+            sources = [_fetch_if_remote(source) for source in sources]
         media = None
         if sources:
             media = self.family.preprocess(sources, min_pixels=min_pixels, max_pixels=max_pixels, video=video,

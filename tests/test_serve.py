@@ -528,18 +528,23 @@ def chromium_page():
             browser.close()
 
 
+def open_greedy_page(page, server, max_tokens: int = N_TOKENS) -> None:
+    """Load the chat page, wait for the model's name, set greedy decoding and `max_tokens` in its settings."""
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
+    # open/close the settings panel by state, not by toggling clicks (robust on a loaded machine)
+    page.evaluate("document.getElementById('settings').open = true")
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#temperature", "0")
+    page.evaluate("document.getElementById('settings').open = false")
+
+
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 def test_chat_page_in_a_real_browser(server, expected, photos, tmp_path):
     with chromium_page() as page:
         external = []
         page.on("request", lambda r: None if r.url.startswith(server.url) else external.append(r.url))
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
-        # open/close the settings panel by state, not by toggling clicks (robust on a loaded machine)
-        page.evaluate("document.getElementById('settings').open = true")
-        page.fill("#max-tokens", str(N_TOKENS))
-        page.fill("#temperature", "0")
-        page.evaluate("document.getElementById('settings').open = false")
+        open_greedy_page(page, server)
         page.set_input_files("#file", IMAGE)
         page.wait_for_selector("#attachments img")
         page.fill("#prompt", PROMPT)
@@ -581,12 +586,7 @@ def test_chat_page_drops_a_failed_turn(server, tmp_path):
         sent = []
         page.on("request", lambda r: sent.append(json.loads(r.post_data))
                 if r.url.endswith("/v1/chat/completions") else None)
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
-        page.evaluate("document.getElementById('settings').open = true")
-        page.fill("#max-tokens", "4")
-        page.fill("#temperature", "0")
-        page.evaluate("document.getElementById('settings').open = false")
+        open_greedy_page(page, server, 4)
 
         page.set_input_files("#file", files=[{"name": "broken.png", "mimeType": "image/png",
                                               "buffer": b"this is not a PNG"}])

@@ -20,7 +20,7 @@ import pytest
 
 av = pytest.importorskip("av", reason="PyAV is in the test extra (pip install 'vlm-core[test]')")
 
-from test_serve import CHROMIUM, Server, chromium_page  # noqa: E402
+from test_serve import CHROMIUM, Server, chromium_page, open_greedy_page  # noqa: E402
 
 from kernels.sampling import SamplingParams  # noqa: E402
 from models.media import VideoOptions  # noqa: E402
@@ -310,12 +310,7 @@ def test_chat_page_sends_a_chosen_video_as_a_video_url_part(server, vlm, clip):
         sent = []
         page.on("request", lambda r: sent.append(json.loads(r.post_data))
                 if r.url.endswith("/v1/chat/completions") else None)
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('qwen3-vl-tiny-onnx')")
-        page.evaluate("document.getElementById('settings').open = true")
-        page.fill("#max-tokens", str(N_TOKENS))
-        page.fill("#temperature", "0")
-        page.evaluate("document.getElementById('settings').open = false")
+        open_greedy_page(page, server, N_TOKENS)
         assert page.get_attribute("#video", "accept") == "video/*,image/gif,image/webp"
         page.set_input_files("#video", clip)
         page.wait_for_selector("#attachments video")

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.grounding import GROUNDING_SCALE
+from kernels.video import VideoError, VideoTooLong, describe_video, load_video, probe_video
 
 from ..contract import FamilyBase
 from ..media import MediaInputs, VideoOptions, VideoPart
 from . import positions
 from .preprocess import ImageProcessorParams, preprocess_images
 from .prompt import expand_media_pads, tokenize_prompt
+from .video import (VideoProcessorParams, frame_timestamps, preprocess_video, sample_frame_indices,
+                    video_grid)
 
 NAME = "qwen3_vl"
 
@@ -72,18 +75,12 @@ class Family(FamilyBase):
         self.merge_size = int(self.vision_config["spatial_merge_size"])
         self.image_token_id = int(self.tokens["image_token_id"])
         self.video_token_id = int(self.tokens["video_token_id"])
-        self._video_params = manifest.get("video_preprocessing")
-
-    @property
-    def video_params(self):
-        """The clip preprocessing (the checkpoint's video_preprocessor_config.json); an export made before video
-        support gets what transformers falls back to without one: the image config's size, mean and std with
-        the video processor's other defaults."""
-        from .video import VideoProcessorParams
-
-        if self._video_params is None:
-            return VideoProcessorParams.from_image_params(self.manifest["preprocessing"], self.vision_config)
-        return VideoProcessorParams.from_dict(self._video_params)
+        # The clip preprocessing (the checkpoint's video_preprocessor_config.json); an export made before video
+        # support gets what transformers falls back to without one: the image config's size, mean and std
+        # with the video processor's other defaults.
+        video = manifest.get("video_preprocessing")
+        self.video_params = (VideoProcessorParams.from_dict(video) if video is not None else
+                             VideoProcessorParams.from_image_params(manifest["preprocessing"], self.vision_config))
 
     # --- images and clips -----------------------------------------------------------------------
     def preprocess(self, sources, min_pixels=None, max_pixels=None, video: VideoOptions | None = None,
@@ -114,10 +111,6 @@ class Family(FamilyBase):
 
     def _plan_clips(self, clips: list, options: VideoOptions, token_limit: int | None) -> list:
         """Probe every clip (no frame decoded): [(info, frame indices)], refusing clips past `token_limit`."""
-        from kernels.video import VideoError, VideoTooLong, describe_video, probe_video
-
-        from .video import sample_frame_indices, video_grid
-
         params, plans, total = self.video_params, [], 0
         for clip in clips:
             info = probe_video(clip)
@@ -138,10 +131,6 @@ class Family(FamilyBase):
 
     def _read_clip(self, clip, plan, options: VideoOptions):
         """Decode the planned frames of one clip -> (pixel_values, video_grid_thw [1, 3], timestamps)."""
-        from kernels.video import load_video
-
-        from .video import frame_timestamps, preprocess_video
-
         params = self.video_params
         _, indices = plan
         loaded = load_video(clip, lambda info: indices)

@@ -50,6 +50,11 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def channel_list(value) -> list[float]:
+    """A config's image_mean / image_std: one number per channel (a single number is used for all three)."""
+    return [float(v) for v in value] if np.ndim(value) else [float(value)] * 3
+
+
 @dataclass
 class ImageProcessorParams:
     """The image fields of a Qwen2/3-VL `preprocessor_config.json`."""
@@ -88,8 +93,7 @@ class ImageProcessorParams:
             kwargs["max_pixels"] = int(max_pixels)
         for key in ("image_mean", "image_std"):
             if key in kwargs:
-                value = kwargs[key]
-                kwargs[key] = [float(v) for v in value] if np.ndim(value) else [float(value)] * 3
+                kwargs[key] = channel_list(kwargs[key])
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

@@ -27,6 +27,8 @@ import numpy as np
 
 from kernels.video import VideoError, VideoInfo, resize_frames
 
+from .preprocess import channel_list
+
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 UNKNOWN_FPS = 24  # what transformers assumes for a source without a frame rate
@@ -69,8 +71,7 @@ class VideoProcessorParams:
             kwargs["max_pixels"] = int(size["longest_edge"])
         for key in ("image_mean", "image_std"):
             if key in kwargs:
-                value = kwargs[key]
-                kwargs[key] = [float(v) for v in value] if np.ndim(value) else [float(value)] * 3
+                kwargs[key] = channel_list(kwargs[key])
         for key in ("patch_size", "temporal_patch_size", "merge_size", "min_frames", "max_frames",
                     "max_video_tokens", "resample"):
             if key in kwargs:
