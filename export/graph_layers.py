@@ -1,0 +1,100 @@
+"""Graph layers every family's export shares: written once, in the forms ONNX Runtime fuses or runs well.
+
+Torch code traced by the ONNX exporter; it belongs to no family (a family's graph file imports from here,
+never from another family's). The NumPy twins of these layers, for checking, are in kernels/reference.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [-x2, x1]: the rotary pair swap (transformers' rotate_half)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with cos/sin broadcast over the heads."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm written as x / sqrt(mean(x²) + eps) * w, the pattern ONNX Runtime fuses
+    into one SimplifiedLayerNormalization kernel (rsqrt-then-multiply is left as six ops)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x.float() / torch.sqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    """The KV-cache graph inputs (prefix past_key_values) or outputs (present): {prefix}.{i}.key|value."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def fuse_linears(spec) -> nn.Linear:
+    """[module, name, name, ...] -> one Linear whose output is the named Linears' outputs concatenated.
+
+    The named Linears are removed from `module` (their weights now live only in the fused one), so a
+    fused graph needs no second copy of them. Checkpoint keys are carried along for the streamed export.
+    """
+    module, names = spec[0], spec[1:]
+    parts = [getattr(module, name) for name in names]
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=has_bias,
+                      device="meta", dtype=parts[0].weight.dtype)
+    fused.weight = nn.Parameter(torch.cat([p.weight.data for p in parts]), requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.data for p in parts]), requires_grad=False)
+    for name in ("weight",) + (("bias",) if has_bias else ()):  # checkpoint sources, for the streamed export
+        keys = [getattr(getattr(p, name), "_stream_key", None) for p in parts]
+        if all(isinstance(k, str) for k in keys):
+            getattr(fused, name)._stream_key = keys
+    for name in names:
+        delattr(module, name)
+    return fused
+
+
+def attend(q, k, v, scaling, bias=None):
+    """Bidirectional attention: [B, h, Lq, d], [B, h, Lk, d] -> [B, Lq, h*d] (softmax in float32)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v)
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def cache_biases(attention_mask: torch.Tensor, capacity: int, seq: int, dtype):
+    """attention_mask int64 [B, C + S] -> additive biases for the past slots [B, 1, 1, 1, C] and for the new
+    tokens [B, 1, 1, S, S] (causal among themselves), in the layout `cached_attention` broadcasts."""
+    lowest = torch.finfo(dtype).min
+    mask = attention_mask.bool()
+    past_bias = torch.where(mask[:, :capacity], 0.0, lowest).to(dtype)[:, None, None, None, :]
+    positions = torch.arange(seq, device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # [S, S]
+    new_allowed = causal[None] & mask[:, None, capacity:]  # [B, S, S]
+    new_bias = torch.where(new_allowed, 0.0, lowest).to(dtype)[:, None, None]
+    return past_bias, new_bias
+
+
+def cached_attention(q, k, v, past_key, past_value, past_bias, new_bias, scaling):
+    """Grouped-query attention of new tokens over a preallocated cache plus themselves.
+
+    q [B, heads, S, d]; k, v [B, kv, S, d] (already what the cache will hold); past_key/value [B, kv, C, d]
+    (any float dtype: cast to q's). Scores over past and new keys are computed apart, so the cache is never
+    concatenated, and the K/V heads are broadcast over their query groups instead of copied.
+    Returns [B, S, heads*d].
+    """
+    batch, heads, seq, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if past_key.dtype != q.dtype:  # a float16 cache: the matmuls run in float32
+        past_key, past_value = past_key.to(q.dtype), past_value.to(q.dtype)
+    q = q.reshape(batch, num_kv_heads, heads // num_kv_heads, seq, head_dim) * scaling
+    past_scores = torch.matmul(q, past_key[:, :, None].transpose(-1, -2)) + past_bias  # [B, kv, g, S, C]
+    new_scores = torch.matmul(q, k[:, :, None].transpose(-1, -2)) + new_bias  # [B, kv, g, S, S]
+    capacity = past_key.shape[2]
+    probs = torch.softmax(torch.cat([past_scores, new_scores], dim=-1).float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., :capacity], past_value[:, :, None]) + torch.matmul(
+        probs[..., capacity:], v[:, :, None])  # [B, kv, g, S, d]
+    return out.reshape(batch, -1, seq, head_dim).transpose(1, 2).reshape(batch, seq, -1)

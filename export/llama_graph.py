@@ -1,0 +1,82 @@
+"""The LLaMA-architecture text decoder (LLaMA, Vicuna, SmolLM2, ...) as one ONNX graph with the runtime's
+KV-cache contract. It belongs to no family: MiniGPT-4 and SmolVLM both export their text model with it.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .graph_layers import apply_rotary, cache_biases, cached_attention, kv_names, rms_norm
+from .kv_dtype import round_trip, torch_dtype
+
+
+class LlamaDecoderGraph(nn.Module):
+    """LLaMA text decoder with the runtime's KV-cache contract (as Qwen3VLDecoderGraph, minus M-RoPE,
+    q/k norms and deepstack).
+
+    Inputs: inputs_embeds [B, S, H], attention_mask int64 [B, C + S] (filled slots and new tokens 1),
+    position_ids int64 [B, S], past_key_values.{i}.key|value [B, kv, C, d] buffers the runtime owns.
+    Outputs: logits [B, vocab] (last position) and present.{i}.key|value [B, kv, S, d] (new entries only).
+    kv_dtype: the cache's dtype (export/kv_dtype.py).
+    """
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, kv_dtype: str = "float32"):
+        """text_model: transformers' LlamaModel (embed_tokens, layers, norm, rotary_emb); lm_head: its Linear."""
+        super().__init__()
+        self.kv_dtype = torch_dtype(kv_dtype)
+        self.model = text_model
+        self.lm_head = lm_head
+        config = text_model.config
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @property
+    def input_names(self):
+        return ["inputs_embeds", "attention_mask", "position_ids"] + kv_names("past_key_values", self.num_layers)
+
+    @property
+    def output_names(self):
+        return ["logits"] + kv_names("present", self.num_layers)
+
+    def _attention(self, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
+        batch, seq, _ = x.shape
+        shape = (batch, seq, -1, self.head_dim)
+        q = apply_rotary(attn.q_proj(x).view(shape).transpose(1, 2), cos, sin)  # [B, heads, S, d]
+        k = apply_rotary(attn.k_proj(x).view(shape).transpose(1, 2), cos, sin)  # [B, kv, S, d]
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        k, present_key = round_trip(k, self.kv_dtype)  # attend with exactly what the cache will hold
+        v, present_value = round_trip(v, self.kv_dtype)
+        out = cached_attention(q, k, v, past_key, past_value, past_bias, new_bias, attn.scaling)
+        return attn.o_proj(out), present_key, present_value
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        model = self.model
+        hidden = inputs_embeds
+        cos, sin = model.rotary_emb(hidden, position_ids)  # [B, S, d]
+        cos, sin = cos[:, None], sin[:, None]
+        past_bias, new_bias = cache_biases(attention_mask, past[0].shape[2], hidden.shape[1], hidden.dtype)
+        presents = []
+        for index, layer in enumerate(model.layers):
+            attn_out, key, value = self._attention(layer.self_attn, rms_norm(layer.input_layernorm, hidden), cos, sin,
+                                                   past_bias, new_bias, past[2 * index], past[2 * index + 1])
+            hidden = hidden + attn_out
+            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+            presents += [key, value]
+        hidden = rms_norm(model.norm, hidden[:, -1:, :])  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+        logits = self.lm_head(hidden)[:, 0]
+        return (logits, *presents)
+
+
+def llama_decoder_example(graph: LlamaDecoderGraph, hidden_size: int) -> tuple[tuple, tuple]:
+    """Example inputs and dynamic shapes to trace `graph` with (sizes >= 2 so no axis is specialised)."""
+    import torch
+    from torch.export import Dim
+
+    batch, seq, capacity = 2, 3, 4
+    kv_shape = (batch, graph.num_kv_heads, capacity, graph.head_dim)
+    args = (torch.randn(batch, seq, hidden_size), torch.ones(batch, capacity + seq, dtype=torch.long),
+            torch.arange(seq).repeat(batch, 1),
+            *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
+    b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
+    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
+    return args, dynamic
