@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 
 # family name -> module path; config.json model_type -> family name
-FAMILIES = {"qwen3_vl": "models.qwen3_vl", "minigpt4": "models.minigpt4"}
-MODEL_TYPES = {"qwen3_vl": "qwen3_vl", "blip-2": "minigpt4"}
+FAMILIES = {"qwen3_vl": "models.qwen3_vl", "minigpt4": "models.minigpt4", "smolvlm": "models.smolvlm"}
+MODEL_TYPES = {"qwen3_vl": "qwen3_vl", "blip-2": "minigpt4", "smolvlm": "smolvlm", "idefics3": "smolvlm"}
 
 
 def get_family(name: str):

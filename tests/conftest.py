@@ -176,3 +176,31 @@ def mg_vlm(mg_export):
     from runtime.engine import VisionLanguageModel
 
     return VisionLanguageModel(mg_export, threads=2)
+
+
+@pytest.fixture(scope="session")
+def smolvlm_checkpoint(tmp_path_factory) -> str:
+    """A tiny random-weight SmolVLM checkpoint folder (safetensors, SmolLM2's tokenizer + SmolVLM's image
+    tokens, the processor's configs): 64-pixel tiles, images resized to 128 on the longest edge."""
+    import smolvlm_helpers
+
+    return smolvlm_helpers.write_smolvlm_checkpoint(str(tmp_path_factory.mktemp("smolvlm-ckpt") / "smolvlm-tiny"))
+
+
+@pytest.fixture(scope="session")
+def smolvlm_export(smolvlm_checkpoint, tmp_path_factory) -> str:
+    from export.pipeline import run_export
+
+    out = str(tmp_path_factory.mktemp("smolvlm-export") / "smolvlm-tiny-onnx")
+    run_export(smolvlm_checkpoint, out, parity_tokens=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smolvlm_hf(smolvlm_checkpoint):
+    """transformers' eager model and processor (PIL backend) on the tiny SmolVLM checkpoint."""
+    import smolvlm_helpers
+    from transformers import SmolVLMForConditionalGeneration
+
+    model = SmolVLMForConditionalGeneration.from_pretrained(smolvlm_checkpoint, attn_implementation="eager").eval()
+    return model, smolvlm_helpers.hf_processor(smolvlm_checkpoint)

@@ -23,10 +23,8 @@ pytest.importorskip("num2words")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    import smolvlm_helpers
-
-    return smolvlm_helpers.write_smolvlm_checkpoint(str(tmp_path_factory.mktemp("smolvlm") / "smolvlm-tiny"))
+def checkpoint(smolvlm_checkpoint) -> str:
+    return smolvlm_checkpoint  # the session's tiny checkpoint (tests/conftest.py), shared with the parity tests
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,130 @@
+"""SmolVLM (and the Idefics3 layout it shares): a SigLIP encoder read tile by tile, a pixel-shuffle connector
+and a LLaMA-architecture (SmolLM2) decoder. An image becomes tiles of the encoder's size (rows x cols of the
+image plus a global view, or one tile for an image that does not split); each tile becomes `image_seq_len`
+embeddings placed at that many <image> tokens of the prompt, between the row/column markers transformers'
+SmolVLMProcessor writes.
+
+Torch-free. The runtime talks to a family only through `Family` (the contract: models/contract.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contract import FamilyBase
+from ..media import MediaInputs, UnsupportedMedia, VideoPart
+from .preprocess import SmolVLMImageParams, preprocess_images, tile_count
+from .prompt import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, expand_images
+
+NAME = "smolvlm"
+
+
+@dataclass
+class PreparedPrompt:
+    """Token ids (image tokens marked), every image's tiles and 1-D positions for one prompt."""
+
+    input_ids: np.ndarray  # int64 [S]
+    pixel_values: np.ndarray | None  # float32 [n_tiles, 3, T, T], each image's tiles in order
+    media_grid: np.ndarray | None  # int64 [n_images, 2]: (rows, cols) of tiles per image, (0, 0) = one tile
+    position_ids: np.ndarray  # int64 [S]
+    image_tokens: int = 0
+
+    @property
+    def image_grid_thw(self):  # the runtime's older name for media_grid
+        return self.media_grid
+
+    def dump(self) -> dict:
+        return {"input_ids": self.input_ids[None], "position_ids": self.position_ids[None],
+                "pixel_values": self.pixel_values if self.pixel_values is not None
+                else np.zeros((0, 3, 0, 0), np.float32)}
+
+
+class Family(FamilyBase):
+    """SmolVLM's serve-time behaviour, configured from manifest.json."""
+
+    name = NAME
+    decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (0, 1)}  # (batch axis, sequence axis)
+    vision_output_axes = (0,)  # image_embeds [n_tiles, image_seq_len, H]
+    reads_video = False  # SmolVLM2's video input is not served (yet): a video part is refused
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+        self.tokens = manifest["special_tokens"]
+        self.image_token_id = int(self.tokens["image_token_id"])
+        self.image_params = SmolVLMImageParams.from_dict(manifest["preprocessing"])
+        prompt = manifest.get("prompt", {})
+        self.image_seq_len = int(prompt.get("image_seq_len", manifest["vision_config"]["tokens_per_tile"]))
+        self.strings = (prompt.get("fake_image_token", FAKE_IMAGE_TOKEN), prompt.get("image_token", IMAGE_TOKEN),
+                        prompt.get("global_image_token", GLOBAL_IMAGE_TOKEN))
+
+    # --- images -------------------------------------------------------------------------------
+    def preprocess(self, images, min_pixels=None, max_pixels=None, video=None, token_limit=None) -> MediaInputs:
+        """Images -> MediaInputs(tiles [n_tiles, 3, T, T], (rows, cols) per image). Qwen's pixel budgets do
+        not apply (the tiling is the checkpoint's preprocessor_config.json); clips are refused."""
+        images = list(images)
+        if any(isinstance(image, VideoPart) for image in images):
+            raise UnsupportedMedia("this model (SmolVLM) is served for images only, not video; give frames as "
+                                   "images or use a Qwen3-VL model")
+        pixel_values, rows_cols = preprocess_images(images, self.image_params)
+        return MediaInputs(pixel_values, rows_cols, ("image",) * len(rows_cols), [None] * len(rows_cols))
+
+    def vision_feeds(self, pixel_values: np.ndarray, media_grid=None) -> dict:
+        return {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
+
+    def split_images(self, pixel_values: np.ndarray, media_grid) -> list:
+        """A prompt's tiles -> [(tiles, (rows, cols))] one pair per image, in order."""
+        grid = np.asarray(media_grid, dtype=np.int64).reshape(-1, 2)
+        pieces, start = [], 0
+        for rows, cols in grid.tolist():
+            count = tile_count(rows, cols)
+            pieces.append((pixel_values[start:start + count], np.array([[rows, cols]], dtype=np.int64)))
+            start += count
+        return pieces
+
+    def image_token_counts(self, media_grid) -> list:
+        """Prompt tokens each image occupies: image_seq_len per tile."""
+        grid = np.asarray(media_grid, dtype=np.int64).reshape(-1, 2)
+        return [tile_count(rows, cols) * self.image_seq_len for rows, cols in grid.tolist()]
+
+    # --- prompt ---------------------------------------------------------------------------------
+    def tokenize(self, tokenizer, text: str, media: MediaInputs | None) -> np.ndarray:
+        """Rendered prompt -> ids, each <image> expanded to its tiles' markers and token runs, as
+        transformers' SmolVLMProcessor writes them."""
+        rows_cols = np.zeros((0, 2), np.int64) if media is None else media.grid_thw
+        fake, image, global_image = self.strings
+        text = expand_images(text, rows_cols, self.image_seq_len, fake, image, global_image)
+        # As transformers' apply_chat_template(tokenize=True): no special tokens added when the rendered text
+        # already starts with BOS (SmolVLM's template writes <|im_start|> itself).
+        bos_id = self.tokens.get("bos_token_id")
+        bos = tokenizer.id_to_token(int(bos_id)) if bos_id is not None else None
+        add_special = not (bos and text.startswith(bos))
+        return np.asarray(tokenizer.encode(text, add_special_tokens=add_special).ids, dtype=np.int64)
+
+    def prepare(self, input_ids: np.ndarray, pixel_values=None, media_grid=None, media_kinds=()) -> PreparedPrompt:
+        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        n_tiles = 0 if pixel_values is None else len(pixel_values)
+        grid = None if not n_tiles else np.asarray(media_grid, dtype=np.int64).reshape(-1, 2)
+        expected = 0 if grid is None else sum(self.image_token_counts(grid))
+        if grid is not None and sum(tile_count(r, c) for r, c in grid.tolist()) != n_tiles:
+            raise ValueError(f"{n_tiles} tiles given for images of {grid.tolist()} (rows, cols)")
+        n_slots = int((input_ids == self.image_token_id).sum())
+        if n_slots != expected:
+            raise ValueError(f"the prompt holds {n_slots} image tokens but the images' {n_tiles} tile(s) need "
+                             f"{expected}")
+        positions = np.arange(len(input_ids), dtype=np.int64)
+        return PreparedPrompt(input_ids, pixel_values if n_tiles else None, grid, positions, n_slots)
+
+    # --- decoder feeds --------------------------------------------------------------------------
+    def prefill_feeds(self, prompt: PreparedPrompt, token_embeds: np.ndarray, vision_outputs) -> dict:
+        """Decoder inputs for the whole prompt; tile embeddings spliced in at the image tokens, in order."""
+        inputs_embeds = np.array(token_embeds, dtype=np.float32)
+        if vision_outputs is not None:
+            image_embeds = np.asarray(vision_outputs[0], dtype=np.float32)
+            inputs_embeds[prompt.input_ids == self.image_token_id] = image_embeds.reshape(-1, inputs_embeds.shape[1])
+        return {"inputs_embeds": inputs_embeds[None], "position_ids": prompt.position_ids[None]}
+
+    def decode_feeds(self, prompt: PreparedPrompt, token_embed: np.ndarray, cache_position: int) -> dict:
+        hidden = token_embed.shape[-1]
+        return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
+                "position_ids": np.full((1, 1), cache_position, dtype=np.int64)}
