@@ -4,7 +4,8 @@ Short pure functions in the manner of picoGPT and llama2.c, each mirroring one t
 (named in its docstring), so that a layer can be read, checked against the checkpoint's own numbers
 and run without torch. tests/test_reference_layers.py runs one decoder layer and one vision block of
 each family's tiny checkpoint through them against transformers, and a whole text forward against
-the exported decoder graph.
+the exported decoder graph (SmolVLM: also a whole tile through the vision tower and connector against the
+exported vision graph).
 
 Conventions:
 * one sequence, no batch axis: activations are [S, hidden]; heads come first, [heads, S, head_dim];
@@ -26,7 +27,8 @@ __all__ = [
     "rope_inverse_frequencies", "rope_cos_sin", "mrope_cos_sin", "vision_rotary_cos_sin", "rotate_half",
     "apply_rotary", "causal_mask", "segment_mask", "attention", "LayerCache", "cached_attention",
     "swiglu_mlp", "gelu_mlp", "decoder_attention", "decoder_layer", "decoder_logits", "vit_attention",
-    "vit_block",
+    "vit_block", "patch_embeddings", "siglip_embeddings", "siglip_encoder_layer", "siglip_vision_tower",
+    "pixel_shuffle", "smolvlm_connector", "smolvlm_image_embeds",
 ]
 
 
@@ -296,3 +298,77 @@ def vit_block(x, norm1, qkv, proj, norm2, fc1, fc2, num_heads: int, eps: float, 
     """
     x = x + vit_attention(layer_norm(x, eps=eps, **norm1), qkv, proj, num_heads, mask, cos, sin)
     return x + gelu_mlp(layer_norm(x, eps=eps, **norm2), fc1, fc2, approximate)
+
+
+# ----------------------------------------------------------------------------- vision: SigLIP + connector (SmolVLM)
+
+
+def patch_embeddings(pixel_values, weight, bias):  # [C, H, W], [D, C, p, p], [D] -> [(H / p) * (W / p), D]
+    """nn.Conv2d with stride = kernel = patch size p, then flatten(2).transpose(1, 2), as SiglipVisionEmbeddings'
+    patch_embedding: each p x p patch (row-major over the patch grid) is one matmul row, its pixels in the
+    weight's (channel, row, column) order."""
+    channels, height, width = pixel_values.shape
+    size = weight.shape[-1]
+    rows, columns = height // size, width // size
+    patches = pixel_values.reshape(channels, rows, size, columns, size).transpose(1, 3, 0, 2, 4)  # [r, c, C, p, p]
+    return linear(patches.reshape(rows * columns, -1), weight.reshape(len(weight), -1), bias)
+
+
+def siglip_embeddings(pixel_values, patch_embedding, position_embedding):  # [C, T, T] -> [N, D]
+    """SmolVLMVisionEmbeddings on one whole tile (every patch real): patch embeddings plus learned positions.
+
+    A whole T x T tile's bucketed position ids are 0 .. N - 1 (SmolVLM's processor makes every tile whole);
+    the fractional bucketing of partly padded images is not mirrored here."""
+    embeds = patch_embeddings(pixel_values, **patch_embedding)  # [N, D]
+    table = position_embedding["weight"]  # [num_positions, D]
+    if len(embeds) != len(table):
+        raise ValueError(f"a tile of {len(embeds)} patches; the position table has {len(table)}: "
+                         f"pass one whole tile of image_size pixels")
+    return embeds + table
+
+
+def siglip_encoder_layer(x, layer_norm1, self_attn, layer_norm2, mlp, num_heads: int, eps: float, mask=None,
+                         approximate: str = "tanh"):  # [N, D] -> [N, D]
+    """SmolVLMEncoderLayer / SiglipEncoderLayer: vit_block with separate q/k/v projections (biased), which it
+    stacks into one qkv projection, and out_proj; no rotary, no mask within a tile. The weights are
+    `nest(state, "...encoder.layers.{i}.")`'s entries; approximate="tanh": "gelu_pytorch_tanh"."""
+    qkv = {name: np.concatenate([self_attn[part][name] for part in ("q_proj", "k_proj", "v_proj")])
+           for name in ("weight", "bias")}  # [3 D, D], [3 D]
+    return vit_block(x, layer_norm1, qkv, self_attn["out_proj"], layer_norm2, mlp["fc1"], mlp["fc2"], num_heads,
+                     eps, mask, approximate=approximate)
+
+
+def siglip_vision_tower(pixel_values, embeddings, encoder, post_layernorm, num_heads: int, eps: float,
+                        approximate: str = "tanh"):  # [C, T, T] -> [N, D]
+    """SmolVLMVisionTransformer on one whole tile: embeddings, every encoder layer, post_layernorm. The
+    weights are `nest(state, "model.vision_model.")`'s entries."""
+    x = siglip_embeddings(pixel_values, **embeddings)
+    for index in sorted(encoder["layers"], key=int):
+        x = siglip_encoder_layer(x, **encoder["layers"][index], num_heads=num_heads, eps=eps, approximate=approximate)
+    return layer_norm(x, eps=eps, **post_layernorm)
+
+
+def pixel_shuffle(x, scale_factor: int):  # [N, D] -> [N / s^2, D * s^2]
+    """SmolVLMConnector.pixel_shuffle on one tile's sqrt(N) x sqrt(N) patch grid: each s x s block of patches
+    becomes one token (blocks row-major), its features ordered (row in block, column in block, D)."""
+    count, dim = x.shape
+    side = math.isqrt(count)
+    if side * side != count or side % scale_factor:
+        raise ValueError(f"pixel shuffle of {count} patches: need a square grid whose side divides by {scale_factor}")
+    s = scale_factor
+    x = x.reshape(side, side // s, dim * s)  # s neighbouring columns merged
+    x = x.transpose(1, 0, 2).reshape(side // s, side // s, dim * s * s)  # then s neighbouring rows
+    return x.transpose(1, 0, 2).reshape(count // (s * s), dim * s * s)  # [block row, block column] -> tokens
+
+
+def smolvlm_connector(x, modality_projection, scale_factor: int):  # [N, D] -> [N / s^2, text_hidden]
+    """SmolVLMConnector: pixel shuffle, then modality_projection.proj (no bias)."""
+    return linear(pixel_shuffle(x, scale_factor), **modality_projection["proj"])
+
+
+def smolvlm_image_embeds(pixel_values, vision_model, connector, num_heads: int, eps: float, scale_factor: int,
+                         approximate: str = "tanh"):  # [C, T, T] -> [tokens_per_tile, text_hidden]
+    """One tile's image embeddings (SmolVLMModel.get_image_features for a whole tile; the exported vision
+    graph's image_embeds row): `nest(state, "model.vision_model.")`, `nest(state, "model.connector.")`."""
+    hidden = siglip_vision_tower(pixel_values, **vision_model, num_heads=num_heads, eps=eps, approximate=approximate)
+    return smolvlm_connector(hidden, **connector, scale_factor=scale_factor)

@@ -1,10 +1,12 @@
 """NumPy reference layers (kernels/reference.py) on each family's tiny checkpoint, weights read from its
 safetensors files: one decoder layer and one vision block against transformers' modules, a prefill plus a
 cached decode step against the whole sequence, and a whole text forward against the exported decoder graph
-(run by our runtime) and transformers' logits."""
+(run by our runtime) and transformers' logits. SmolVLM also: the pixel shuffle, and whole tiles through the
+SigLIP tower and connector against transformers and the exported vision graph."""
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import json
 import os
@@ -21,6 +23,7 @@ from models.qwen3_vl import positions
 
 LAYER_RTOL = 1e-5  # one layer, float32 against float32 eager
 LOGITS_RTOL = 1e-4  # the whole text model against the ONNX graph
+TILE_RTOL = 1e-5  # a whole tile through the tiny SigLIP tower + connector, against eager and the ONNX graph (6e-7 seen)
 TEXT_ONLY = [{"role": "user", "content": [{"type": "text", "text": "Write a haiku about the sea."}]}]
 
 
@@ -68,6 +71,7 @@ class TextFamily:
 
     weights: dict  # the checkpoint's tensors
     text_model: torch.nn.Module  # transformers' LlamaModel / Qwen3VLTextModel (layers, rotary_emb)
+    causal_lm: torch.nn.Module  # what gives text-only logits from input_ids
     layer_prefix: str  # "...layers." in checkpoint names
     norm_prefix: str
     embed_name: str
@@ -118,7 +122,8 @@ def _image_prompt_positions(image_token_id: int = 151655, merge_size: int = 2) -
 def qwen_text(qwen_checkpoint, hf_model) -> TextFamily:
     config = _config(qwen_checkpoint)
     position_ids = _image_prompt_positions(config["image_token_id"], config["vision_config"]["spatial_merge_size"])
-    return TextFamily(_load_weights(qwen_checkpoint), hf_model.model.language_model, "model.language_model.layers.",
+    return TextFamily(_load_weights(qwen_checkpoint), hf_model.model.language_model, hf_model,
+                      "model.language_model.layers.",
                       "model.language_model.norm.", "model.language_model.embed_tokens.weight",
                       "model.language_model.embed_tokens.weight",  # tied
                       config["text_config"], position_ids)
@@ -127,12 +132,34 @@ def qwen_text(qwen_checkpoint, hf_model) -> TextFamily:
 @pytest.fixture(scope="module")
 def mg_text(mg_checkpoint, mg_model) -> TextFamily:
     config = _config(mg_checkpoint)
-    return TextFamily(_load_weights(mg_checkpoint), mg_model.language_model.model, "language_model.model.layers.",
-                      "language_model.model.norm.", "language_model.model.embed_tokens.weight",
-                      "language_model.lm_head.weight", config["text_config"], np.arange(5, 14))
+    return TextFamily(_load_weights(mg_checkpoint), mg_model.language_model.model, mg_model.language_model,
+                      "language_model.model.layers.", "language_model.model.norm.",
+                      "language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+                      config["text_config"], np.arange(5, 14))
 
 
-FAMILIES = {"qwen3_vl": "qwen_text", "minigpt4": "mg_text"}
+@pytest.fixture(scope="module")
+def smolvlm_weights(smolvlm_checkpoint) -> dict:
+    return _load_weights(smolvlm_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def smolvlm_text(smolvlm_checkpoint, smolvlm_weights, smolvlm_hf) -> TextFamily:
+    model, _ = smolvlm_hf
+    return TextFamily(smolvlm_weights, model.model.text_model, model, "model.text_model.layers.",
+                      "model.text_model.norm.", "model.text_model.embed_tokens.weight", "lm_head.weight",
+                      _config(smolvlm_checkpoint)["text_config"], np.arange(3, 12))
+
+
+@pytest.fixture(scope="module")
+def smolvlm_vlm(smolvlm_export):
+    from runtime.engine import VisionLanguageModel
+
+    return VisionLanguageModel(smolvlm_export, threads=2)
+
+
+FAMILIES = {"qwen3_vl": "qwen_text", "minigpt4": "mg_text", "smolvlm": "smolvlm_text"}
+ENGINES = {"qwen3_vl": "vlm", "minigpt4": "mg_vlm", "smolvlm": "smolvlm_vlm"}
 
 
 # --- one decoder layer -----------------------------------------------------------------------------
@@ -250,13 +277,81 @@ def test_minigpt4_vit_block_matches_transformers(mg_checkpoint, mg_model):
         assert relative_error(ours, expected.reshape(2 * tokens, -1)) < LAYER_RTOL
 
 
+def test_smolvlm_siglip_encoder_layer_matches_transformers(smolvlm_checkpoint, smolvlm_weights, smolvlm_hf):
+    vision = _config(smolvlm_checkpoint)["vision_config"]
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2  # one whole tile's patches
+    x = np.random.default_rng(7).standard_normal((2, tokens, vision["hidden_size"])).astype(np.float32)
+    assert vision["hidden_act"] == "gelu_pytorch_tanh"
+    flat = _under(smolvlm_weights, "model.vision_model.encoder.layers.0.")
+    for block, module in _both_weightings(smolvlm_hf[0].model.vision_model.encoder.layers[0], flat, seed=8):
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x), attention_mask=None).numpy()  # [2 tiles, tokens, D]
+        # the two tiles as one sequence of two attention blocks
+        ours = ref.siglip_encoder_layer(x.reshape(2 * tokens, -1), **block, num_heads=vision["num_attention_heads"],
+                                        eps=vision["layer_norm_eps"], mask=ref.segment_mask(np.repeat([0, 1], tokens)))
+        assert relative_error(ours, expected.reshape(2 * tokens, -1)) < LAYER_RTOL
+
+
+@pytest.mark.parametrize("scale_factor", [2, 4])
+def test_pixel_shuffle_matches_smolvlm_connector(scale_factor, smolvlm_hf):
+    x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)  # an 8 x 8 grid of distinct 3-vectors
+    with torch.no_grad():
+        expected = smolvlm_hf[0].model.connector.pixel_shuffle(torch.from_numpy(x)[None], scale_factor)[0].numpy()
+    np.testing.assert_array_equal(ref.pixel_shuffle(x, scale_factor), expected)
+
+
+@pytest.fixture(scope="module")
+def smolvlm_tile(smolvlm_checkpoint, smolvlm_weights):
+    """ref.smolvlm_image_embeds with the checkpoint's weights bound: [3, T, T] -> [tokens_per_tile, text_hidden]."""
+    config = _config(smolvlm_checkpoint)
+    vision = config["vision_config"]
+    return functools.partial(ref.smolvlm_image_embeds, vision_model=ref.nest(smolvlm_weights, "model.vision_model."),
+                             connector=ref.nest(smolvlm_weights, "model.connector."),
+                             num_heads=vision["num_attention_heads"], eps=vision["layer_norm_eps"],
+                             scale_factor=config["scale_factor"])
+
+
+def _tiles(count: int, size: int) -> np.ndarray:  # normalized pixel values in [-1, 1], [count, 3, size, size]
+    return np.random.default_rng(9).uniform(-1, 1, (count, 3, size, size)).astype(np.float32)
+
+
+def test_smolvlm_tile_matches_transformers(smolvlm_checkpoint, smolvlm_weights, smolvlm_tile, smolvlm_hf):
+    vision = _config(smolvlm_checkpoint)["vision_config"]
+    pixel_values = _tiles(1, vision["image_size"])
+    side = vision["image_size"] // vision["patch_size"]
+    model = smolvlm_hf[0].model
+    with torch.no_grad():
+        embeddings = model.vision_model.embeddings(torch.from_numpy(pixel_values),
+                                                   torch.ones((1, side, side), dtype=torch.bool))[0].numpy()
+        image_embeds = model.get_image_features(torch.from_numpy(pixel_values)[None]).pooler_output[0].numpy()
+    ours = ref.siglip_embeddings(pixel_values[0], **ref.nest(smolvlm_weights, "model.vision_model.embeddings."))
+    assert relative_error(ours, embeddings) < LAYER_RTOL
+    ours = smolvlm_tile(pixel_values[0])
+    assert ours.shape == image_embeds.shape  # [tokens_per_tile, text_hidden]
+    assert relative_error(ours, image_embeds) < TILE_RTOL
+
+
+def test_smolvlm_tiles_match_exported_vision_graph(smolvlm_checkpoint, smolvlm_export, smolvlm_tile):
+    import onnxruntime as ort
+
+    pixel_values = _tiles(2, _config(smolvlm_checkpoint)["vision_config"]["image_size"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(os.path.join(smolvlm_export, "vision.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    (graph_embeds,) = session.run(["image_embeds"], {"pixel_values": pixel_values})  # [tiles, tokens, text_hidden]
+    ours = np.stack([smolvlm_tile(tile) for tile in pixel_values])
+    assert ours.shape == graph_embeds.shape
+    assert relative_error(ours, graph_embeds) < TILE_RTOL
+
+
 # --- the whole text model against the exported graph -----------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_forward_matches_exported_decoder(family, request):
     text = request.getfixturevalue(FAMILIES[family])
-    engine = request.getfixturevalue({"qwen3_vl": "vlm", "minigpt4": "mg_vlm"}[family])
+    engine = request.getfixturevalue(ENGINES[family])
     prompt = engine.prepare(TEXT_ONLY)
     graph_logits = engine.prefill(prompt)
 
@@ -268,8 +363,6 @@ def test_text_forward_matches_exported_decoder(family, request):
                                 text.weights[text.lm_head_name], head_dim=text.head_dim, eps=config["rms_norm_eps"])
     assert relative_error(logits, graph_logits) < LOGITS_RTOL
 
-    model = request.getfixturevalue({"qwen3_vl": "hf_model", "minigpt4": "mg_model"}[family])
-    language_model = model if family == "qwen3_vl" else model.language_model
     with torch.no_grad():
-        expected = language_model(input_ids=torch.from_numpy(prompt.input_ids)[None]).logits[0, -1].numpy()
+        expected = text.causal_lm(input_ids=torch.from_numpy(prompt.input_ids)[None]).logits[0, -1].numpy()
     assert relative_error(logits, expected) < LOGITS_RTOL
