@@ -35,7 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=os.path.join(ROOT, "bench", "configs", "qwen3-vl-2b.json"),
                    help="a checkpoint folder, or a config.json made into a random-weight checkpoint "
                         "(default: bench/configs/qwen3-vl-2b.json)")
-    p.add_argument("--image", help="the image (default: assets/astronaut.jpg resized to 448x448: 196 image tokens)")
+    p.add_argument("--image", help="the image (default: assets/astronaut.jpg resized to 448x448: 196 Qwen3-VL "
+                                   "image tokens)")
+    p.add_argument("--image-size", metavar="WxH",
+                   help="resize the image (--image, or assets/astronaut.jpg) to WIDTHxHEIGHT pixels first, e.g. "
+                        "512x512 or 1024x768 (a SmolVLM image is then resized to the processor's longest edge "
+                        "and split into tiles)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (default: a ~30-token description request)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per run (default 32)")
     p.add_argument("--threads", type=int, default=2, help="threads for torch and ONNX Runtime (default 2)")
@@ -67,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--new-tokens must be at least 2 (the decode rate needs a second token)")
     if args.image and not os.path.isfile(args.image):
         p.error(f"--image {args.image!r} is not a file")
+    if args.image_size:
+        try:
+            args.image_size = artifacts.parse_size(args.image_size)
+        except ValueError as e:
+            p.error(f"--image-size: {e}")
     args.work_dir = os.path.abspath(args.work_dir)
     args.json_out = os.path.abspath(args.json_out or os.path.join(args.work_dir, "results.json"))
     args.chart = os.path.abspath(args.chart or os.path.join(args.work_dir, "results.png"))
@@ -132,7 +142,13 @@ def main(argv=None) -> int:
     started = time.time()
     host = machine.describe()
     checkpoint = artifacts.resolve_checkpoint(args.config, args.work_dir)
-    image = args.image or artifacts.default_image(args.work_dir)
+    if args.image and not args.image_size:
+        image = args.image
+    else:
+        image = artifacts.default_image(args.work_dir, args.image_size, args.image)
+    image_size = artifacts.image_size(image)
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
     quantized = [c for c in args.configs if c in COMPARED]
     accuracy_on = args.accuracy and bool(quantized)
     needed = [c for c in OURS if c in args.configs or (c == "none" and accuracy_on)]
@@ -142,7 +158,8 @@ def main(argv=None) -> int:
     accuracy = run_accuracy(args, folders, image) if accuracy_on else None
 
     prompt_tokens = {r["runs"][0]["prompt_tokens"] for r in results.values() if r.get("runs")}
-    settings = {"config": os.path.abspath(args.config), "checkpoint": checkpoint, "image": image,
+    settings = {"config": os.path.abspath(args.config), "model_type": model_type, "checkpoint": checkpoint,
+                "image": image, "image_size": image_size,
                 "prompt": args.prompt, "prompt_tokens": sorted(prompt_tokens), "new_tokens": args.new_tokens,
                 "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "attn": args.attn,
                 "exports": folders, "eager_timing": "one generate() call: get_image_features wrapped (vision), "
@@ -152,8 +169,9 @@ def main(argv=None) -> int:
         tables.append(report.accuracy_table(accuracy))
     name = os.path.basename(os.path.normpath(args.config))
     image_tokens = {r["runs"][0]["image_tokens"] for r in results.values() if r.get("runs")}
-    text = (f"## {name}: {'/'.join(map(str, sorted(prompt_tokens)))} prompt tokens "
-            f"({'/'.join(map(str, sorted(image_tokens)))} image), {args.new_tokens} new tokens, {args.threads} "
+    text = (f"## {name}: one {image_size[0]}x{image_size[1]} image, {'/'.join(map(str, sorted(prompt_tokens)))} "
+            f"prompt tokens ({'/'.join(map(str, sorted(image_tokens)))} image), {args.new_tokens} new tokens, "
+            f"{args.threads} "
             f"threads, median of {args.repeats} (warm-up {'on' if args.warmup else 'off'})\n\n"
             f"{machine.markdown(host)}\n\n" + "\n\n".join(tables))
     if len(prompt_tokens) > 1:

@@ -2,7 +2,8 @@
 
 * `--config CONFIG.json` becomes a random-weight checkpoint (`python -m bench.make_checkpoint`)
   in WORK/checkpoint-<name>-<hash of the config>; a checkpoint folder is used as it is.
-* the default image is assets/astronaut.jpg resized to 448x448 (196 image tokens), saved as PNG.
+* the default image is assets/astronaut.jpg resized to 448x448 (196 Qwen3-VL image tokens), or to
+  --image-size WxH, saved as PNG (--image with --image-size: that image resized).
 * each of our configurations is exported to WORK/<cfg> with `python -m export CKPT -o WORK/<cfg>
   --force` and the configuration's EXPORTS arguments (`--quantize <cfg>`; `none-kv16` is `--quantize
   none --kv-dtype float16`), unless that folder's manifest already records the same checkpoint as its
@@ -53,14 +54,34 @@ def resolve_checkpoint(config: str, work_dir: str) -> str:
     return folder
 
 
-def default_image(work_dir: str) -> str:
-    """assets/astronaut.jpg resized to 448x448 (a multiple of 32: 28x28 patches -> 196 tokens), as PNG."""
-    path = os.path.join(work_dir, f"astronaut-{IMAGE_SIDE}.png")
-    if not os.path.isfile(path):
+def parse_size(text: str) -> tuple:
+    """'1024x768' -> (1024, 768): width x height in pixels; ValueError for anything else."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT in pixels (e.g. 1024x768)")
+    return int(parts[0]), int(parts[1])
+
+
+def image_size(path: str) -> list:
+    """[width, height] of the image at `path`."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return list(image.size)
+
+
+def default_image(work_dir: str, size: tuple | None = None, source: str | None = None) -> str:
+    """`source` (default assets/astronaut.jpg) resized to `size` (width, height; default 448x448: a multiple
+    of 32, 28x28 patches -> 196 Qwen3-VL tokens), as PNG in `work_dir`."""
+    width, height = size or (IMAGE_SIDE, IMAGE_SIDE)
+    source = source or DEFAULT_IMAGE
+    stem = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(work_dir, f"{stem}-{width}x{height}.png" if size else f"{stem}-{IMAGE_SIDE}.png")
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(source):
         from PIL import Image
 
-        with Image.open(DEFAULT_IMAGE) as image:
-            image.convert("RGB").resize((IMAGE_SIDE, IMAGE_SIDE), Image.BICUBIC).save(path)
+        with Image.open(source) as image:
+            image.convert("RGB").resize((width, height), Image.BICUBIC).save(path)
     return path
 
 

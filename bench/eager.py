@@ -1,4 +1,5 @@
-"""One timed run of eager PyTorch (transformers' Qwen3VLForConditionalGeneration) inside a bench worker.
+"""One timed run of eager PyTorch (transformers' Qwen3VLForConditionalGeneration or
+SmolVLMForConditionalGeneration, picked by the checkpoint's model_type in FAMILIES) inside a bench worker.
 
 How the eager figures are taken, all inside ONE `model.generate(...)` call (greedy, N new tokens):
 
@@ -10,8 +11,8 @@ How the eager figures are taken, all inside ONE `model.generate(...)` call (gree
   (vision + prefill + first sample, plus generate's own setup);
 * decode rate: (N - 1) / (time of the last streamed token - time of the first streamed token).
 
-The prompt is built by transformers' own Qwen3VLProcessor (with the PIL image processor, so no
-torchvision is needed) from the same chat messages our runtime gets.
+The prompt is built by the family's own transformers processor (Qwen3VLProcessor / SmolVLMProcessor, with
+the PIL image processor, so no torchvision is needed) from the same chat messages our runtime gets.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import os
 import time
 
 
-def build_processor(checkpoint: str):
+def build_qwen3_vl_processor(checkpoint: str):
     """transformers' Qwen3VLProcessor for `checkpoint`, without the torchvision-only video processor."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -51,6 +52,28 @@ def _chat_template(checkpoint: str, tokenizer) -> str | None:
         with open(legacy, encoding="utf-8") as f:
             return json.load(f)["chat_template"]
     return getattr(tokenizer, "chat_template", None)
+
+
+def build_smolvlm_processor(checkpoint: str):
+    """transformers' SmolVLMProcessor for `checkpoint` (PIL image backend, a stand-in for the video processor)."""
+    from .smolvlm import hf_processor
+
+    return hf_processor(checkpoint)
+
+
+# model_type -> (transformers model class name, processor builder)
+FAMILIES = {"qwen3_vl": ("Qwen3VLForConditionalGeneration", build_qwen3_vl_processor),
+            "smolvlm": ("SmolVLMForConditionalGeneration", build_smolvlm_processor)}
+
+
+def family(checkpoint: str) -> tuple:
+    """(model class name, processor builder) for the checkpoint's model_type; SystemExit naming the known ones."""
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in FAMILIES:
+        raise SystemExit(f"error: no eager baseline for model_type {model_type!r} in {checkpoint}; "
+                         f"the bench knows {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
 
 
 class Clock:
@@ -98,7 +121,9 @@ class Clock:
 
         self.vision, self.logits, self.tokens = [], [], []
         start = time.perf_counter()
+        # use_cache explicitly: published SmolVLM configs say "use_cache": false (a training setting)
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             use_cache=True,
                              temperature=None, top_p=None, top_k=None,
                              logits_processor=LogitsProcessorList([self.processor_class()]),
                              streamer=self.streamer_class())
@@ -114,14 +139,15 @@ def run(spec: dict) -> dict:
     """spec: checkpoint, dtype (float32|bfloat16), attn, image, prompt, new_tokens, threads, warmup."""
     start = time.perf_counter()
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    import transformers
 
     from .ours import messages
 
     import_s = time.perf_counter() - start
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
+    class_name, build_processor = family(spec["checkpoint"])
+    model = getattr(transformers, class_name).from_pretrained(
         spec["checkpoint"], dtype=getattr(torch, spec["dtype"]), attn_implementation=spec["attn"]).eval()
     processor = build_processor(spec["checkpoint"])
     load_s = time.perf_counter() - start

@@ -2,11 +2,13 @@
 
     python -m bench.make_checkpoint bench/configs/qwen3-vl-2b.json -o checkpoints/qwen3-vl-2b-random
     python -m bench.make_checkpoint bench/configs/minigpt4-7b.json -o checkpoints/minigpt4-7b-random
+    python -m bench.make_checkpoint bench/configs/smolvlm2-256m.json -o checkpoints/smolvlm2-256m-random
 
 Speed does not depend on weight values, so this is how the real shapes are benchmarked here (no
 weights can be downloaded). Weights are saved in bfloat16 like the published checkpoints. Qwen3-VL
-configs go through export.demo.write_checkpoint (tokenizer and templates included); other
-architectures (e.g. BLIP-2 with a LLaMA text model, the MiniGPT-4 layout) are written streamed:
+configs go through export.demo.write_checkpoint (tokenizer and templates included), SmolVLM configs
+through bench.smolvlm.write_checkpoint (streamed weights + SmolLM2's tokenizer with SmolVLM's tokens +
+processor files); other architectures (e.g. BLIP-2 with a LLaMA text model, the MiniGPT-4 layout) are written streamed:
 tensor by tensor from an empty model into ~2 GB safetensors shards, so a 7B checkpoint is written
 in a few hundred MB of memory.
 """
@@ -71,9 +73,26 @@ def write_streamed(folder: str, config: dict, dtype, seed: int = 0, scale: float
     return folder
 
 
+def _write_qwen3_vl(folder: str, config: dict, dtype, log) -> None:
+    from export.demo import write_checkpoint
+
+    write_checkpoint(folder, config, dtype=dtype)
+
+
+def _write_smolvlm(folder: str, config: dict, dtype, log) -> None:
+    from .smolvlm import write_checkpoint
+
+    write_checkpoint(folder, config, dtype, log=log)
+
+
+# model_type -> writer of a complete checkpoint folder (tokenizer, templates, processor files included);
+# any other architecture gets its weights and config.json only (write_streamed)
+WRITERS = {"qwen3_vl": _write_qwen3_vl, "smolvlm": _write_smolvlm}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.make_checkpoint", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="a config.json (Qwen3-VL, or any transformers architecture)")
+    parser.add_argument("config", help="a config.json (Qwen3-VL, SmolVLM, or any transformers architecture)")
     parser.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args(argv)
@@ -82,12 +101,8 @@ def main(argv=None) -> int:
     import torch
 
     dtype = getattr(torch, args.dtype)
-    if config.get("model_type") == "qwen3_vl":
-        from export.demo import write_checkpoint
-
-        write_checkpoint(args.output, config, dtype=dtype)
-    else:
-        write_streamed(args.output, config, dtype, log=lambda m: print(m, file=sys.stderr, flush=True))
+    writer = WRITERS.get(config.get("model_type"), write_streamed)
+    writer(args.output, config, dtype, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

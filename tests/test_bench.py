@@ -48,3 +48,30 @@ def test_bench_runs_every_configuration(qwen_checkpoint, qwen_export, qwen_expor
     assert "| none |" in proc.stdout and "| int4 |" in proc.stdout and "| none-kv16 | float16 |" in proc.stdout
     with open(work / "results.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_smolvlm_checkpoint_and_eager_baseline(tmp_path):
+    """The SmolVLM side of the bench short of exporting (minutes): a config in the published SmolVLM2 layout
+    (image_token_id 49190, vocabulary 49280) becomes a checkpoint whose tokenizer puts <image> at 49190, and the
+    eager worker times transformers' SmolVLMForConditionalGeneration on a 1024x768 image split into tiles."""
+    import torch
+
+    from bench import artifacts, eager, smolvlm
+
+    with open(os.path.join(ROOT, "bench", "configs", "smolvlm2-256m.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16)
+    config["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=64, patch_size=8, max_image_size={"longest_edge": 64},
+                                   size={"longest_edge": 128})
+    config["scale_factor"] = 2
+    checkpoint = smolvlm.write_checkpoint(str(tmp_path / "ckpt"), config, torch.bfloat16, log=lambda m: None)
+    with open(os.path.join(checkpoint, "preprocessor_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["size"] == {"longest_edge": 128}
+    image = artifacts.default_image(str(tmp_path), artifacts.parse_size("1024x768"))
+    run = eager.run({"checkpoint": checkpoint, "dtype": "float32", "attn": "sdpa", "image": image,
+                     "prompt": "Describe it.", "new_tokens": 2, "threads": 2, "warmup": 0})
+    # 1024x768 -> 128x96 on the longest edge -> 2 x 2 tiles of 64 px + the global image, 16 tokens each
+    assert run["image_tokens"] == 5 * 16 and len(run["token_ids"]) == 2
+    assert run["vision_s"] > 0 and run["ttft_s"] >= run["vision_s"]
