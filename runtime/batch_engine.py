@@ -68,7 +68,7 @@ class BatchEngine:
         method = model.manifest.get("quantization", {}).get("method", "none")
         self.rows_per_call = 1 if method == "int8" and batch_invariant else None  # int8: one scale per tensor
         self.min_rows = 2 if method in ("int4", "mixed") and batch_invariant else 1  # MatMulNBits: M = 1 differs
-        self.kv_dtype = np.float16 if model.manifest["text_config"].get("kv_dtype") == "float16" else np.float32
+        self.kv_dtype = model.kv_dtype
         self.batch = BatchKVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
                                   dtype=self.kv_dtype, min_rows=self.min_rows)
         self.waiting: list[Sequence] = []

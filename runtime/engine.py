@@ -18,6 +18,7 @@ import numpy as np
 from kernels.image_url import fetch_remote_image, is_remote_url
 from kernels.sampling import SamplingParams
 from models import get_family
+from models.config import TextConfig
 from models.media import VideoOptions, VideoPart
 
 from .batch_engine import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
@@ -107,8 +108,9 @@ class VisionLanguageModel:
         self.allow_remote_images = allow_remote_images
         self.manifest = manifest = load_manifest(folder)
         try:
+            self.text_config = TextConfig.from_dict(manifest["text_config"])
             self.family = get_family(manifest["family"]).Family(manifest)
-        except KeyError as e:
+        except (KeyError, ValueError) as e:  # an unknown family, a config section lacking a field
             raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
         from tokenizers import Tokenizer  # serve-time dependency, imported here to keep `import runtime` light
 
@@ -126,9 +128,10 @@ class VisionLanguageModel:
                                 if table.get("scale_file") else None)
         self.sessions = {name: future.result() for name, future in sessions.items()}
         pool.shutdown()
-        text = manifest["text_config"]
-        self.num_layers, self.num_kv_heads = int(text["num_layers"]), int(text["num_kv_heads"])
-        self.head_dim, self.max_context = int(text["head_dim"]), int(text["max_context"])
+        text = self.text_config
+        self.num_layers, self.num_kv_heads, self.head_dim = text.num_layers, text.num_kv_heads, text.head_dim
+        self.max_context = text.max_context
+        self.kv_dtype = np.dtype(text.kv_dtype)  # the KV cache's dtype (the decoder graph's past/present I/O)
         self.eos_token_ids = [int(t) for t in manifest["special_tokens"].get("eos_token_ids", [])]
         # Constrained decoding (response_format): llguidance's tokenizer is built on the first such request.
         self.grammars = GrammarCompiler(os.path.join(folder, manifest["tokenizer"]), self.embeddings.shape[0],
@@ -216,8 +219,7 @@ class VisionLanguageModel:
         It stays empty until the prompt is written, so the prefill attends over no unused slots, then
         grows in steps of 256 tokens (never past `expected_length`): decode steps read few unused slots."""
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
-                       expected_length=expected_length,
-                       dtype=np.float16 if self.manifest["text_config"].get("kv_dtype") == "float16" else np.float32)
+                       expected_length=expected_length, dtype=self.kv_dtype)
 
     def prefill(self, prompt, cache: KVCache | None = None, vision_outputs=None) -> np.ndarray:
         """Run the whole prompt through the decoder; returns the last position's logits [vocab]."""

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import TextConfig
 from ..contract import FamilyBase
 from ..media import MediaInputs, UnsupportedMedia, VideoPart
+from .config import MiniGPT4VisionConfig
 from .preprocess import BlipImageParams, preprocess_images
 from .prompt import TEMPLATES, tokenize_segments
 
@@ -45,11 +47,11 @@ class Family(FamilyBase):
 
     def __init__(self, manifest: dict):
         self.manifest = manifest
-        self.vision_config = manifest["vision_config"]
-        self.text_config = manifest["text_config"]
+        self.vision_config = MiniGPT4VisionConfig.from_dict(manifest["vision_config"])
+        self.text_config = TextConfig.from_dict(manifest["text_config"])
         self.tokens = manifest["special_tokens"]
         self.image_params = BlipImageParams.from_dict(manifest["preprocessing"])
-        self.num_query_tokens = int(self.vision_config["num_query_tokens"])
+        self.num_query_tokens = int(self.vision_config.num_query_tokens)
         self.image_token_id = int(self.tokens["image_token_id"])
         self.template = manifest.get("prompt", {}).get("template", "vicuna_v0")
         # Text that ends an answer (the engine adds these to the caller's stop strings): "###" for Vicuna v0.

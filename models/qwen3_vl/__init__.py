@@ -4,16 +4,18 @@ Torch-free. The runtime talks to a family only through `Family`; see runtime/eng
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from kernels.grounding import GROUNDING_SCALE
 from kernels.video import VideoError, VideoTooLong, describe_video, load_video, probe_video
 
+from ..config import TextConfig
 from ..contract import FamilyBase
 from ..media import MediaInputs, VideoOptions, VideoPart
 from . import positions
+from .config import Qwen3VLVisionConfig
 from .preprocess import ImageProcessorParams, preprocess_images
 from .prompt import expand_media_pads, tokenize_prompt
 from .video import (VideoProcessorParams, frame_timestamps, preprocess_video, sample_frame_indices,
@@ -68,11 +70,11 @@ class Family(FamilyBase):
 
     def __init__(self, manifest: dict):
         self.manifest = manifest
-        self.vision_config = manifest["vision_config"]
-        self.text_config = manifest["text_config"]
+        self.vision_config = Qwen3VLVisionConfig.from_dict(manifest["vision_config"])
+        self.text_config = TextConfig.from_dict(manifest["text_config"])
         self.tokens = manifest["special_tokens"]
         self.image_params = ImageProcessorParams.from_dict(manifest["preprocessing"])
-        self.merge_size = int(self.vision_config["spatial_merge_size"])
+        self.merge_size = int(self.vision_config.spatial_merge_size)
         self.image_token_id = int(self.tokens["image_token_id"])
         self.video_token_id = int(self.tokens["video_token_id"])
         # The clip preprocessing (the checkpoint's video_preprocessor_config.json); an export made before video
@@ -80,7 +82,8 @@ class Family(FamilyBase):
         # with the video processor's other defaults.
         video = manifest.get("video_preprocessing")
         self.video_params = (VideoProcessorParams.from_dict(video) if video is not None else
-                             VideoProcessorParams.from_image_params(manifest["preprocessing"], self.vision_config))
+                             VideoProcessorParams.from_image_params(manifest["preprocessing"],
+                                                                   asdict(self.vision_config)))
 
     # --- images and clips -----------------------------------------------------------------------
     def preprocess(self, sources, min_pixels=None, max_pixels=None, video: VideoOptions | None = None,
@@ -140,7 +143,7 @@ class Family(FamilyBase):
 
     def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> dict:
         """Inputs of the vision graph for a batch of images (all grid-dependent tables in NumPy)."""
-        feeds = positions.vision_inputs(image_grid_thw, int(self.vision_config["num_position_embeddings"]),
+        feeds = positions.vision_inputs(image_grid_thw, int(self.vision_config.num_position_embeddings),
                                         self.merge_size)
         feeds["pixel_values"] = pixel_values.astype(np.float32, copy=False)
         return feeds
@@ -198,7 +201,7 @@ class Family(FamilyBase):
         token_embeds: float32 [S, H]; vision_outputs: (image_embeds [n, H], deepstack [K, n, H]) or None.
         """
         seq, hidden = token_embeds.shape
-        num_deepstack = int(self.text_config["num_deepstack"])
+        num_deepstack = int(self.text_config.num_deepstack)
         inputs_embeds = np.array(token_embeds, dtype=np.float32)
         deepstack = np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)
         if vision_outputs is not None:
@@ -213,7 +216,7 @@ class Family(FamilyBase):
         """Decoder inputs for one new token at cache position `cache_position` (0-based)."""
         hidden = token_embed.shape[-1]
         position = cache_position + prompt.rope_delta
-        num_deepstack = int(self.text_config["num_deepstack"])
+        num_deepstack = int(self.text_config.num_deepstack)
         return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
                 "position_ids": np.full((3, 1, 1), position, dtype=np.int64),
                 "deepstack_embeds": np.zeros((num_deepstack, 1, 1, hidden), dtype=np.float32)}
