@@ -5,11 +5,13 @@ import json
 import os
 import shutil
 
+from .errors import ExportError
+
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class AssetError(Exception):
+class AssetError(ExportError):
     """A checkpoint file the export needs is missing or unreadable."""
 
 

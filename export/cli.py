@@ -13,7 +13,6 @@ import tempfile
 import threading
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m export",
@@ -81,14 +80,17 @@ def main(argv=None) -> int:
         print(f"error: the export stage needs the export extra ({e.name} is missing): "
               f"pip install -e '.[export]'", file=sys.stderr)
         return 2
-    from .assets import AssetError
-    from .minigpt4_convert import ConversionError
-    from .pipeline import ExportError, Progress, run_export
+    from .errors import ExportError
+    from .pipeline import ExportOptions, Progress, count_steps, export_checkpoint
 
     try:
+        options = ExportOptions(quantize=args.quantize, kv_dtype=args.kv_dtype, parity_tokens=args.parity_tokens,
+                                stream={"auto": None, "on": True, "off": False}[args.stream],
+                                int4_block_size=args.int4_block_size, force=args.force)
+        prelude_steps = int(args.demo or args.minigpt4)  # writing or converting the checkpoint first
+        progress = Progress(total=count_steps(options, prelude_steps=prelude_steps))
         with tempfile.TemporaryDirectory(prefix="vlm-demo-") as scratch:
             source = args.source
-            progress = Progress(total=(7 if args.demo or args.minigpt4 else 6) + (args.quantize != 'none'))
             if args.demo:
                 from .demo import write_checkpoint
 
@@ -101,10 +103,8 @@ def main(argv=None) -> int:
                     source = convert(args.minigpt4_vit, args.minigpt4_qformer, args.minigpt4_proj, args.minigpt4_llm,
                                      os.path.join(scratch, "minigpt4"), template=args.minigpt4_template,
                                      vit_depth=args.minigpt4_vit_depth, log=progress.log)
-            run_export(source, args.output, force=args.force, quantize=args.quantize, progress=progress,
-                       parity_tokens=args.parity_tokens, stream={"auto": None, "on": True, "off": False}[args.stream],
-                       int4_block_size=args.int4_block_size, kv_dtype=args.kv_dtype)
-    except (ExportError, AssetError, ConversionError) as e:
+            export_checkpoint(source, args.output, options, progress)
+    except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

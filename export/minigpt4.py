@@ -1,5 +1,6 @@
 """Export of the MiniGPT-4 family (BLIP-2 layout with a LLaMA / Vicuna text model): graphs, manifest
-sections and the eager-PyTorch reference case (transformers' Blip2ForConditionalGeneration)."""
+sections and the eager-PyTorch reference case (transformers' Blip2ForConditionalGeneration); the
+export-family contract: export/family_defaults.py. It reads no video (the contract's default)."""
 from __future__ import annotations
 
 import json
@@ -11,19 +12,17 @@ from torch.export import Dim
 
 from models.minigpt4.prompt import TEMPLATES, chat_template
 
+from .errors import ExportError
+from .family_defaults import video_preprocessing_params  # noqa: F401  (no video: the contract's default)
 from .kv_dtype import rounding_cache
-from .minigpt4_graphs import LlamaDecoderGraph, MiniGPT4VisionGraph
+from .llama_graph import LlamaDecoderGraph
+from .minigpt4_graphs import MiniGPT4VisionGraph
 from .onnx_io import export_graph
+from .streamed import empty_model
 
 FAMILY = "minigpt4"
 PROMPT_FILE = "minigpt4_prompt.json"  # optional sidecar in a checkpoint folder: {"template": "vicuna_v0" | "llama2"}
 DEFAULT_PLACEHOLDER_ID = 0  # LLaMA's <unk>: any id works, its embedding row is overwritten by the query embeddings
-
-
-def _error(message: str):
-    from .pipeline import ExportError
-
-    return ExportError(message)
 
 
 def load_model(source: str, dtype=torch.float32, empty: bool = False):
@@ -32,15 +31,13 @@ def load_model(source: str, dtype=torch.float32, empty: bool = False):
     from transformers import Blip2ForConditionalGeneration
 
     if empty:
-        from .streamed import empty_model
-
         model = empty_model(Blip2ForConditionalGeneration, source, dtype)
     else:
         model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     text_type = model.config.text_config.model_type
     if text_type != "llama":
-        raise _error(f"{source!r}: a BLIP-2 checkpoint with a {text_type!r} text model; the minigpt4 family serves "
-                     f"BLIP-2-layout models whose text model is LLaMA / Vicuna (model_type 'llama')")
+        raise ExportError(f"{source!r}: a BLIP-2 checkpoint with a {text_type!r} text model; the minigpt4 family "
+                          f"serves BLIP-2-layout models whose text model is LLaMA / Vicuna (model_type 'llama')")
     if model.config.image_token_index is None:  # MiniGPT-4 marks no image token; a placeholder id marks the slots
         model.config.image_token_index = DEFAULT_PLACEHOLDER_ID
     return model.eval()
@@ -80,7 +77,7 @@ def export_vision(model, path: str) -> list[str]:
 
 
 def decoder_graph(model, kv_dtype: str = "float32") -> LlamaDecoderGraph:
-    return LlamaDecoderGraph(model.language_model, kv_dtype=kv_dtype).eval()
+    return LlamaDecoderGraph(model.language_model.model, model.language_model.lm_head, kv_dtype=kv_dtype).eval()
 
 
 def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
@@ -130,8 +127,8 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
     tokens = generated[0].tolist()
     if len(tokens) == len(ids) + new_tokens:  # decoder-only generate returns the prompt ids too
         tokens = tokens[len(ids):]
-    return {"vision_feeds": {"pixel_values": pixel_values.numpy()}, "image_embeds": image_embeds,
-            "deepstack_embeds": np.zeros((0,), np.float32), "input_ids": np.array(ids, dtype=np.int64),
+    return {"vision_feeds": {"pixel_values": pixel_values.numpy()}, "vision_outputs": {"image_embeds": image_embeds},
+            "input_ids": np.array(ids, dtype=np.int64),
             "pixel_values": pixel_values.numpy(), "image_grid_thw": None, "first_logits": first_logits,
             "tokens": tokens, "kv_dtype": kv_dtype}
 
@@ -157,7 +154,7 @@ def extra_assets(folder: str, staging: str, manifest: dict) -> dict:
         with open(sidecar, encoding="utf-8") as f:
             name = json.load(f).get("template", name)
     if name not in TEMPLATES:
-        raise _error(f"{sidecar}: unknown MiniGPT-4 prompt template {name!r}; known: {', '.join(TEMPLATES)}")
+        raise ExportError(f"{sidecar}: unknown MiniGPT-4 prompt template {name!r}; known: {', '.join(TEMPLATES)}")
     with open(os.path.join(staging, "chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(chat_template(name))
     return {"chat_template": "chat_template.jinja",

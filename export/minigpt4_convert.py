@@ -25,14 +25,18 @@ import shutil
 
 import torch
 
+from .errors import ExportError
+
 EVA_HEAD_DIM = 88  # EVA ViT-g: 1408 wide, 16 heads
 QFORMER_HEAD_DIM = 64  # BERT-base: 768 wide, 12 heads
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
 
 
-class ConversionError(ValueError):
-    """A MiniGPT-4 source file is missing, unreadable, or lacks / misshapes a tensor (named in the message)."""
+class ConversionError(ExportError, ValueError):
+    """A MiniGPT-4 source file is missing, unreadable, or lacks / misshapes a tensor (named in the message).
+
+    Also a ValueError, as it was before export errors had one root."""
 
 
 def _load(path: str, what: str) -> dict:

@@ -1,4 +1,5 @@
-"""Export of the Qwen3-VL family: graphs, manifest sections and the eager-PyTorch reference case."""
+"""Export of the Qwen3-VL family: graphs, manifest sections and the eager-PyTorch reference case
+(the export-family contract: export/family_defaults.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +8,11 @@ from torch.export import Dim
 
 from models.qwen3_vl import positions
 
+from .family_defaults import extra_assets  # noqa: F401  (no files of its own: the contract's default)
 from .kv_dtype import rounding_cache
 from .onnx_io import export_graph
 from .qwen3_vl_graphs import Qwen3VLDecoderGraph, Qwen3VLVisionGraph
+from .streamed import empty_model
 
 FAMILY = "qwen3_vl"
 # Two images of different aspect ratios (and so different grids) for tracing and for parity.
@@ -23,8 +26,6 @@ def load_model(source: str, dtype=torch.float32, empty: bool = False):
     from transformers import Qwen3VLForConditionalGeneration
 
     if empty:
-        from .streamed import empty_model
-
         return empty_model(Qwen3VLForConditionalGeneration, source, dtype)
     model = Qwen3VLForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     return model.eval()
@@ -124,9 +125,10 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
     grid = torch.from_numpy(PARITY_GRIDS)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values, grid)
-        image_embeds = torch.cat(features.pooler_output).float().numpy()
-        deepstack = np.stack([torch.cat(f).float().numpy() for f in features.deepstack_features]) \
-            if features.deepstack_features else np.zeros((0,) + image_embeds.shape, np.float32)
+        vision_outputs = {"image_embeds": torch.cat(features.pooler_output).float().numpy()}
+        if features.deepstack_features:
+            vision_outputs["deepstack_embeds"] = np.stack([torch.cat(f).float().numpy()
+                                                           for f in features.deepstack_features])
     # A prompt with both images between text tokens (ids below any special token).
     rng = np.random.default_rng(0)
     vocab_text = min(config.text_config.vocab_size, config.vision_start_token_id)
@@ -145,7 +147,7 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
                                    mm_token_type_ids=mm_token_type_ids, attention_mask=torch.ones_like(input_ids),
                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                    **rounding_cache(model, kv_dtype))
-    return {"vision_feeds": vision_feeds, "image_embeds": image_embeds, "deepstack_embeds": deepstack,
+    return {"vision_feeds": vision_feeds, "vision_outputs": vision_outputs,
             "input_ids": np.array(ids, dtype=np.int64), "pixel_values": pixel_values.numpy(),
             "image_grid_thw": PARITY_GRIDS, "first_logits": first_logits,
             "tokens": generated[0, len(ids):].tolist(), "kv_dtype": kv_dtype}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .pipeline import ExportError
+from .errors import ExportError
 
 STREAM_KEY = "_stream_key"
 ALIGNMENT = 4096  # page-aligned tensors in the data file: ONNX Runtime can map them instead of copying

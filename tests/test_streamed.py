@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minigpt4_helpers as helpers
-from export import pipeline
+from export import memory_plan, output, quantize_step
 from export.pipeline import ExportError, Progress, run_export
 
 PARITY_TOKENS = 24
@@ -76,7 +76,7 @@ def test_streamed_qwen3_vl_fp32_matches_eager(tmp_path, equal_placeholders):
 
 
 def test_low_memory_plan_refuses_unverifiable_float32(mg_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "MEMORY_SHARE", 1e-9)
+    monkeypatch.setattr(memory_plan, "MEMORY_SHARE", 1e-9)
     out = tmp_path / "out"
     for method in ("none", "int8", "mixed"):
         with pytest.raises(ExportError, match="--quantize int4"):
@@ -85,14 +85,14 @@ def test_low_memory_plan_refuses_unverifiable_float32(mg_ckpt, tmp_path, monkeyp
 
 
 def test_low_memory_plan_int4_checks_against_bfloat16(mg_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "MEMORY_SHARE", 1e-9)
+    monkeypatch.setattr(memory_plan, "MEMORY_SHARE", 1e-9)
     manifest = _export(mg_ckpt, str(tmp_path / "out"), quantize="int4", parity_tokens=4)
     agreement = manifest["quantization"]["agreement"]
     assert agreement["reference_dtype"] == "bfloat16"
     assert "not run" in manifest["parity"]["fp32_graphs"]
     # the plausibility floors the export enforced hold (tiny random model: measured ~0.98 / ~0.9999)
-    assert agreement["first_logits_cosine"] >= pipeline.PLAUSIBLE_LOGITS_COSINE
-    assert agreement["image_embeds_cosine"] >= pipeline.PLAUSIBLE_FEATURES_COSINE
+    assert agreement["first_logits_cosine"] >= quantize_step.PLAUSIBLE_LOGITS_COSINE
+    assert agreement["image_embeds_cosine"] >= quantize_step.PLAUSIBLE_FEATURES_COSINE
 
 
 def _rewrite_tensor(checkpoint, tmp_path, key, change):
@@ -138,7 +138,7 @@ def test_published_files_follow_the_umask(tmp_path):
     data.chmod(0o600)
     umask = os.umask(0o022)
     try:
-        pipeline._publish(str(staging), str(tmp_path / "out"))
+        output.publish(str(staging), str(tmp_path / "out"))
     finally:
         os.umask(umask)
     mode = stat.S_IMODE((tmp_path / "out" / "decoder.int4.onnx.data").stat().st_mode)
