@@ -97,7 +97,7 @@ def run_ours(spec: dict) -> dict:
     submitted = timings["submitted"]
     video_tokens = int((prompt.input_ids == vlm.family.video_token_id).sum())
     return {"load_s": load_s, "frames": len(clip.frame_indices), "clip_size": list(clip.frames.shape[1:3]),
-            "grid_thw": prompt.image_grid_thw.tolist(), "video_tokens": video_tokens,
+            "grid_thw": prompt.media_grid.tolist(), "video_tokens": video_tokens,
             "prompt_tokens": len(prompt.input_ids), "clip_decode_s": decode_s, "prepare_s": prepare_s,
             "vision_s": timings["vision_s"], "prefill_s": timings["prefill_s"],
             "ttft_s": prepare_s + (first - submitted), "decode_tokens_per_s": (count - 1) / (last - first),

@@ -8,11 +8,16 @@ say" lives. Torch-free.
 A family's prompt goes through, in order:
   preprocess(sources)          images and clips -> MediaInputs (pixels, one grid row per item, kinds)
   tokenize(tokenizer, text, m) rendered chat text -> token ids, placeholders expanded per item
-  prepare(ids, pixels, grid, kinds) -> the family's PreparedPrompt (input_ids, pixel_values,
-                               image_grid_thw, position_ids, image_tokens, dump())
+  prepare(ids, pixels, media_grid, kinds) -> the family's PreparedPrompt (input_ids, pixel_values,
+                               media_grid, position_ids, image_tokens, dump())
   split_images / split_frames  the prompt's items, and an item's pieces, for one vision call each
-  vision_feeds(pixels, grid)   the vision graph's inputs for one piece
+  vision_feeds(pixels, media_grid) the vision graph's inputs for one piece
   prefill_feeds / decode_feeds the decoder graph's inputs (vision outputs spliced at media_token_mask)
+
+`media_grid` is each image or clip's shape row, in the family's own terms: Qwen3-VL (t, h, w) patches;
+MiniGPT-4 its query-token count; SmolVLM (rows, cols) of tiles. The runtime never reads inside a row:
+it hands the rows back to the family (split_images, image_token_counts, vision_feeds) and hashes them
+with the pixels for the image-feature cache.
 """
 from __future__ import annotations
 
@@ -48,19 +53,20 @@ class FamilyBase:
         """Rendered prompt text -> int64 token ids with every placeholder expanded."""
         raise NotImplementedError
 
-    def prepare(self, input_ids, pixel_values=None, image_grid_thw=None, media_kinds=()):
-        """Token ids + the items' arrays -> the family's PreparedPrompt."""
+    def prepare(self, input_ids, pixel_values=None, media_grid=None, media_kinds=()):
+        """Token ids + the items' arrays (pixels, `media_grid` rows, "image"/"video" kinds) -> the family's
+        PreparedPrompt, which carries `media_grid` under that name."""
         raise NotImplementedError
 
-    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw) -> dict:
+    def vision_feeds(self, pixel_values: np.ndarray, media_grid) -> dict:
         """The vision graph's inputs for one vision call."""
         raise NotImplementedError
 
-    def split_images(self, pixel_values: np.ndarray, image_grid_thw) -> list:
-        """A prompt's item arrays -> [(pixel_values, grid)] one pair per image or clip, in order."""
+    def split_images(self, pixel_values: np.ndarray, media_grid) -> list:
+        """A prompt's item arrays -> [(pixel_values, media_grid)] one pair per image or clip, in order."""
         raise NotImplementedError
 
-    def image_token_counts(self, image_grid_thw) -> list:
+    def image_token_counts(self, media_grid) -> list:
         """Prompt tokens each item occupies, in order."""
         raise NotImplementedError
 
@@ -77,6 +83,6 @@ class FamilyBase:
         """Which prompt tokens take vision features (item after item, in prompt order)."""
         return np.asarray(input_ids) == self.image_token_id
 
-    def split_frames(self, pixel_values: np.ndarray, image_grid_thw, max_patches: int) -> list:
-        """One item -> [(pixel_values, grid)] pieces for separate vision calls; by default one piece."""
-        return [(pixel_values, image_grid_thw)]
+    def split_frames(self, pixel_values: np.ndarray, media_grid, max_patches: int) -> list:
+        """One item -> [(pixel_values, media_grid)] pieces for separate vision calls; by default one piece."""
+        return [(pixel_values, media_grid)]

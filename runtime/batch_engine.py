@@ -169,11 +169,11 @@ class BatchEngine:
     def _image_spans(self, prompt) -> list:
         """The prompt positions (int64 arrays) each image or clip fills, in order (a clip's frame groups are
         apart: timestamps lie between them)."""
-        if prompt.image_grid_thw is None:
+        if prompt.media_grid is None:
             return []
         where = np.flatnonzero(self.family.media_token_mask(prompt.input_ids))
         spans, start = [], 0
-        for count in self.family.image_token_counts(prompt.image_grid_thw):
+        for count in self.family.image_token_counts(prompt.media_grid):
             spans.append(where[start:start + count])
             start += count
         return spans
@@ -183,7 +183,7 @@ class BatchEngine:
         key_ids = np.array(prompt.input_ids, dtype=np.int64)
         if prompt.pixel_values is None:
             return key_ids, []
-        images = self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)
+        images = self.family.split_images(prompt.pixel_values, prompt.media_grid)
         digests = [image_hash(pixels, grid) for pixels, grid in images]
         for positions, digest in zip(self._image_spans(prompt), digests):
             key_ids[positions] = image_key_id(digest)
@@ -229,7 +229,7 @@ class BatchEngine:
         one call would make the vision graph's attention mask quadratic in the whole clip)."""
         prompt = sequence.prompt
         index = sequence.images_done
-        pixels, grid = self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)[index]
+        pixels, grid = self.family.split_images(prompt.pixel_values, prompt.media_grid)[index]
         digest = sequence.image_digests[index]
         outputs = self.cache.get_image(digest) if self.cache is not None and not sequence.item_parts else None
         if outputs is None:

@@ -208,7 +208,7 @@ class VisionLanguageModel:
         """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
         if prompt.pixel_values is None:
             return None
-        pieces = [piece for pixels, grid in self.family.split_images(prompt.pixel_values, prompt.image_grid_thw)
+        pieces = [piece for pixels, grid in self.family.split_images(prompt.pixel_values, prompt.media_grid)
                   for piece in self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)]
         return join_vision(self.family, [self.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
                                          for pixels, grid in pieces])

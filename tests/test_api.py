@@ -63,7 +63,7 @@ def test_processor_message_formats(vlm, photos):
     for name, prompt in prompts.items():
         np.testing.assert_array_equal(prompt.input_ids, reference.input_ids, err_msg=name)
         np.testing.assert_array_equal(prompt.pixel_values, reference.pixel_values, err_msg=name)
-        np.testing.assert_array_equal(prompt.image_grid_thw, reference.image_grid_thw, err_msg=name)
+        np.testing.assert_array_equal(prompt.media_grid, reference.media_grid, err_msg=name)
     answers = {name: vlm.generate(prompt, GREEDY, max_new_tokens=4, min_new_tokens=4).token_ids
                for name, prompt in prompts.items()}
     assert all(ids == answers["path"] and len(ids) == 4 for ids in answers.values()), answers

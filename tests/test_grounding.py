@@ -195,7 +195,7 @@ def test_result_boxes_are_in_pixels_of_the_picture_sent_whatever_max_pixels(vlm,
     for max_pixels in (None, 64 * 64):  # the model sees the second image smaller: relative values do not change
         prompt = vlm.prepare(messages, max_pixels=max_pixels)
         assert prompt.grounding_image == GroundingImage(1, 200, 400)
-        grids.append(prompt.image_grid_thw[1].tolist())
+        grids.append(prompt.media_grid[1].tolist())
         results.append(vlm._result(_Answer(prompt, ANSWER)))
     assert grids[0] != grids[1]
     assert results[0].boxes == results[1].boxes

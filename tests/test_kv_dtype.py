@@ -122,7 +122,7 @@ def test_float16_results_do_not_depend_on_chunking(qwen_export_kv16, photos, spl
     whole_cache = model.new_cache(len(full.input_ids))
     whole = model.prefill(full, whole_cache, vision)
 
-    head = model.family.prepare(full.input_ids[:-split], full.pixel_values, full.image_grid_thw)
+    head = model.family.prepare(full.input_ids[:-split], full.pixel_values, full.media_grid)
     cache = model.new_cache(len(full.input_ids))
     logits = model.prefill(head, cache, vision)
     for token in full.input_ids[-split:]:

@@ -80,7 +80,7 @@ def test_greedy_tokens_and_positions_match_transformers(kind, clips, photos, vlm
     prompt = vlm.prepare(_messages(kind, clips, photos))
     kinds = prompt.media_kinds
     assert kinds.count("video") == (2 if kind == "two_clips" else 1)
-    assert (prompt.image_grid_thw[np.array(kinds) == "video", 0] >= 2).all()  # several frame groups per clip
+    assert (prompt.media_grid[np.array(kinds) == "video", 0] >= 2).all()  # several frame groups per clip
     inputs = transformers_inputs(prompt, vlm.family)
 
     with torch.no_grad():
@@ -100,10 +100,10 @@ def test_greedy_tokens_and_positions_match_transformers(kind, clips, photos, vlm
 def test_clip_encoded_in_pieces_equals_one_call(clips, photos, vlm):
     """The engine encodes a long clip a few frame groups per vision call; the features equal one call's."""
     prompt = vlm.prepare(_messages("clip", clips, photos))
-    feeds = vlm.family.vision_feeds(prompt.pixel_values, prompt.image_grid_thw)
+    feeds = vlm.family.vision_feeds(prompt.pixel_values, prompt.media_grid)
     whole = vlm.sessions["vision"].run(None, feeds)
-    t, h, w = prompt.image_grid_thw[0]
-    pieces = vlm.family.split_frames(prompt.pixel_values, prompt.image_grid_thw[0], h * w)  # one group per call
+    t, h, w = prompt.media_grid[0]
+    pieces = vlm.family.split_frames(prompt.pixel_values, prompt.media_grid[0], h * w)  # one group per call
     assert len(pieces) == t
     parts = [vlm.sessions["vision"].run(None, vlm.family.vision_feeds(p, g)) for p, g in pieces]
     for i, axis in enumerate(vlm.family.vision_output_axes):

@@ -26,7 +26,7 @@ class PreparedPrompt:
 
     input_ids: np.ndarray  # int64 [S]
     pixel_values: np.ndarray | None  # float32 [n_images, 3, size, size]
-    image_grid_thw: np.ndarray | None  # int64 [n_images]: query embeddings per image (the engine's name)
+    media_grid: np.ndarray | None  # int64 [n_images]: query embeddings per image (the contract's media_grid)
     position_ids: np.ndarray  # int64 [S]
     image_tokens: int = 0
 
@@ -69,17 +69,17 @@ class Family(FamilyBase):
         return MediaInputs(pixel_values, np.full((len(pixel_values),), self.num_query_tokens, dtype=np.int64),
                            ("image",) * len(pixel_values), [None] * len(pixel_values))
 
-    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw=None) -> dict:
+    def vision_feeds(self, pixel_values: np.ndarray, media_grid=None) -> dict:
         return {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
 
-    def split_images(self, pixel_values: np.ndarray, image_grid_thw=None) -> list:
+    def split_images(self, pixel_values: np.ndarray, media_grid=None) -> list:
         """A prompt's image arrays -> [(pixel_values, query counts)] one pair per image, in order."""
         return [(pixel_values[i:i + 1], np.full((1,), self.num_query_tokens, dtype=np.int64))
                 for i in range(len(pixel_values))]
 
-    def image_token_counts(self, image_grid_thw) -> list:
+    def image_token_counts(self, media_grid) -> list:
         """Prompt tokens each image occupies (its query embeddings), in order."""
-        return [int(n) for n in np.asarray(image_grid_thw).reshape(-1)]
+        return [int(n) for n in np.asarray(media_grid).reshape(-1)]
 
     # --- prompt ---------------------------------------------------------------------------------
     def tokenize(self, tokenizer, text: str, media: MediaInputs | None) -> np.ndarray:
@@ -87,17 +87,17 @@ class Family(FamilyBase):
         n_images = 0 if media is None else len(media.grid_thw)
         return tokenize_segments(tokenizer, text, n_images, self.num_query_tokens, self.image_token_id)
 
-    def prepare(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, media_kinds=()) -> PreparedPrompt:
+    def prepare(self, input_ids: np.ndarray, pixel_values=None, media_grid=None, media_kinds=()) -> PreparedPrompt:
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         n_images = 0 if pixel_values is None else len(pixel_values)
-        if image_grid_thw is None and pixel_values is not None:
-            image_grid_thw = np.full((n_images,), self.num_query_tokens, dtype=np.int64)
+        if media_grid is None and pixel_values is not None:
+            media_grid = np.full((n_images,), self.num_query_tokens, dtype=np.int64)
         n_slots = int((input_ids == self.image_token_id).sum())
         if n_slots != n_images * self.num_query_tokens:
             raise ValueError(f"the prompt holds {n_slots} image query slots but {n_images} image(s) need "
                              f"{n_images * self.num_query_tokens}")
         positions = np.arange(len(input_ids), dtype=np.int64)
-        return PreparedPrompt(input_ids, pixel_values if n_images else None, image_grid_thw if n_images else None,
+        return PreparedPrompt(input_ids, pixel_values if n_images else None, media_grid if n_images else None,
                               positions, n_slots)
 
     # --- decoder feeds --------------------------------------------------------------------------

@@ -31,23 +31,23 @@ class PreparedPrompt:
     input_ids: np.ndarray  # int64 [S]
     # Images and clips in prompt order (the vision graph reads both the same way; a clip's t > 1):
     pixel_values: np.ndarray | None  # float32 [n_patches, C*T*P*P]
-    image_grid_thw: np.ndarray | None  # int64 [n_items, 3]
+    media_grid: np.ndarray | None  # int64 [n_items, 3]: (t, h, w) patches per item (transformers' image_grid_thw)
     position_ids: np.ndarray  # int64 [3, S]
     rope_delta: int
     image_tokens: int = 0  # prompt tokens taken by images and clips
-    media_kinds: tuple = ()  # "image" / "video" per row of image_grid_thw; () means all images
+    media_kinds: tuple = ()  # "image" / "video" per row of media_grid; () means all images
 
     def dump(self) -> dict:
         """The model inputs as arrays, for --dump-inputs (transformers' names: videos apart from images)."""
         arrays = {"input_ids": self.input_ids[None], "position_ids": self.position_ids[:, None]}
-        kinds = self.media_kinds or ("image",) * (0 if self.image_grid_thw is None else len(self.image_grid_thw))
+        kinds = self.media_kinds or ("image",) * (0 if self.media_grid is None else len(self.media_grid))
         for kind, pixels_name, grid_name in (("image", "pixel_values", "image_grid_thw"),
                                              ("video", "pixel_values_videos", "video_grid_thw")):
             rows = [i for i, k in enumerate(kinds) if k == kind]
             if not rows and kind == "video":
                 continue
-            grid = self.image_grid_thw[rows] if rows else np.zeros((0, 3), np.int64)
-            starts = np.concatenate([[0], np.cumsum(self.image_grid_thw.prod(-1))]) if rows else []
+            grid = self.media_grid[rows] if rows else np.zeros((0, 3), np.int64)
+            starts = np.concatenate([[0], np.cumsum(self.media_grid.prod(-1))]) if rows else []
             pixels = [self.pixel_values[starts[i]:starts[i + 1]] for i in rows]
             arrays[pixels_name] = np.concatenate(pixels) if pixels else np.zeros((0, 0), np.float32)
             arrays[grid_name] = grid
@@ -141,18 +141,18 @@ class Family(FamilyBase):
         fps = loaded.fps if loaded.fps else 24  # what transformers assumes when the source has no frame rate
         return pixel_values, grid, frame_timestamps(loaded.frame_indices, fps, params.temporal_patch_size)
 
-    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> dict:
+    def vision_feeds(self, pixel_values: np.ndarray, media_grid: np.ndarray) -> dict:
         """Inputs of the vision graph for a batch of images (all grid-dependent tables in NumPy)."""
-        feeds = positions.vision_inputs(image_grid_thw, int(self.vision_config.num_position_embeddings),
+        feeds = positions.vision_inputs(media_grid, int(self.vision_config.num_position_embeddings),
                                         self.merge_size)
         feeds["pixel_values"] = pixel_values.astype(np.float32, copy=False)
         return feeds
 
-    def split_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> list:
-        """A prompt's image arrays -> [(pixel_values, image_grid_thw)] one pair per image, in order."""
-        counts = np.asarray(image_grid_thw).prod(-1)
+    def split_images(self, pixel_values: np.ndarray, media_grid: np.ndarray) -> list:
+        """A prompt's image arrays -> [(pixel_values, media_grid)] one pair per image, in order."""
+        counts = np.asarray(media_grid).prod(-1)
         starts = np.concatenate([[0], np.cumsum(counts)])
-        return [(pixel_values[starts[i]:starts[i + 1]], image_grid_thw[i:i + 1]) for i in range(len(counts))]
+        return [(pixel_values[starts[i]:starts[i + 1]], media_grid[i:i + 1]) for i in range(len(counts))]
 
     def split_frames(self, pixel_values: np.ndarray, grid_thw: np.ndarray, max_patches: int) -> list:
         """One image or clip -> [(pixel_values, grid)] pieces of whole frame groups, each at most `max_patches`
@@ -165,21 +165,21 @@ class Family(FamilyBase):
         return [(pixel_values[first * h * w:min(first + per_call, t) * h * w],
                  np.array([[min(per_call, t - first), h, w]], dtype=np.int64)) for first in range(0, t, per_call)]
 
-    def image_token_counts(self, image_grid_thw: np.ndarray) -> list:
+    def image_token_counts(self, media_grid: np.ndarray) -> list:
         """Prompt tokens each image or clip occupies (its merged patches), in order."""
-        return [int(n) // self.merge_size ** 2 for n in np.asarray(image_grid_thw).prod(-1)]
+        return [int(n) // self.merge_size ** 2 for n in np.asarray(media_grid).prod(-1)]
 
     def media_token_mask(self, input_ids: np.ndarray) -> np.ndarray:
         """Which prompt tokens take image or clip features (in prompt order, item after item)."""
         return np.isin(input_ids, (self.image_token_id, self.video_token_id))
 
     # --- prompt ---------------------------------------------------------------------------------
-    def prepare(self, input_ids: np.ndarray, pixel_values=None, image_grid_thw=None, media_kinds=()) -> PreparedPrompt:
+    def prepare(self, input_ids: np.ndarray, pixel_values=None, media_grid=None, media_kinds=()) -> PreparedPrompt:
         """Token ids (pads already expanded) + image/clip arrays in prompt order (`media_kinds` says which
         rows are clips; () means all images) -> PreparedPrompt with M-RoPE positions."""
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        media = MediaInputs(pixel_values, np.zeros((0, 3), np.int64) if image_grid_thw is None else
-                            np.asarray(image_grid_thw, dtype=np.int64), tuple(media_kinds))
+        media = MediaInputs(pixel_values, np.zeros((0, 3), np.int64) if media_grid is None else
+                            np.asarray(media_grid, dtype=np.int64), tuple(media_kinds))
         if not media.kinds:
             media.kinds = ("image",) * len(media.grid_thw)
         for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
@@ -192,7 +192,7 @@ class Family(FamilyBase):
                                                        self.merge_size, media.of_kind("video"), self.video_token_id)
         n_media = int(self.media_token_mask(input_ids).sum())
         kinds = media.kinds if "video" in media.kinds else ()
-        return PreparedPrompt(input_ids, pixel_values, image_grid_thw, position_ids, delta, n_media, kinds)
+        return PreparedPrompt(input_ids, pixel_values, media_grid, position_ids, delta, n_media, kinds)
 
     # --- decoder feeds --------------------------------------------------------------------------
     def prefill_feeds(self, prompt: PreparedPrompt, token_embeds: np.ndarray, vision_outputs) -> dict:
