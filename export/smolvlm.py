@@ -139,7 +139,6 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
                                    min_new_tokens=new_tokens, do_sample=False, **rounding_cache(model, kv_dtype))
     tokens = generated[0].tolist()[len(ids):]
     return {"vision_feeds": {"pixel_values": pixel_values.numpy()}, "vision_outputs": {"image_embeds": image_embeds},
-            "image_embeds": image_embeds, "deepstack_embeds": np.zeros((0,), np.float32),
             "input_ids": np.array(ids, dtype=np.int64), "pixel_values": pixel_values.numpy(),
             "image_grid_thw": PARITY_ROWS_COLS, "first_logits": first_logits, "tokens": tokens, "kv_dtype": kv_dtype}
 

@@ -30,10 +30,6 @@ class PreparedPrompt:
     position_ids: np.ndarray  # int64 [S]
     image_tokens: int = 0
 
-    @property
-    def image_grid_thw(self):  # the runtime's older name for media_grid
-        return self.media_grid
-
     def dump(self) -> dict:
         return {"input_ids": self.input_ids[None], "position_ids": self.position_ids[None],
                 "pixel_values": self.pixel_values if self.pixel_values is not None
