@@ -55,7 +55,14 @@ def check_smollm2_shapes(smollm2_config) -> None:
                            f"vocab {SMOLLM2_VOCAB}, tied")
 
 
-def smolvlm_256m_config(tokenizer) -> dict:
+# A small random vision tower for the tests (tests/test_real_weights.py): the real-weight check is the text
+# model's, and SmolVLM-256M's 86M-parameter SigLIP on 512-pixel tiles would cost minutes of CI per export.
+TEST_VISION = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+               "image_size": 128, "patch_size": 16}
+TEST_IMAGE_PROCESSOR = {"size": {"longest_edge": 256}, "max_image_size": {"longest_edge": 128}}
+
+
+def smolvlm_256m_config(tokenizer, vision: dict | None = None) -> dict:
     """SmolVLM-256M-Instruct's config.json, its token ids read from `tokenizer` (tokenizers.Tokenizer, the
     published token layout: <image> 49190, <end_of_utterance> 49279)."""
     from .smolvlm import BOS, EOS, IMAGE, PAD
@@ -70,7 +77,7 @@ def smolvlm_256m_config(tokenizer) -> dict:
         "image_token_id": tokenizer.token_to_id(IMAGE), "scale_factor": SCALE_FACTOR, "tie_word_embeddings": True,
         **ids,
         "vision_config": {"model_type": "smolvlm_vision", "num_channels": 3, "hidden_act": "gelu_pytorch_tanh",
-                          "layer_norm_eps": 1e-6, **VISION},
+                          "layer_norm_eps": 1e-6, **(vision or VISION)},
         "text_config": {"model_type": "llama", "vocab_size": VOCAB_SIZE, "tie_word_embeddings": True, **ids, **TEXT},
     }
 
@@ -91,11 +98,13 @@ def _text_weights(lm, seed: int) -> dict:
     return weights
 
 
-def write_smolvlm_checkpoint(folder: str, seed: int = 0) -> str:
+def write_smolvlm_checkpoint(folder: str, seed: int = 0, vision: dict | None = None,
+                             image_processor: dict | None = None) -> str:
     """A SmolVLM-256M-shaped checkpoint in `folder`: SmolLM2-135M-Instruct's real text weights, a random vision
     tower and connector (tests/smolvlm_helpers.py's spread-out random weights), SmolLM2's tokenizer with
     SmolVLM's added tokens in the published layout, SmolVLM's chat template and processor files; returns
-    `folder`."""
+    `folder`. `vision` / `image_processor` replace the 256M's vision shapes and tiling (the tests' small
+    tower: TEST_VISION, TEST_IMAGE_PROCESSOR)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
@@ -105,7 +114,7 @@ def write_smolvlm_checkpoint(folder: str, seed: int = 0) -> str:
     lm = load_smollm2()
     check_smollm2_shapes(lm.config)
     os.makedirs(folder, exist_ok=True)
-    config = smolvlm_256m_config(Tokenizer.from_file(write_tokenizer(folder, PUBLISHED_ADDED_TOKENS)))
+    config = smolvlm_256m_config(Tokenizer.from_file(write_tokenizer(folder, PUBLISHED_ADDED_TOKENS)), vision)
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(SmolVLMConfig(**config)).eval()
     text_model = model.model.text_model
@@ -116,8 +125,8 @@ def write_smolvlm_checkpoint(folder: str, seed: int = 0) -> str:
     randomize(model.model.vision_model, seed)
     randomize(model.model.connector, seed + 1)
     model.save_pretrained(folder, safe_serialization=True)
-    write_processor_files(folder, config, longest_edge=IMAGE_PROCESSOR["size"]["longest_edge"],
-                          overrides=IMAGE_PROCESSOR)
+    tiling = image_processor or IMAGE_PROCESSOR
+    write_processor_files(folder, config, longest_edge=tiling["size"]["longest_edge"], overrides=tiling)
     return folder
 
 

@@ -80,3 +80,13 @@ def llama_decoder_example(graph: LlamaDecoderGraph, hidden_size: int) -> tuple[t
     b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
     return args, dynamic
+
+
+def llama_text_config(text) -> dict:
+    """manifest["text_config"] of a LLaMA-architecture text model (transformers' LlamaConfig)."""
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return {"model_type": text.model_type, "num_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads, "num_kv_heads": text.num_key_value_heads,
+            "head_dim": head_dim, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
+            "max_context": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
+            "rope_parameters": dict(getattr(text, "rope_parameters", None) or {})}

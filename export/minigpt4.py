@@ -15,7 +15,7 @@ from models.minigpt4.prompt import TEMPLATES, chat_template
 from .errors import ExportError
 from .family_defaults import video_preprocessing_params  # noqa: F401  (no video: the contract's default)
 from .kv_dtype import rounding_cache
-from .llama_graph import LlamaDecoderGraph
+from .llama_graph import LlamaDecoderGraph, llama_decoder_example, llama_text_config
 from .minigpt4_graphs import MiniGPT4VisionGraph
 from .onnx_io import export_graph
 from .streamed import empty_model
@@ -46,15 +46,8 @@ def load_model(source: str, dtype=torch.float32, empty: bool = False):
 def manifest_sections(model) -> dict:
     config = model.config
     text, vision, qformer = config.text_config, config.vision_config, config.qformer_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return {
-        "text_config": {
-            "model_type": text.model_type, "num_layers": text.num_hidden_layers,
-            "num_attention_heads": text.num_attention_heads, "num_kv_heads": text.num_key_value_heads,
-            "head_dim": head_dim, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
-            "max_context": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
-            "rope_parameters": dict(getattr(text, "rope_parameters", None) or {}),
-        },
+        "text_config": llama_text_config(text),
         "vision_config": {
             "image_size": vision.image_size, "patch_size": vision.patch_size, "hidden_size": vision.hidden_size,
             "num_layers": vision.num_hidden_layers, "num_heads": vision.num_attention_heads,
@@ -88,15 +81,7 @@ def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
 
 def decoder_example(model, graph) -> tuple[tuple, tuple]:
     """Example inputs and dynamic shapes to trace the decoder graph with."""
-    text = model.config.text_config
-    batch, seq, capacity = 2, 3, 4
-    kv_shape = (batch, text.num_key_value_heads, capacity, graph.head_dim)
-    args = (torch.randn(batch, seq, text.hidden_size), torch.ones(batch, capacity + seq, dtype=torch.long),
-            torch.arange(seq).repeat(batch, 1),
-            *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
-    b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
-    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
-    return args, dynamic
+    return llama_decoder_example(graph, model.config.text_config.hidden_size)
 
 
 def embedding_table(model) -> np.ndarray:

@@ -62,17 +62,20 @@ def test_quantized_top1_agreement_on_real_prose(exports, method):
 
 # --- SmolVLM: the same SmolLM2 weights as the text model of a SmolVLM-256M-shaped checkpoint (random vision) ---
 # float32 only here (the export's own parity, and chat prompts against transformers' generate); the int8/int4
-# agreement is measured by `python -m bench.real_smolvlm` and reported in the README, not tested.
+# agreement is measured by `python -m bench.real_smolvlm` and reported in the README, not tested. The vision
+# tower here is a small random one (TEST_VISION): the check is the real text model's, and the 256M's SigLIP on
+# 512-pixel tiles would add minutes per export; the bench uses the published vision shapes.
 SMOLVLM_NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def smolvlm_export(tmp_path_factory):
-    from bench.real_smolvlm import write_smolvlm_checkpoint
+    from bench.real_smolvlm import TEST_IMAGE_PROCESSOR, TEST_VISION, write_smolvlm_checkpoint
     from export.pipeline import Progress, run_export
 
     root = tmp_path_factory.mktemp("smolvlm-smollm2")
-    checkpoint = write_smolvlm_checkpoint(str(root / "checkpoint"))
+    checkpoint = write_smolvlm_checkpoint(str(root / "checkpoint"), vision=TEST_VISION,
+                                          image_processor=TEST_IMAGE_PROCESSOR)
     manifest = run_export(checkpoint, str(root / "none"), quantize="none", parity_tokens=SMOLVLM_NEW_TOKENS,
                           progress=Progress(heartbeat_s=600))
     return checkpoint, str(root / "none"), manifest

@@ -6,12 +6,10 @@ Torch-free. The runtime talks to a family only through `Family`; see runtime/eng
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..config import TextConfig
-from ..contract import FamilyBase
+from ..spliced import PreparedPrompt, SplicedFamily
 from ..media import MediaInputs, UnsupportedMedia, VideoPart
 from .config import MiniGPT4VisionConfig
 from .preprocess import BlipImageParams, preprocess_images
@@ -20,29 +18,10 @@ from .prompt import TEMPLATES, tokenize_segments
 NAME = "minigpt4"
 
 
-@dataclass
-class PreparedPrompt:
-    """Token ids (query slots marked with the placeholder id), pixels and LLaMA positions for one prompt."""
-
-    input_ids: np.ndarray  # int64 [S]
-    pixel_values: np.ndarray | None  # float32 [n_images, 3, size, size]
-    media_grid: np.ndarray | None  # int64 [n_images]: query embeddings per image (the contract's media_grid)
-    position_ids: np.ndarray  # int64 [S]
-    image_tokens: int = 0
-
-    def dump(self) -> dict:
-        return {"input_ids": self.input_ids[None], "position_ids": self.position_ids[None],
-                "pixel_values": self.pixel_values if self.pixel_values is not None
-                else np.zeros((0, 3, 0, 0), np.float32)}
-
-
-class Family(FamilyBase):
+class Family(SplicedFamily):
     """MiniGPT-4's serve-time behaviour, configured from manifest.json (the contract: models/contract.py)."""
 
     name = NAME
-    # Decoder inputs -> (batch axis, sequence axis), as in models/qwen3_vl.
-    decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (0, 1)}
-    vision_output_axes = (0,)  # image_embeds [n, num_query_tokens, H]
     reads_video = False  # single images only: a video part is refused (UnsupportedMedia)
 
     def __init__(self, manifest: dict):
@@ -92,27 +71,4 @@ class Family(FamilyBase):
         n_images = 0 if pixel_values is None else len(pixel_values)
         if media_grid is None and pixel_values is not None:
             media_grid = np.full((n_images,), self.num_query_tokens, dtype=np.int64)
-        n_slots = int((input_ids == self.image_token_id).sum())
-        if n_slots != n_images * self.num_query_tokens:
-            raise ValueError(f"the prompt holds {n_slots} image query slots but {n_images} image(s) need "
-                             f"{n_images * self.num_query_tokens}")
-        positions = np.arange(len(input_ids), dtype=np.int64)
-        return PreparedPrompt(input_ids, pixel_values if n_images else None, media_grid if n_images else None,
-                              positions, n_slots)
-
-    # --- decoder feeds --------------------------------------------------------------------------
-    def prefill_feeds(self, prompt: PreparedPrompt, token_embeds: np.ndarray, vision_outputs) -> dict:
-        """Decoder inputs for the whole prompt; image query embeddings spliced in at the placeholder slots.
-
-        vision_outputs: the vision graph's outputs ([image_embeds [n, Q, H]]) or None.
-        """
-        inputs_embeds = np.array(token_embeds, dtype=np.float32)
-        if vision_outputs is not None:
-            image_embeds = np.asarray(vision_outputs[0], dtype=np.float32)
-            inputs_embeds[prompt.input_ids == self.image_token_id] = image_embeds.reshape(-1, inputs_embeds.shape[1])
-        return {"inputs_embeds": inputs_embeds[None], "position_ids": prompt.position_ids[None]}
-
-    def decode_feeds(self, prompt: PreparedPrompt, token_embed: np.ndarray, cache_position: int) -> dict:
-        hidden = token_embed.shape[-1]
-        return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
-                "position_ids": np.full((1, 1), cache_position, dtype=np.int64)}
+        return self.prepared(input_ids, pixel_values, media_grid, n_images * self.num_query_tokens)

@@ -8,49 +8,33 @@ Torch-free. The runtime talks to a family only through `Family` (the contract: m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..contract import FamilyBase
+from ..config import TextConfig
 from ..media import MediaInputs, UnsupportedMedia, VideoPart
+from ..spliced import PreparedPrompt, SplicedFamily
+from .config import SmolVLMVisionConfig
 from .preprocess import SmolVLMImageParams, preprocess_images, tile_count
 from .prompt import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, expand_images
 
 NAME = "smolvlm"
 
 
-@dataclass
-class PreparedPrompt:
-    """Token ids (image tokens marked), every image's tiles and 1-D positions for one prompt."""
-
-    input_ids: np.ndarray  # int64 [S]
-    pixel_values: np.ndarray | None  # float32 [n_tiles, 3, T, T], each image's tiles in order
-    media_grid: np.ndarray | None  # int64 [n_images, 2]: (rows, cols) of tiles per image, (0, 0) = one tile
-    position_ids: np.ndarray  # int64 [S]
-    image_tokens: int = 0
-
-    def dump(self) -> dict:
-        return {"input_ids": self.input_ids[None], "position_ids": self.position_ids[None],
-                "pixel_values": self.pixel_values if self.pixel_values is not None
-                else np.zeros((0, 3, 0, 0), np.float32)}
-
-
-class Family(FamilyBase):
+class Family(SplicedFamily):
     """SmolVLM's serve-time behaviour, configured from manifest.json."""
 
     name = NAME
-    decoder_feed_axes = {"inputs_embeds": (0, 1), "position_ids": (0, 1)}  # (batch axis, sequence axis)
-    vision_output_axes = (0,)  # image_embeds [n_tiles, image_seq_len, H]
     reads_video = False  # SmolVLM2's video input is not served (yet): a video part is refused
 
     def __init__(self, manifest: dict):
         self.manifest = manifest
+        self.vision_config = SmolVLMVisionConfig.from_dict(manifest["vision_config"])
+        self.text_config = TextConfig.from_dict(manifest["text_config"])
         self.tokens = manifest["special_tokens"]
         self.image_token_id = int(self.tokens["image_token_id"])
         self.image_params = SmolVLMImageParams.from_dict(manifest["preprocessing"])
         prompt = manifest.get("prompt", {})
-        self.image_seq_len = int(prompt.get("image_seq_len", manifest["vision_config"]["tokens_per_tile"]))
+        self.image_seq_len = int(prompt.get("image_seq_len", self.vision_config.tokens_per_tile))
         self.strings = (prompt.get("fake_image_token", FAKE_IMAGE_TOKEN), prompt.get("image_token", IMAGE_TOKEN),
                         prompt.get("global_image_token", GLOBAL_IMAGE_TOKEN))
 
@@ -104,23 +88,4 @@ class Family(FamilyBase):
         expected = 0 if grid is None else sum(self.image_token_counts(grid))
         if grid is not None and sum(tile_count(r, c) for r, c in grid.tolist()) != n_tiles:
             raise ValueError(f"{n_tiles} tiles given for images of {grid.tolist()} (rows, cols)")
-        n_slots = int((input_ids == self.image_token_id).sum())
-        if n_slots != expected:
-            raise ValueError(f"the prompt holds {n_slots} image tokens but the images' {n_tiles} tile(s) need "
-                             f"{expected}")
-        positions = np.arange(len(input_ids), dtype=np.int64)
-        return PreparedPrompt(input_ids, pixel_values if n_tiles else None, grid, positions, n_slots)
-
-    # --- decoder feeds --------------------------------------------------------------------------
-    def prefill_feeds(self, prompt: PreparedPrompt, token_embeds: np.ndarray, vision_outputs) -> dict:
-        """Decoder inputs for the whole prompt; tile embeddings spliced in at the image tokens, in order."""
-        inputs_embeds = np.array(token_embeds, dtype=np.float32)
-        if vision_outputs is not None:
-            image_embeds = np.asarray(vision_outputs[0], dtype=np.float32)
-            inputs_embeds[prompt.input_ids == self.image_token_id] = image_embeds.reshape(-1, inputs_embeds.shape[1])
-        return {"inputs_embeds": inputs_embeds[None], "position_ids": prompt.position_ids[None]}
-
-    def decode_feeds(self, prompt: PreparedPrompt, token_embed: np.ndarray, cache_position: int) -> dict:
-        hidden = token_embed.shape[-1]
-        return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
-                "position_ids": np.full((1, 1), cache_position, dtype=np.int64)}
+        return self.prepared(input_ids, pixel_values, grid, expected)
