@@ -16,8 +16,9 @@ import threading
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m export",
-        description="Convert a Hugging Face VLM checkpoint (Qwen3-VL) into ONNX graphs + manifest.json for the "
-                    "torch-free runtime, and verify them against eager PyTorch.")
+        description="Convert a Hugging Face VLM checkpoint (Qwen3-VL, SmolVLM / Idefics3, BLIP-2-layout MiniGPT-4) "
+                    "into ONNX graphs + manifest.json for the torch-free runtime, and verify them against eager "
+                    "PyTorch.")
     parser.add_argument("source", nargs="?", help="checkpoint folder (config.json, *.safetensors, tokenizer.json, "
                                                   "chat template, preprocessor_config.json) or hub id")
     parser.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
