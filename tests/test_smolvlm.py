@@ -1,6 +1,7 @@
-"""End-to-end parity for the SmolVLM family: the exported tiny SmolVLM, run by our runtime, against
-transformers' eager `generate` fed by transformers' own SmolVLMProcessor (PIL backend): prompt ids and
-pixel values equal, first-step logits within 1e-4, 24 greedy tokens equal."""
+"""SmolVLM-specific parity (the checks every family shares are in tests/test_families.py): the exported tiny
+SmolVLM with image splitting off, run by our runtime, against transformers' eager `generate` fed by its own
+SmolVLMProcessor (PIL backend): prompt ids and pixel values equal, first-step logits within 1e-4, 24 greedy
+tokens equal; and the manifest's SmolVLM sections."""
 from __future__ import annotations
 
 import json
@@ -32,37 +33,22 @@ def unsplit_export(smolvlm_export, tmp_path_factory) -> str:
     return str(folder)
 
 
-def _messages(kind: str, photos: dict) -> list:
-    if kind in ("one_image", "unsplit"):
-        return [{"role": "user", "content": [{"type": "image", "path": photos["astronaut"]},
-                                             {"type": "text", "text": "What is in this picture?"}]}]
-    if kind == "two_images":
-        return [{"role": "user", "content": [{"type": "image", "path": photos["coffee"]},
-                                             {"type": "text", "text": "and"},
-                                             {"type": "image", "path": photos["noise"]},
-                                             {"type": "text", "text": "Compare the two images."}]}]
-    return [{"role": "user", "content": [{"type": "text", "text": "Write a haiku about the sea."}]}]
-
-
 # Tiled images, two images and text only run in the shared runner (tests/test_families.py); here what only
-# SmolVLM has: a checkpoint that does not split images (rows = cols = 0, the single-image prompt string).
-@pytest.mark.parametrize("kind", ["one_image", "unsplit"])
-def test_greedy_tokens_and_logits_match_transformers(kind, photos, smolvlm_export, unsplit_export, smolvlm_hf):
+# SmolVLM has: a checkpoint that does not split images (rows = cols = 0, the single-tile prompt string).
+def test_unsplit_image_matches_transformers(photos, unsplit_export, smolvlm_hf):
     from runtime.engine import VisionLanguageModel
 
     model, processor = smolvlm_hf
-    messages = _messages(kind, photos)
-    images = {} if kind != "unsplit" else {"images_kwargs": {"do_image_splitting": False}}
+    messages = [{"role": "user", "content": [{"type": "image", "path": photos["astronaut"]},
+                                             {"type": "text", "text": "What is in this picture?"}]}]
     inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                           return_tensors="pt", **images)
-    vlm = VisionLanguageModel(unsplit_export if kind == "unsplit" else smolvlm_export, threads=2)
+                                           return_tensors="pt", images_kwargs={"do_image_splitting": False})
+    vlm = VisionLanguageModel(unsplit_export, threads=2)
     prompt = vlm.prepare(messages)
     np.testing.assert_array_equal(prompt.input_ids, inputs["input_ids"][0].numpy())
-    if kind != "text_only":
-        np.testing.assert_array_equal(prompt.pixel_values, inputs["pixel_values"][0].numpy())
-        # astronaut 97x131 -> 94x128 -> 128x128: 2 x 2 tiles + global; coffee 150x61 -> 128x64: 1 x 2 + global
-        rows_cols = {"one_image": [[2, 2]], "unsplit": [[0, 0]], "two_images": [[1, 2], [2, 2]]}[kind]
-        np.testing.assert_array_equal(prompt.media_grid, rows_cols)
+    np.testing.assert_array_equal(prompt.pixel_values, inputs["pixel_values"][0].numpy())
+    np.testing.assert_array_equal(prompt.media_grid, [[0, 0]])
+    assert len(prompt.pixel_values) == 1
 
     with torch.no_grad():
         reference_logits = model(**inputs).logits[0, -1].numpy()
@@ -73,3 +59,16 @@ def test_greedy_tokens_and_logits_match_transformers(kind, photos, smolvlm_expor
     assert relative_error(logits, reference_logits) < LOGITS_RTOL
     result = vlm.generate(prompt, SamplingParams(greedy=True), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     assert result.token_ids == reference_tokens
+
+
+def test_manifest_records_family_prompt_and_parity(smolvlm_export):
+    with open(os.path.join(smolvlm_export, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["family"] == "smolvlm" and manifest["parity"]["passed"] is True
+    assert manifest["vision_config"]["tokens_per_tile"] == manifest["prompt"]["image_seq_len"] == 16
+    assert manifest["prompt"]["image_token"] == "<image>"
+    # <end_of_utterance> closes every turn of SmolVLM's template: it ends answers
+    from tokenizers import Tokenizer
+
+    end = Tokenizer.from_file(os.path.join(smolvlm_export, manifest["tokenizer"])).token_to_id("<end_of_utterance>")
+    assert end is not None and end in manifest["special_tokens"]["eos_token_ids"]
