@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from minigpt4_helpers import randomize  # noqa: F401  (spread-out random weights, shared by the test checkpoints)
+
 from bench.smolvlm import (BOS, EOS, FAKE_IMAGE, GLOBAL_IMAGE, IMAGE, PAD, ROW_COL, UNK,  # noqa: F401
                            _NoVideoProcessor, hf_processor, tokens_per_tile, write_processor_files, write_tokenizer)
 
@@ -60,20 +62,6 @@ def tiny_config(tokenizer_folder: str | None = None) -> dict:
                         "bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD],
                         "rope_theta": 100000.0},
     }
-
-
-def randomize(model, seed: int = 0, scale: float = 0.1):
-    """Spread-out random weights: norm weights near 1, biases and everything else ~N(0, scale), so parity
-    cannot pass with a norm weight or a bias dropped."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * scale
-            is_norm = "norm" in name.lower() and param.ndim == 1
-            param.copy_(1 + noise if is_norm and name.endswith("weight") else noise)
-    return model
 
 
 def image_seq_len(config: dict) -> int:
