@@ -72,3 +72,25 @@ def test_manifest_records_family_prompt_and_parity(smolvlm_export):
 
     end = Tokenizer.from_file(os.path.join(smolvlm_export, manifest["tokenizer"])).token_to_id("<end_of_utterance>")
     assert end is not None and end in manifest["special_tokens"]["eos_token_ids"]
+
+
+def test_tiles_encoded_piece_by_piece_give_the_same_features(photos, smolvlm_export, monkeypatch):
+    """With one tile per vision call (the limit a 512-pixel tile reaches), the features and the answer are those
+    of one call for all of an image's tiles."""
+    import runtime.batch_engine as batch_engine
+    import runtime.engine as engine
+    from runtime.engine import VisionLanguageModel
+
+    vlm = VisionLanguageModel(smolvlm_export, threads=2)
+    messages = [{"role": "user", "content": [{"type": "image", "path": photos["noise"]},
+                                             {"type": "text", "text": "What is in this picture?"}]}]
+    prompt = vlm.prepare(messages)
+    whole = vlm.encode_images(prompt)
+    answer = vlm.generate(prompt, SamplingParams(greedy=True), max_new_tokens=8).token_ids
+    per_tile = (vlm.family.vision_config.image_size // vlm.family.vision_config.patch_size) ** 2
+    monkeypatch.setattr(engine, "VISION_PATCHES_PER_CALL", per_tile)
+    monkeypatch.setattr(batch_engine, "VISION_PATCHES_PER_CALL", per_tile)
+    assert len(vlm.family.split_frames(prompt.pixel_values, prompt.media_grid, per_tile)) == len(prompt.pixel_values) > 1
+    np.testing.assert_allclose(vlm.encode_images(prompt)[0], whole[0], rtol=0, atol=1e-5)
+    fresh = VisionLanguageModel(smolvlm_export, threads=2)  # no cached image features
+    assert fresh.generate(fresh.prepare(messages), SamplingParams(greedy=True), max_new_tokens=8).token_ids == answer

@@ -62,6 +62,15 @@ class Family(SplicedFamily):
             start += count
         return pieces
 
+    def split_frames(self, pixel_values: np.ndarray, media_grid, max_patches: int) -> list:
+        """One image's tiles -> pieces of whole tiles, each at most `max_patches` patches (at least one tile).
+        Tiles never attend to each other in the vision graph, so the features are the same piece by piece,
+        while one call's activations (attention scores above all) stay those of a few tiles instead of up to
+        17 (a 512-pixel SigLIP tile is 1024 patches)."""
+        per_tile = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        per_call = max(1, max_patches // per_tile)
+        return [(pixel_values[first:first + per_call], media_grid) for first in range(0, len(pixel_values), per_call)]
+
     def image_token_counts(self, media_grid) -> list:
         """Prompt tokens each image occupies: image_seq_len per tile."""
         grid = np.asarray(media_grid, dtype=np.int64).reshape(-1, 2)
