@@ -15,7 +15,8 @@ class AssetError(ExportError):
     """A checkpoint file the export needs is missing or unreadable."""
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A checkpoint's JSON file as a dict ({} when the file is absent)."""
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -28,7 +29,7 @@ def find_chat_template(folder: str) -> str | None:
     if os.path.isfile(jinja):
         return open(jinja, encoding="utf-8").read()
     for name in ("chat_template.json", "tokenizer_config.json", "processor_config.json"):
-        template = _read_json(os.path.join(folder, name)).get("chat_template")
+        template = read_json(os.path.join(folder, name)).get("chat_template")
         if isinstance(template, str):
             return template
         if isinstance(template, list):  # named templates: take the default one
@@ -53,7 +54,7 @@ def copy_tokenizer(folder: str, staging: str) -> None:
 
 def generation_defaults(folder: str, config: dict) -> dict:
     """generation_config.json's sampling defaults and EOS ids (falling back to config.json's)."""
-    generation = _read_json(os.path.join(folder, "generation_config.json"))
+    generation = read_json(os.path.join(folder, "generation_config.json"))
     eos = generation.get("eos_token_id", config.get("text_config", {}).get("eos_token_id", config.get("eos_token_id")))
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     keep = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
@@ -65,8 +66,8 @@ def generation_defaults(folder: str, config: dict) -> dict:
 def video_preprocessor_config(folder: str) -> dict:
     """The checkpoint's video preprocessing as transformers finds it: processor_config.json's "video_processor",
     else video_preprocessor_config.json; {} when neither (the family then falls back to the image config)."""
-    nested = _read_json(os.path.join(folder, "processor_config.json")).get("video_processor")
-    return nested if isinstance(nested, dict) else _read_json(os.path.join(folder, "video_preprocessor_config.json"))
+    nested = read_json(os.path.join(folder, "processor_config.json")).get("video_processor")
+    return nested if isinstance(nested, dict) else read_json(os.path.join(folder, "video_preprocessor_config.json"))
 
 
 def copy_assets(folder: str, staging: str) -> dict:
@@ -76,11 +77,11 @@ def copy_assets(folder: str, staging: str) -> dict:
     if template is not None:
         with open(os.path.join(staging, TEMPLATE_FILE), "w", encoding="utf-8") as f:
             f.write(template)
-    preprocessing = _read_json(os.path.join(folder, "preprocessor_config.json"))
-    config = _read_json(os.path.join(folder, "config.json"))
+    preprocessing = read_json(os.path.join(folder, "preprocessor_config.json"))
+    config = read_json(os.path.join(folder, "config.json"))
     from runtime.chat import special_tokens_from_config
 
-    template_tokens = special_tokens_from_config(_read_json(os.path.join(folder, "tokenizer_config.json")))
+    template_tokens = special_tokens_from_config(read_json(os.path.join(folder, "tokenizer_config.json")))
     return {"tokenizer": TOKENIZER_FILE, "chat_template": TEMPLATE_FILE if template is not None else None,
             "template_variables": template_tokens, "preprocessing": preprocessing,
             "video_preprocessing": video_preprocessor_config(folder),

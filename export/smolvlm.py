@@ -3,14 +3,17 @@ shares): SigLIP + pixel-shuffle vision graph, the generic LLaMA decoder graph, m
 eager-PyTorch reference case."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 from torch.export import Dim
 
+from models.smolvlm.preprocess import tile_count
+
+from .assets import read_json
 from .errors import ExportError
+from .family_defaults import video_preprocessing_params  # noqa: F401  (SmolVLM2's video is not served: no video section)
 from .kv_dtype import rounding_cache
 from .llama_graph import LlamaDecoderGraph, llama_decoder_example, llama_text_config
 from .onnx_io import export_graph
@@ -76,10 +79,6 @@ def _pixels(model, tiles: int, seed: int) -> torch.Tensor:
     return torch.randn(tiles, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _tiles(rows_cols) -> int:
-    return int(sum(r * c + 1 if r or c else 1 for r, c in np.asarray(rows_cols).reshape(-1, 2).tolist()))
-
-
 def export_vision(model, path: str) -> list[str]:
     """SigLIP + connector -> image_embeds [n_tiles, tokens_per_tile, text_hidden]."""
     graph = SmolVLMVisionGraph(model).eval()
@@ -111,7 +110,7 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
     model: image features, first-step logits and greedy tokens (KV cache rounded to `kv_dtype`)."""
     config = model.config
     per_tile = tokens_per_tile(config)
-    pixel_values = _pixels(model, _tiles(PARITY_ROWS_COLS), 1)
+    pixel_values = _pixels(model, sum(tile_count(r, c) for r, c in PARITY_ROWS_COLS.tolist()), 1)
     image = int(config.image_token_id)
     rng = np.random.default_rng(0)
     vocab = config.text_config.vocab_size
@@ -151,29 +150,17 @@ def preprocessing_params(raw: dict, manifest: dict) -> dict:
     return params.to_dict()
 
 
-def video_preprocessing_params(raw: dict, manifest: dict):
-    """SmolVLM2's video input is not served yet: no video section."""
-    return None
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def extra_assets(folder: str, staging: str, manifest: dict) -> dict:
     """The prompt section (the processor's image strings and tokens per tile, checked against the model) and
     <end_of_utterance> as an end-of-answer token: SmolVLM's chat template closes every turn with it."""
     per_tile = manifest["vision_config"]["tokens_per_tile"]
-    processor = _read_json(os.path.join(folder, "processor_config.json"))
+    processor = read_json(os.path.join(folder, "processor_config.json"))
     seq_len = processor.get("image_seq_len", per_tile)
     if seq_len != per_tile:
         raise ExportError(f"{folder}/processor_config.json has image_seq_len={seq_len} but the vision model gives "
                           f"{per_tile} tokens per tile ((image_size / patch_size)² / scale_factor²); fix "
                           f"processor_config.json")
-    tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    tokenizer_config = read_json(os.path.join(folder, "tokenizer_config.json"))
     prompt = {key: tokenizer_config.get(key) if isinstance(tokenizer_config.get(key), str) else default
               for key, default in PROMPT_TOKENS.items()}
     prompt["image_seq_len"] = per_tile
