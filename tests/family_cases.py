@@ -18,18 +18,12 @@ class FamilyCase:
     hf_inputs: Callable
 
 
-def _processor_inputs(model, processor, messages) -> tuple:
+def _processor_inputs(reference, messages, paths) -> tuple:
+    """Families with a transformers processor (Qwen3-VL, SmolVLM): reference = (model, processor)."""
+    model, processor = reference
     inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
                                            return_tensors="pt")
     return model, dict(inputs)
-
-
-def _qwen_inputs(reference, messages, paths):
-    return _processor_inputs(*reference, messages)
-
-
-def _smolvlm_inputs(reference, messages, paths):
-    return _processor_inputs(*reference, messages)
 
 
 def _minigpt4_inputs(reference, messages, paths):
@@ -55,7 +49,7 @@ def _minigpt4_inputs(reference, messages, paths):
 
 
 CASES = [
-    FamilyCase("qwen3_vl", export="qwen_export", reference="qwen_reference", hf_inputs=_qwen_inputs),
+    FamilyCase("qwen3_vl", export="qwen_export", reference="qwen_reference", hf_inputs=_processor_inputs),
     FamilyCase("minigpt4", export="mg_export", reference="mg_reference", hf_inputs=_minigpt4_inputs),
-    FamilyCase("smolvlm", export="smolvlm_export", reference="smolvlm_hf", hf_inputs=_smolvlm_inputs),
+    FamilyCase("smolvlm", export="smolvlm_export", reference="smolvlm_hf", hf_inputs=_processor_inputs),
 ]
