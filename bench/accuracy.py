@@ -37,7 +37,7 @@ def teacher_forced(vlm, prompt, vision, steps: int, next_token):
         yield logits
         if i < steps - 1:
             token = next_token(i, logits)
-            logits = vlm._run_decoder(vlm.family.decode_feeds(prompt, vlm.embed([token])[0], cache.offset), cache)
+            logits = vlm.run_decoder(vlm.family.decode_feeds(prompt, vlm.embed([token])[0], cache.offset), cache)
 
 
 def greedy_without_eos(vlm, logits) -> int:

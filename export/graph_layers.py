@@ -32,6 +32,12 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+def decoder_input_names(family_inputs: list[str], num_layers: int) -> list[str]:
+    """A decoder graph's inputs: the family's own (embeddings, positions, ...), then the lengths the
+    GroupQueryAttention ops take (export/group_query_attention.py), then the cache buffers."""
+    return family_inputs + ["seqlens_k", "total_sequence_length"] + kv_names("past_key_values", num_layers)
+
+
 def fuse_linears(spec) -> nn.Linear:
     """[module, name, name, ...] -> one Linear whose output is the named Linears' outputs concatenated.
 
@@ -63,38 +69,3 @@ def attend(q, k, v, scaling, bias=None):
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-
-
-def cache_biases(attention_mask: torch.Tensor, capacity: int, seq: int, dtype):
-    """attention_mask int64 [B, C + S] -> additive biases for the past slots [B, 1, 1, 1, C] and for the new
-    tokens [B, 1, 1, S, S] (causal among themselves), in the layout `cached_attention` broadcasts."""
-    lowest = torch.finfo(dtype).min
-    mask = attention_mask.bool()
-    past_bias = torch.where(mask[:, :capacity], 0.0, lowest).to(dtype)[:, None, None, None, :]
-    positions = torch.arange(seq, device=attention_mask.device)
-    causal = positions[None, :] <= positions[:, None]  # [S, S]
-    new_allowed = causal[None] & mask[:, None, capacity:]  # [B, S, S]
-    new_bias = torch.where(new_allowed, 0.0, lowest).to(dtype)[:, None, None]
-    return past_bias, new_bias
-
-
-def cached_attention(q, k, v, past_key, past_value, past_bias, new_bias, scaling):
-    """Grouped-query attention of new tokens over a preallocated cache plus themselves.
-
-    q [B, heads, S, d]; k, v [B, kv, S, d] (already what the cache will hold); past_key/value [B, kv, C, d]
-    (any float dtype: cast to q's). Scores over past and new keys are computed apart, so the cache is never
-    concatenated, and the K/V heads are broadcast over their query groups instead of copied.
-    Returns [B, S, heads*d].
-    """
-    batch, heads, seq, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    if past_key.dtype != q.dtype:  # a float16 cache: the matmuls run in float32
-        past_key, past_value = past_key.to(q.dtype), past_value.to(q.dtype)
-    q = q.reshape(batch, num_kv_heads, heads // num_kv_heads, seq, head_dim) * scaling
-    past_scores = torch.matmul(q, past_key[:, :, None].transpose(-1, -2)) + past_bias  # [B, kv, g, S, C]
-    new_scores = torch.matmul(q, k[:, :, None].transpose(-1, -2)) + new_bias  # [B, kv, g, S, S]
-    capacity = past_key.shape[2]
-    probs = torch.softmax(torch.cat([past_scores, new_scores], dim=-1).float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs[..., :capacity], past_value[:, :, None]) + torch.matmul(
-        probs[..., capacity:], v[:, :, None])  # [B, kv, g, S, d]
-    return out.reshape(batch, -1, seq, head_dim).transpose(1, 2).reshape(batch, seq, -1)

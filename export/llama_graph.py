@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from .graph_layers import apply_rotary, cache_biases, cached_attention, kv_names, rms_norm
-from .kv_dtype import round_trip, torch_dtype
+from .graph_layers import apply_rotary, decoder_input_names, kv_names, rms_norm
+from .group_query_attention import example_lengths, group_query_attention
+from .kv_dtype import torch_dtype
 
 
 class LlamaDecoderGraph(nn.Module):
     """LLaMA text decoder with the runtime's KV-cache contract (as Qwen3VLDecoderGraph, minus M-RoPE,
     q/k norms and deepstack).
 
-    Inputs: inputs_embeds [B, S, H], attention_mask int64 [B, C + S] (filled slots and new tokens 1),
-    position_ids int64 [B, S], past_key_values.{i}.key|value [B, kv, C, d] buffers the runtime owns.
-    Outputs: logits [B, vocab] (last position) and present.{i}.key|value [B, kv, S, d] (new entries only).
+    Inputs: inputs_embeds [B, S, H], position_ids int64 [B, S], seqlens_k int32 [B] and total_sequence_length
+    int32 [] (export/group_query_attention.py), past_key_values.{i}.key|value [B, kv, C, d] buffers the runtime
+    owns. Outputs: logits [B, vocab] (last position) and present.{i}.key|value [B, kv, C, d]: the past buffers
+    with the new entries written in (in place when the runtime binds one buffer to both).
     kv_dtype: the cache's dtype (export/kv_dtype.py).
     """
 
@@ -27,38 +29,37 @@ class LlamaDecoderGraph(nn.Module):
         self.lm_head = lm_head
         config = text_model.config
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     @property
     def input_names(self):
-        return ["inputs_embeds", "attention_mask", "position_ids"] + kv_names("past_key_values", self.num_layers)
+        return decoder_input_names(["inputs_embeds", "position_ids"], self.num_layers)
 
     @property
     def output_names(self):
         return ["logits"] + kv_names("present", self.num_layers)
 
-    def _attention(self, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
+    def _attention(self, attn, x, cos, sin, lengths, past_key, past_value):
         batch, seq, _ = x.shape
         shape = (batch, seq, -1, self.head_dim)
-        q = apply_rotary(attn.q_proj(x).view(shape).transpose(1, 2), cos, sin)  # [B, heads, S, d]
-        k = apply_rotary(attn.k_proj(x).view(shape).transpose(1, 2), cos, sin)  # [B, kv, S, d]
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        k, present_key = round_trip(k, self.kv_dtype)  # attend with exactly what the cache will hold
-        v, present_value = round_trip(v, self.kv_dtype)
-        out = cached_attention(q, k, v, past_key, past_value, past_bias, new_bias, attn.scaling)
+        q = apply_rotary(attn.q_proj(x).view(shape), cos, sin).reshape(batch, seq, -1)  # [B, S, heads*d]
+        k = apply_rotary(attn.k_proj(x).view(shape), cos, sin).reshape(batch, seq, -1)  # [B, S, kv*d]
+        out, present_key, present_value = group_query_attention(
+            q, k, attn.v_proj(x), past_key, past_value, *lengths, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, scale=attn.scaling)
         return attn.o_proj(out), present_key, present_value
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
         model = self.model
         hidden = inputs_embeds
         cos, sin = model.rotary_emb(hidden, position_ids)  # [B, S, d]
-        cos, sin = cos[:, None], sin[:, None]
-        past_bias, new_bias = cache_biases(attention_mask, past[0].shape[2], hidden.shape[1], hidden.dtype)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, d], broadcast over the heads of [B, S, heads, d]
+        lengths = (seqlens_k, total_sequence_length)
         presents = []
         for index, layer in enumerate(model.layers):
             attn_out, key, value = self._attention(layer.self_attn, rms_norm(layer.input_layernorm, hidden), cos, sin,
-                                                   past_bias, new_bias, past[2 * index], past[2 * index + 1])
+                                                   lengths, past[2 * index], past[2 * index + 1])
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
             presents += [key, value]
@@ -74,11 +75,11 @@ def llama_decoder_example(graph: LlamaDecoderGraph, hidden_size: int) -> tuple[t
 
     batch, seq, capacity = 2, 3, 4
     kv_shape = (batch, graph.num_kv_heads, capacity, graph.head_dim)
-    args = (torch.randn(batch, seq, hidden_size), torch.ones(batch, capacity + seq, dtype=torch.long),
-            torch.arange(seq).repeat(batch, 1),
+    args = (torch.randn(batch, seq, hidden_size), torch.arange(seq).repeat(batch, 1),
+            *example_lengths(batch, seq, capacity),
             *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
-    b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
-    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
+    b, s, c = Dim("batch"), Dim("sequence"), Dim("past_capacity")
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b}, None, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
     return args, dynamic
 
 

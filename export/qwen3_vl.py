@@ -9,6 +9,7 @@ from torch.export import Dim
 from models.qwen3_vl import positions
 
 from .family_defaults import extra_assets  # noqa: F401  (no files of its own: the contract's default)
+from .group_query_attention import example_lengths
 from .kv_dtype import rounding_cache
 from .onnx_io import export_graph
 from .qwen3_vl_graphs import Qwen3VLDecoderGraph, Qwen3VLVisionGraph
@@ -95,12 +96,11 @@ def decoder_example(model, graph) -> tuple[tuple, tuple]:
     text = model.config.text_config
     batch, seq, capacity = 2, 3, 4  # sizes >= 2 so no axis is specialised to 0/1
     kv_shape = (batch, text.num_key_value_heads, capacity, text.head_dim)
-    args = (torch.randn(batch, seq, text.hidden_size), torch.ones(batch, capacity + seq, dtype=torch.long),
-            torch.zeros(3, batch, seq, dtype=torch.long),
-            torch.zeros(graph.num_deepstack, batch, seq, text.hidden_size),
+    args = (torch.randn(batch, seq, text.hidden_size), torch.zeros(3, batch, seq, dtype=torch.long),
+            torch.zeros(graph.num_deepstack, batch, seq, text.hidden_size), *example_lengths(batch, seq, capacity),
             *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
-    b, s, c, t = Dim("batch"), Dim("sequence"), Dim("past_capacity"), Dim("total")
-    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {1: b, 2: s}, {1: b, 2: s},
+    b, s, c = Dim("batch"), Dim("sequence"), Dim("past_capacity")
+    dynamic = ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b}, None,
                tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
     return args, dynamic
 

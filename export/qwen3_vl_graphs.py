@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graph_layers import apply_rotary, cache_biases, cached_attention, fuse_linears, kv_names, rms_norm
-from .kv_dtype import round_trip, torch_dtype
+from .graph_layers import apply_rotary, decoder_input_names, fuse_linears, kv_names, rms_norm
+from .group_query_attention import group_query_attention
+from .kv_dtype import torch_dtype
 
 
 class Qwen3VLVisionGraph(nn.Module):
@@ -68,16 +69,16 @@ class Qwen3VLDecoderGraph(nn.Module):
     """Text decoder with a pre-allocated KV cache and deepstack injection; last-position logits.
 
     The cache is a buffer the runtime owns: past_key_values.{i}.key|value [B, kv_heads, C, head_dim]
-    hold C slots of which the first ones are filled; attention_mask int64 [B, C + S] marks the filled
-    slots (1) and the new tokens (1). The graph returns only the new entries, present.{i}.key|value
-    [B, kv_heads, S, head_dim], which the runtime writes into its buffer: no step copies the cache,
-    and attention never concatenates it (scores over past and new keys are computed apart).
+    hold C slots; row b's first seqlens_k[b] + 1 - S are filled (seqlens_k int32 [B], with
+    total_sequence_length int32 [] the longest row's length after the call). Each layer's attention is one
+    GroupQueryAttention op (export/group_query_attention.py) that writes the new entries into the buffer and
+    returns it as present.{i}.key|value [B, kv_heads, C, head_dim]: bound to the same memory as the past
+    (IO binding), no step copies the cache.
 
-    Other inputs: inputs_embeds [B, S, H], position_ids int64 [3, B, S] (M-RoPE),
+    Other inputs: inputs_embeds [B, S, H], position_ids int64 [3, B, S] (M-RoPE, applied before the op),
     deepstack_embeds [K, B, S, H] (zero off image positions). Outputs: logits [B, vocab].
 
-    kv_dtype: the cache's dtype (past and present); float16 rounds each new key/value before attention
-    uses it and casts the past to float32 for the matmuls (export/kv_dtype.py).
+    kv_dtype: the cache's dtype (past and present); the op then takes q/k/v in it too (export/kv_dtype.py).
     """
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_deepstack: int,
@@ -101,37 +102,35 @@ class Qwen3VLDecoderGraph(nn.Module):
 
     @property
     def input_names(self):
-        return ["inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds"] + kv_names(
-            "past_key_values", self.num_layers)
+        return decoder_input_names(["inputs_embeds", "position_ids", "deepstack_embeds"], self.num_layers)
 
     @property
     def output_names(self):
         return ["logits"] + kv_names("present", self.num_layers)
 
-    def _attention(self, index, attn, x, cos, sin, past_bias, new_bias, past_key, past_value):
+    def _attention(self, index, attn, x, cos, sin, lengths, past_key, past_value):
         batch, seq, _ = x.shape
         shape = (batch, seq, -1, self.head_dim)
+        num_heads = attn.config.num_attention_heads
         kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv[index](x).split([attn.config.num_attention_heads * self.head_dim, kv_size, kv_size], -1)
-        q = rms_norm(attn.q_norm, q.reshape(shape)).transpose(1, 2)  # [B, heads, S, d]
-        k = rms_norm(attn.k_norm, k.reshape(shape)).transpose(1, 2)  # [B, kv, S, d]
-        v = v.reshape(shape).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, present_key = round_trip(k, self.kv_dtype)  # attend with exactly what the cache will hold
-        v, present_value = round_trip(v, self.kv_dtype)
-        out = cached_attention(q, k, v, past_key, past_value, past_bias, new_bias, attn.scaling)
+        q, k, v = self.qkv[index](x).split([num_heads * self.head_dim, kv_size, kv_size], -1)
+        q = apply_rotary(rms_norm(attn.q_norm, q.reshape(shape)), cos, sin).reshape(batch, seq, -1)  # [B, S, heads*d]
+        k = apply_rotary(rms_norm(attn.k_norm, k.reshape(shape)), cos, sin).reshape(batch, seq, -1)  # [B, S, kv*d]
+        out, present_key, present_value = group_query_attention(
+            q, k, v, past_key, past_value, *lengths, num_heads=num_heads, num_kv_heads=self.num_kv_heads,
+            scale=attn.scaling)
         return attn.o_proj(out), present_key, present_value
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
+    def forward(self, inputs_embeds, position_ids, deepstack_embeds, seqlens_k, total_sequence_length, *past):
         model = self.language_model
         hidden = inputs_embeds
         cos, sin = model.rotary_emb(hidden, position_ids)  # [B, S, d]
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, d], broadcast over heads
-        past_bias, new_bias = cache_biases(attention_mask, past[0].shape[2], hidden.shape[1], hidden.dtype)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, d], broadcast over the heads of [B, S, heads, d]
+        lengths = (seqlens_k, total_sequence_length)
         presents = []
         for index, layer in enumerate(model.layers):
             attn_out, key, value = self._attention(index, layer.self_attn, rms_norm(layer.input_layernorm, hidden),
-                                                   cos, sin, past_bias, new_bias, past[2 * index], past[2 * index + 1])
+                                                   cos, sin, lengths, past[2 * index], past[2 * index + 1])
             hidden = hidden + attn_out
             gate, up = self.gate_up[index](rms_norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
             hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)

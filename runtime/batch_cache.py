@@ -1,8 +1,8 @@
 """The KV cache of the sequences decoded together: one buffer per layer with a row per sequence.
 
 Layout per layer: keys / values [rows, kv_heads, capacity, head_dim]. The active sequences hold rows
-0..n-1, so a decode step hands ONNX Runtime the leading-rows view `buffer[:n]` (contiguous: no copy)
-and writes each row's new key / value at that row's own length. A sequence that leaves is replaced
+0..n-1, so a decode step hands ONNX Runtime the leading-rows view `buffer[:n]` (contiguous: no copy),
+whose GroupQueryAttention ops write each row's new key / value at that row's own length. A sequence that leaves is replaced
 by moving the last row into its place (one row copied, not the cache); a sequence that joins is
 copied in once from the cache its prompt was prefilled into. Growth (more rows, more slots)
 reallocates in steps, so no step's cost grows with the number of steps taken.
@@ -98,28 +98,11 @@ class BatchKVCache:
         """Copies of row `row`'s first `length` slots: per-layer [kv_heads, length, head_dim]."""
         return ([k[row, :, :length].copy() for k in self.keys], [v[row, :, :length].copy() for v in self.values])
 
-    def feeds(self, start: int, stop: int) -> dict:
-        """past_key_values.{i}.key|value for rows [start, stop): views, never copies."""
-        feeds = {}
-        for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = self.keys[i][start:stop]
-            feeds[f"past_key_values.{i}.value"] = self.values[i][start:stop]
-        return feeds
+    def buffers(self, start: int, stop: int) -> tuple[list, list]:
+        """Per-layer keys and values of rows [start, stop): contiguous views the decoder writes in place."""
+        return [k[start:stop] for k in self.keys], [v[start:stop] for v in self.values]
 
-    def attention_mask(self, start: int, stop: int) -> np.ndarray:
-        """int64 [stop - start, capacity + 1]: each row's filled slots and its one new token."""
-        capacity = self.capacity
-        mask = np.zeros((stop - start, capacity + 1), dtype=np.int64)
-        for r in range(start, min(stop, self.rows)):
-            mask[r - start, : self.lengths[r]] = 1
-        mask[:, capacity] = 1
-        return mask
-
-    def append(self, presents: list, start: int, stop: int) -> None:
-        """Write the new entries (present.{i}.key|value [B, kv, 1, d]) of rows [start, stop) at their lengths."""
+    def advance(self, start: int, stop: int) -> None:
+        """Rows [start, stop) took one token each (written by the decoder call)."""
         for r in range(start, stop):
-            at, b = self.lengths[r], r - start
-            for i in range(self.num_layers):
-                self.keys[i][r, :, at] = presents[2 * i][b, :, 0]
-                self.values[i][r, :, at] = presents[2 * i + 1][b, :, 0]
-            self.lengths[r] = at + 1
+            self.lengths[r] += 1

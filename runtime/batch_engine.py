@@ -11,8 +11,8 @@ Each `step()`:
      their KV in the prefix cache.
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
-A sequence's tokens do not depend on the batch (tests check it token by token): every capacity is
-a multiple of 64 slots (see kv_cache.py); ONNX Runtime's 4-bit MatMulNBits computes a lone row
+A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
+a row's own filled slots (GroupQueryAttention, runtime/decoder_call.py); ONNX Runtime's 4-bit MatMulNBits computes a lone row
 (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
 rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
 input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
@@ -26,6 +26,7 @@ import traceback
 import numpy as np
 
 from .batch_cache import BatchKVCache
+from .decoder_call import run_decoder
 from .kv_cache import KVCache
 from .prefix_cache import EngineCache, image_hash, image_key_id
 from .sequence import DECODE, DONE, PREFILL, WAITING, Sequence
@@ -252,14 +253,10 @@ class BatchEngine:
 
     def _run(self, feeds: dict, cache: KVCache, new_tokens: int) -> np.ndarray:
         """One batch-1 decoder call over a private cache (prompt chunks); returns the last logits."""
-        feeds = dict(feeds, attention_mask=cache.attention_mask(new_tokens), **cache.feeds())
-        sessions = self.model.sessions
-        session = sessions["prefill"] if new_tokens > 1 and "prefill" in sessions else sessions["decoder"]
-        outputs = session.run(None, feeds)
-        cache.append(outputs[1:])
+        logits = self.model.run_decoder(feeds, cache)
         self.counters["decoder_tokens"] += new_tokens
         self.counters["decoder_calls"] += 1
-        return outputs[0][0]
+        return logits
 
     # --- decoding -------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -295,12 +292,13 @@ class BatchEngine:
             parts.append(self.family.decode_feeds(sequence.prompt, embed, batch.lengths[min(r, stop - 1)]))
         feeds = {name: np.concatenate([p[name] for p in parts], axis=self.family.decoder_feed_axes[name][0])
                  for name in parts[0]}
-        feeds.update(batch.feeds(start, start + width), attention_mask=batch.attention_mask(start, start + width))
-        outputs = model.sessions["decoder"].run(None, feeds)
-        batch.append(outputs[1:], start, stop)
+        # padding rows write their (discarded) entry into their own, unused row of the buffer
+        lengths = [batch.lengths[min(r, stop - 1)] + 1 for r in range(start, start + width)]
+        logits = run_decoder(model.sessions["decoder"], feeds, *batch.buffers(start, start + width), lengths)
+        batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
         self.counters["decoder_calls"] += 1
-        return outputs[0][: stop - start]
+        return logits[: stop - start]
 
     # --- leaving ------------------------------------------------------------------------------
     def _leave(self, sequence: Sequence, error: BaseException | None = None) -> None:

@@ -29,6 +29,7 @@ from .constraint import GrammarCompiler
 from .sequence import GenerationChunk, Sequence
 from .errors import ContextLengthError, ModelFolderError, ParameterError, UserError
 from .grounding import answer_boxes, grounding_image
+from . import decoder_call
 from .kv_cache import KVCache
 from .logprobs import TokenTable
 from .manifest import load_manifest
@@ -195,14 +196,16 @@ class VisionLanguageModel:
         return prompt
 
     # --- generation ---------------------------------------------------------------------------
-    def _run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
+    def run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
+        """One batch-1 decoder call on `feeds` (the family's inputs) over `cache`, which takes the new tokens
+        in place; returns the last position's logits [vocab]."""
         new_tokens = feeds["inputs_embeds"].shape[1]
-        feeds = dict(feeds, attention_mask=cache.attention_mask(new_tokens), **cache.feeds())
         # A "prefill" graph (same I/O, weights for GEMMs) takes multi-token runs when the export made one.
         session = self.sessions["prefill"] if new_tokens > 1 and "prefill" in self.sessions else self.sessions["decoder"]
-        outputs = session.run(None, feeds)
-        cache.append(outputs[1:])
-        return outputs[0][0]  # logits [vocab] of the last position
+        cache.reserve(cache.offset + new_tokens)
+        logits = decoder_call.run_decoder(session, feeds, cache.keys, cache.values, [cache.offset + new_tokens])
+        cache.advance(new_tokens)
+        return logits[0]
 
     def encode_images(self, prompt):
         """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
@@ -227,7 +230,7 @@ class VisionLanguageModel:
             cache = self.new_cache(len(prompt.input_ids))
             vision_outputs = self.encode_images(prompt)
         feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
-        return self._run_decoder(feeds, cache)
+        return self.run_decoder(feeds, cache)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, names: dict | None = None) -> None:
         """Refuse, before any work, a request that cannot fit the context.

@@ -1,15 +1,9 @@
 """A KV cache the runtime owns: per-layer buffers that grow in steps, written in place.
 
-The decoder graph reads the whole buffer (unused slots masked out) and returns only the new
-entries, which `append` writes at the current offset. Growth reallocates once per `step` tokens
-(like mlx-lm's KVCache), so no decode step copies the cache.
-
-Capacities are always multiples of `CAPACITY_ALIGN` slots. The graph softmaxes the scores over the
-buffer and the new tokens side by side, and ONNX Runtime's vectorised sums group elements by their
-index modulo the vector width: with the new tokens' scores starting at an aligned index, a row's
-result does not depend on how many unused (masked) slots the buffer holds (measured: capacities 17
-and 22 give logits 1.8e-7 apart; 64, 128, 320 and 1024 give identical bits). That is what lets a
-sequence give the same tokens alone and in a batch whose buffer is wider.
+The decoder graph's GroupQueryAttention ops write the new entries into the buffer themselves (bound as
+both past and present: runtime/decoder_call.py) and read only the filled slots. Growth reallocates once
+per `step` tokens (like mlx-lm's KVCache), so no decode step copies the cache. Capacities are multiples
+of `CAPACITY_ALIGN` slots, so growing a batch's buffer by a few slots never reallocates it.
 """
 from __future__ import annotations
 
@@ -53,30 +47,9 @@ class KVCache:
                 store[i] = new
         self.capacity = capacity
 
-    def feeds(self) -> dict:
-        """Graph inputs past_key_values.{i}.key|value: the buffers themselves (no copy)."""
-        feeds = {}
-        for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = self.keys[i]
-            feeds[f"past_key_values.{i}.value"] = self.values[i]
-        return feeds
-
-    def attention_mask(self, new_tokens: int) -> np.ndarray:
-        """int64 [1, capacity + new_tokens]: filled slots and the new tokens are 1."""
-        mask = np.zeros((1, self.capacity + new_tokens), dtype=np.int64)
-        mask[0, : self.offset] = 1
-        mask[0, self.capacity:] = 1
-        return mask
-
-    def append(self, presents: list) -> None:
-        """Write the graph's present.{i}.key|value ([1, kv, S, d] each, in layer order) at the offset."""
-        new = presents[0].shape[2]
-        self.reserve(self.offset + new)
-        end = self.offset + new
-        for i in range(self.num_layers):
-            self.keys[i][:, :, self.offset:end] = presents[2 * i]
-            self.values[i][:, :, self.offset:end] = presents[2 * i + 1]
-        self.offset = end
+    def advance(self, new_tokens: int) -> None:
+        """Count `new_tokens` more slots as filled (the decoder call wrote them in place: runtime/decoder_call.py)."""
+        self.offset += new_tokens
 
     def load(self, keys: list, values: list) -> None:
         """Start from a cached prefix: per-layer keys / values [kv_heads, length, head_dim]."""

@@ -6,8 +6,13 @@ import os
 
 from .errors import ModelFolderError
 
-FORMAT_VERSION = 1
+# 2: the decoder's attention is ONNX Runtime's GroupQueryAttention, with seqlens_k / total_sequence_length
+#    inputs and the KV cache written in place (runtime/decoder_call.py); 1 took an attention_mask and
+#    returned only the new entries.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+OLD_VERSIONS = {1: "its decoder graph takes an attention mask and returns only new cache entries, while this "
+                   "runtime binds the cache in place for GroupQueryAttention"}
 
 
 def load_manifest(folder: str) -> dict:
@@ -28,6 +33,10 @@ def load_manifest(folder: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelFolderError(f"{path} cannot be read as JSON ({e}); re-export the model") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version in OLD_VERSIONS:
+        raise ModelFolderError(f"{path} has format_version {version}, an older export ({OLD_VERSIONS[version]}); "
+                               f"this runtime reads format_version {FORMAT_VERSION}: re-export the model from its "
+                               f"checkpoint with `python -m export SRC -o {folder}`")
     if version != FORMAT_VERSION:
         raise ModelFolderError(f"{path} has format_version {version!r}, this runtime reads format_version "
                                f"{FORMAT_VERSION}; re-export the model with this version of the exporter")

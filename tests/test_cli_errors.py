@@ -200,7 +200,7 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
         calls.append(args)
         raise AssertionError("model work started before the context check")
 
-    for method in ("encode_images", "prefill", "_run_decoder"):
+    for method in ("encode_images", "prefill", "run_decoder"):
         monkeypatch.setattr(VisionLanguageModel, method, forbidden)
     rc = generate.main(["-m", qwen_export, "--threads", "1", "--image", photos["coffee"], "-p", "hi",
                         "--max-new-tokens", "100000"])

@@ -95,7 +95,7 @@ def test_prefill_then_one_cached_step(case, runs, photos):
     prompt = vlm.prepare(messages)
     cache = vlm.new_cache(len(prompt.input_ids) + 1)
     token = int(np.argmax(vlm.prefill(prompt, cache, vlm.encode_images(prompt))))
-    step = vlm._run_decoder(vlm.family.decode_feeds(prompt, vlm.embed([token])[0], cache.offset), cache)
+    step = vlm.run_decoder(vlm.family.decode_feeds(prompt, vlm.embed([token])[0], cache.offset), cache)
     longer = {}
     for name, value in inputs.items():  # every per-token input (ids, mask, token types) grows by one column
         if torch.is_tensor(value) and value.shape == inputs["input_ids"].shape:

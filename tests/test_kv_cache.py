@@ -1,28 +1,34 @@
-"""The runtime's KV caches: written in place, grown in steps of aligned capacity, masks exactly the filled
-slots; the batch cache's rows join by one copy, leave by moving one row, and are fed as views."""
+"""The runtime's KV caches: grown in steps of aligned capacity, keeping what was written; the batch cache's
+rows join by one copy, leave by moving one row, and are handed to the decoder as views. (The decoder call
+that writes into them in place is tested in tests/test_decoder_call.py.)"""
 import numpy as np
 
 from runtime.batch_cache import BatchKVCache
 from runtime.kv_cache import CAPACITY_ALIGN, KVCache
 
 
-def _presents(layers, kv, new, d, value, batch=1):
-    return [np.full((batch, kv, new, d), value + i, np.float32) for i in range(2 * layers)]
+def _write(cache: KVCache, new: int, value: float) -> None:
+    """What a decoder call does to a private cache: room for `new` tokens, entries written at the offset
+    (layer i's key value + 2i, its value value + 2i + 1), the offset advanced."""
+    cache.reserve(cache.offset + new)
+    for i in range(cache.num_layers):
+        cache.keys[i][0, :, cache.offset:cache.offset + new] = value + 2 * i
+        cache.values[i][0, :, cache.offset:cache.offset + new] = value + 2 * i + 1
+    cache.advance(new)
 
 
 def test_decode_steps_write_in_place_without_reallocating():
     cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=4, max_length=4096, step=64, expected_length=500)
-    assert cache.capacity == 0 and cache.attention_mask(5).tolist() == [[1] * 5]  # prefill sees no past slots
-    cache.append(_presents(2, 2, 5, 4, 10.0))  # the prompt
+    assert cache.capacity == 0
+    _write(cache, 5, 10.0)  # the prompt
     assert cache.capacity == 64 and cache.offset == 5
     buffers = [id(b) for b in cache.keys + cache.values]
     for step in range(59):  # 5 -> 64 tokens: fits, so the same buffers are written
-        cache.append(_presents(2, 2, 1, 4, 100.0 * (step + 1)))
+        _write(cache, 1, 100.0 * (step + 1))
         assert [id(b) for b in cache.keys + cache.values] == buffers
-    assert cache.attention_mask(1).tolist() == [[1] * 64 + [1]]
     np.testing.assert_array_equal(cache.keys[1][0, :, :5], 12.0)  # layer 1 key of the prompt kept
     np.testing.assert_array_equal(cache.values[0][0, :, 7], 301.0)  # the third step's value, layer 0
-    cache.append(_presents(2, 2, 1, 4, 400.0))  # the 65th token grows the buffer by one step
+    _write(cache, 1, 400.0)  # the 65th token grows the buffer by one step
     assert cache.capacity == 128 and cache.offset == 65
     np.testing.assert_array_equal(cache.keys[0][0, :, :5], 10.0)  # content carried over
     np.testing.assert_array_equal(cache.keys[0][0, :, 64], 400.0)
@@ -30,23 +36,25 @@ def test_decode_steps_write_in_place_without_reallocating():
 
 def test_capacity_is_aligned_and_capped_by_the_expected_length_and_the_context():
     cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096, step=256, expected_length=100)
-    cache.append(_presents(1, 1, 10, 2, 0.0))
+    _write(cache, 10, 0.0)
     assert cache.capacity == 128  # not 256: the request can never use more than 100 (aligned up)
     cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=70, step=256)
-    cache.append(_presents(1, 1, 10, 2, 0.0))
+    _write(cache, 10, 0.0)
     assert cache.capacity == 128 and cache.capacity % CAPACITY_ALIGN == 0  # the model's context, aligned up
 
 
 def test_trim_forgets_the_tail():
     cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=64, step=8)
-    cache.append(_presents(1, 1, 6, 2, 0.0))
+    _write(cache, 6, 0.0)
     cache.trim(3)
-    assert cache.offset == 3 and cache.attention_mask(1).tolist() == [[1, 1, 1] + [0] * 61 + [1]]
+    assert cache.offset == 3
+    _write(cache, 1, 9.0)  # the next token overwrites the forgotten tail
+    assert cache.offset == 4 and cache.keys[0][0, 0, 3, 0] == 9.0
 
 
 def test_prefix_load_and_copy_round_trip():
     cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=512)
-    cache.append(_presents(2, 1, 9, 2, 3.0))
+    _write(cache, 9, 3.0)
     keys, values = cache.copy_prefix(7)
     other = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=512)
     other.load(keys, values)
@@ -56,23 +64,22 @@ def test_prefix_load_and_copy_round_trip():
 
 def _prefilled(length, value, layers=2):
     cache = KVCache(num_layers=layers, num_kv_heads=1, head_dim=2, max_length=4096)
-    cache.append(_presents(layers, 1, length, 2, value))
+    _write(cache, length, value)
     return cache
 
 
-def test_batch_rows_join_append_at_their_own_lengths_and_leave_by_moving_one_row():
+def test_batch_rows_join_take_views_and_leave_by_moving_one_row():
     batch = BatchKVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=4096)
     rows = [batch.add(_prefilled(n, 10.0 * (i + 1))) for i, n in enumerate((3, 7, 5))]
     assert rows == [0, 1, 2] and batch.lengths == [3, 7, 5] and batch.capacity % CAPACITY_ALIGN == 0
-    feeds = batch.feeds(0, 3)
-    assert all(np.shares_memory(feeds[name], store) for name, store in
-               (("past_key_values.0.key", batch.keys[0]), ("past_key_values.1.value", batch.values[1])))
-    mask = batch.attention_mask(0, 3)
-    assert mask.shape == (3, batch.capacity + 1) and mask.sum(1).tolist() == [4, 8, 6] and (mask[:, -1] == 1).all()
-    presents = [np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1).repeat(2, -1) + 100 * i for i in range(4)]
-    batch.append(presents, 0, 3)
+    keys, values = batch.buffers(0, 3)
+    assert all(np.shares_memory(view, store) and view.flags.c_contiguous
+               for view, store in ((keys[0], batch.keys[0]), (values[1], batch.values[1])))
+    assert keys[0].shape[0] == 3 and batch.buffers(1, 2)[0][0].flags.c_contiguous  # one row: contiguous too
+    for r, at in enumerate(batch.lengths):  # what the decoder call writes: each row at its own length
+        values[1][r, 0, at] = 300 + r
+    batch.advance(0, 3)
     assert batch.lengths == [4, 8, 6]
-    assert batch.keys[0][0, 0, 3, 0] == 0 and batch.keys[0][1, 0, 7, 0] == 1 and batch.values[1][2, 0, 5, 0] == 302
     moved = batch.remove(0)  # the last row moves into row 0
     assert moved == 2 and batch.lengths == [6, 8]
     np.testing.assert_array_equal(batch.keys[0][0, 0, :5, 0], 30.0)

@@ -91,10 +91,10 @@ def test_decoder_graph_alone_with_cache(mg_vlm, mg_hf):
     lm = mg_hf.language_model
     embeds = torch.randn(1, 9, lm.config.hidden_size, generator=torch.Generator().manual_seed(6))
     cache = mg_vlm.new_cache(16)
-    got = [mg_vlm._run_decoder({"inputs_embeds": embeds[:, :7].numpy(),
+    got = [mg_vlm.run_decoder({"inputs_embeds": embeds[:, :7].numpy(),
                                 "position_ids": np.arange(7, dtype=np.int64)[None]}, cache)]
     for position in (7, 8):
-        got.append(mg_vlm._run_decoder({"inputs_embeds": embeds[:, position:position + 1].numpy(),
+        got.append(mg_vlm.run_decoder({"inputs_embeds": embeds[:, position:position + 1].numpy(),
                                         "position_ids": np.array([[position]], dtype=np.int64)}, cache))
     with torch.no_grad():
         full = lm(inputs_embeds=embeds).logits[0].numpy()

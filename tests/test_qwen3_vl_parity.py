@@ -24,5 +24,5 @@ def test_export_records_parity_in_manifest(qwen_export):
     parity = manifest["parity"]
     assert parity["passed"] is True and parity["greedy_tokens_equal"] is True
     assert parity["first_logits_rel_err"] < LOGITS_RTOL
-    assert manifest["format_version"] == 1 and manifest["family"] == "qwen3_vl"
+    assert manifest["format_version"] == 2 and manifest["family"] == "qwen3_vl"
     assert {"vision", "decoder"} <= set(manifest["graphs"])
