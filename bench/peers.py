@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                           "/work/peers-venv/bin/python, else this one)")
     p.add_argument("--llama-bench", help="llama-bench binary (default: on PATH, else /work/llama.cpp/build/bin)")
     p.add_argument("--llama-convert", help="convert_hf_to_gguf.py (default: found above llama-bench's folder)")
+    p.add_argument("--llama-args", default="", help="extra llama-bench options, e.g. \"--poll 0 -fa 1\" (default none)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)} (default all)")
     p.add_argument("--prompt-tokens", type=int, default=226, help="prompt length target (default 226)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (default 32)")
@@ -99,6 +101,8 @@ def host() -> dict:
     except OSError:
         flags = []
     info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
+    # Other work on the cores skews all runtimes, llama.cpp's spinning thread pool most (seen: decode 5-40x slower).
+    info["load_average"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
 
 
@@ -262,7 +266,7 @@ def setup(args) -> tuple[dict, dict]:
         try:
             gguf = llama_model(args, python, ckpt, tools[1], tools[2])
             runners["llama.cpp"] = lambda log_path, prompt: llama_run(
-                tools[0], gguf, len(prompt), args.new_tokens, args.threads, log_path)
+                tools[0], gguf, len(prompt), args.new_tokens, args.threads, log_path, shlex.split(args.llama_args))
         except RuntimeError as e:
             skipped["llama.cpp"] = str(e)
     return runners, skipped
@@ -369,7 +373,8 @@ def main(argv=None) -> int:
             f"intermediate {shape['intermediate_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} "
             f"heads of {shape['head_dim']}, vocab {shape['vocab_size']}), {args.new_tokens} new tokens, "
             f"{args.threads} threads, median of {args.rounds} interleaved rounds\n\n{machine.markdown(info)}\n"
-            f"- ISA: {', '.join(info['isa']) or 'none of ' + '/'.join(ISA_FLAGS)}\n\n{table(results)}\n\n"
+            f"- ISA: {', '.join(info['isa']) or 'none of ' + '/'.join(ISA_FLAGS)}; load average at start "
+            f"{info['load_average']} (1, 5, 15 min)\n\n{table(results)}\n\n"
             f"Prefill: the whole prompt (llama-bench: pp at depth 0); decode: the tokens after the first "
             f"(llama-bench: tg{args.new_tokens} at depth = prompt tokens)." + notes(args, results))
     print(text)

@@ -71,11 +71,12 @@ def llama_model(args, python: str, ckpt: str, quantize: str, convert: str) -> st
     return q4
 
 
-def llama_run(bench: str, gguf: str, prompt: int, new: int, threads: int, log_path: str) -> dict:
+def llama_run(bench: str, gguf: str, prompt: int, new: int, threads: int, log_path: str, extra=()) -> dict:
     """One llama-bench process: prefill of `prompt` tokens (depth 0) and `new` decoded tokens at depth `prompt`
-    (-d: after as many context tokens as our prompt). Peak RSS: its VmHWM, polled every 20 ms."""
+    (-d: after as many context tokens as our prompt); `extra`: more llama-bench options.
+    Peak RSS: its VmHWM, polled every 20 ms (the process is not ours to read it at exit)."""
     cmd = [bench, "-m", gguf, "-p", str(prompt), "-n", str(new), "-d", f"0,{prompt}", "-t", str(threads),
-           "-r", "1", "-o", "json"]
+           "-r", "1", "-o", "json", *extra]
     with open(log_path, "w", encoding="utf-8") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=thread_env(threads))
         peak = [0.0]
