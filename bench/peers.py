@@ -162,7 +162,7 @@ def launch(cmd: list, log_path: str, threads: int) -> dict:
     if proc.returncode != 0 or not lines:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = f.read().strip().splitlines()[-1:] or ["(empty log)"]
-        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:300]} (log {log_path})")
+        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:600]} (log {log_path})")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
@@ -301,8 +301,8 @@ def table(results: dict) -> str:
     for name, r in results.items():
         m = r.get("median")
         if not m:
-            reason = r.get("skipped") or r.get("error") or "no run"
-            lines.append(f"| {names[name]} | skipped: {reason.split('; ')[0]} | | | | |")
+            status = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r.get('error', 'no run')}"
+            lines.append(f"| {names[name]} | {status.split('; ')[0]} | | | | |")
             continue
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         ratio = f"{m['decode_tokens_per_s'] / best:.2f}x" if best and m["decode_tokens_per_s"] else "-"
