@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .graph_layers import apply_rotary, decoder_input_names, kv_names, rms_norm
+from .fused_ops import rotary, rotary_tables, skip_rms_norm
+from .graph_layers import decoder_input_names, kv_names, rms_norm
 from .group_query_attention import example_lengths, group_query_attention
 from .kv_dtype import torch_dtype
 
@@ -40,11 +41,9 @@ class LlamaDecoderGraph(nn.Module):
     def output_names(self):
         return ["logits"] + kv_names("present", self.num_layers)
 
-    def _attention(self, attn, x, cos, sin, lengths, past_key, past_value):
-        batch, seq, _ = x.shape
-        shape = (batch, seq, -1, self.head_dim)
-        q = apply_rotary(attn.q_proj(x).view(shape), cos, sin).reshape(batch, seq, -1)  # [B, S, heads*d]
-        k = apply_rotary(attn.k_proj(x).view(shape), cos, sin).reshape(batch, seq, -1)  # [B, S, kv*d]
+    def _attention(self, attn, x, tables, lengths, past_key, past_value):
+        q = rotary(attn.q_proj(x), tables, self.num_heads)  # [B, S, heads*d]
+        k = rotary(attn.k_proj(x), tables, self.num_kv_heads)  # [B, S, kv*d]
         out, present_key, present_value = group_query_attention(
             q, k, attn.v_proj(x), past_key, past_value, *lengths, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, scale=attn.scaling)
@@ -52,18 +51,22 @@ class LlamaDecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
         model = self.model
-        hidden = inputs_embeds
-        cos, sin = model.rotary_emb(hidden, position_ids)  # [B, S, d]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, d], broadcast over the heads of [B, S, heads, d]
+        tables = rotary_tables(*model.rotary_emb(inputs_embeds, position_ids))  # cos/sin of this call's tokens
         lengths = (seqlens_k, total_sequence_length)
+        # residual adds happen inside the next norm (SkipSimplifiedLayerNormalization: export/fused_ops.py)
+        hidden = inputs_embeds
+        x = rms_norm(model.layers[0].input_layernorm, hidden)
         presents = []
         for index, layer in enumerate(model.layers):
-            attn_out, key, value = self._attention(layer.self_attn, rms_norm(layer.input_layernorm, hidden), cos, sin,
-                                                   lengths, past[2 * index], past[2 * index + 1])
-            hidden = hidden + attn_out
-            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+            attn_out, key, value = self._attention(layer.self_attn, x, tables, lengths, past[2 * index],
+                                                   past[2 * index + 1])
+            x, hidden = skip_rms_norm(layer.post_attention_layernorm, hidden, attn_out)
+            mlp_out = layer.mlp(x)
             presents += [key, value]
-        hidden = rms_norm(model.norm, hidden[:, -1:, :])  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+            if index + 1 < len(model.layers):
+                x, hidden = skip_rms_norm(model.layers[index + 1].input_layernorm, hidden, mlp_out)
+        # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+        hidden, _ = skip_rms_norm(model.norm, hidden[:, -1:, :], mlp_out[:, -1:, :])
         logits = self.lm_head(hidden)[:, 0]
         return (logits, *presents)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused_ops import rotary, rotary_tables, skip_rms_norm
 from .graph_layers import apply_rotary, decoder_input_names, fuse_linears, kv_names, rms_norm
 from .group_query_attention import group_query_attention
 from .kv_dtype import torch_dtype
@@ -108,14 +109,14 @@ class Qwen3VLDecoderGraph(nn.Module):
     def output_names(self):
         return ["logits"] + kv_names("present", self.num_layers)
 
-    def _attention(self, index, attn, x, cos, sin, lengths, past_key, past_value):
+    def _attention(self, index, attn, x, tables, lengths, past_key, past_value):
         batch, seq, _ = x.shape
         shape = (batch, seq, -1, self.head_dim)
         num_heads = attn.config.num_attention_heads
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv[index](x).split([num_heads * self.head_dim, kv_size, kv_size], -1)
-        q = apply_rotary(rms_norm(attn.q_norm, q.reshape(shape)), cos, sin).reshape(batch, seq, -1)  # [B, S, heads*d]
-        k = apply_rotary(rms_norm(attn.k_norm, k.reshape(shape)), cos, sin).reshape(batch, seq, -1)  # [B, S, kv*d]
+        q = rotary(rms_norm(attn.q_norm, q.reshape(shape)).reshape(batch, seq, -1), tables, num_heads)  # [B, S, heads*d]
+        k = rotary(rms_norm(attn.k_norm, k.reshape(shape)).reshape(batch, seq, -1), tables, self.num_kv_heads)
         out, present_key, present_value = group_query_attention(
             q, k, v, past_key, past_value, *lengths, num_heads=num_heads, num_kv_heads=self.num_kv_heads,
             scale=attn.scaling)
@@ -123,20 +124,29 @@ class Qwen3VLDecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, deepstack_embeds, seqlens_k, total_sequence_length, *past):
         model = self.language_model
-        hidden = inputs_embeds
-        cos, sin = model.rotary_emb(hidden, position_ids)  # [B, S, d]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, d], broadcast over the heads of [B, S, heads, d]
+        # M-RoPE's cos/sin for this call's tokens, once; each layer's RotaryEmbedding ops read them
+        tables = rotary_tables(*model.rotary_emb(inputs_embeds, position_ids))
         lengths = (seqlens_k, total_sequence_length)
+        # The residual stream, and the last block's output not yet added to it: the add happens inside the
+        # next norm (SkipSimplifiedLayerNormalization), except after deepstack layers (a second add).
+        hidden, pending = inputs_embeds, None
         presents = []
         for index, layer in enumerate(model.layers):
-            attn_out, key, value = self._attention(index, layer.self_attn, rms_norm(layer.input_layernorm, hidden),
-                                                   cos, sin, lengths, past[2 * index], past[2 * index + 1])
-            hidden = hidden + attn_out
-            gate, up = self.gate_up[index](rms_norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            if pending is None:
+                x = rms_norm(layer.input_layernorm, hidden)
+            else:
+                x, hidden = skip_rms_norm(layer.input_layernorm, hidden, pending)
+            attn_out, key, value = self._attention(index, layer.self_attn, x, tables, lengths,
+                                                   past[2 * index], past[2 * index + 1])
+            x, hidden = skip_rms_norm(layer.post_attention_layernorm, hidden, attn_out)
+            gate, up = self.gate_up[index](x).chunk(2, dim=-1)
+            pending = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             if index < self.num_deepstack:
-                hidden = hidden + deepstack_embeds[index]
+                hidden, pending = hidden + pending + deepstack_embeds[index], None
             presents += [key, value]
-        hidden = rms_norm(model.norm, hidden[:, -1:, :])  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+        if pending is None:  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
+            hidden = rms_norm(model.norm, hidden[:, -1:, :])
+        else:
+            hidden, _ = skip_rms_norm(model.norm, hidden[:, -1:, :], pending[:, -1:, :])
         logits = self.lm_head(hidden)[:, 0]  # [B, vocab]
         return (logits, *presents)

@@ -118,7 +118,8 @@ class VisionLanguageModel:
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
         pool = ThreadPoolExecutor(max_workers=len(manifest["graphs"]))
-        sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision")
+        sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision",
+                                      prepack=name != "vision")
                     for name, graph in manifest["graphs"].items()}
         self.tokenizer = Tokenizer.from_file(os.path.join(folder, manifest["tokenizer"]))
         template = manifest.get("chat_template")

@@ -90,3 +90,17 @@ def test_a_call_that_does_not_fit_the_buffer_is_refused():
     embeds = np.zeros((1, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM), np.float32)
     with pytest.raises(ValueError, match="needs 9 cache slots, the buffer has 8"):
         run_decoder(_session(np.float32), {"inputs_embeds": embeds}, [keys], [keys.copy()], [9])
+
+
+def test_an_export_of_format_version_1_is_refused_with_the_fix(tmp_path):
+    """Its decoder takes an attention mask and returns only new entries: the runtime says to re-export."""
+    import json
+
+    from runtime.errors import ModelFolderError
+    from runtime.manifest import load_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "family": "qwen3_vl"}))
+    with pytest.raises(ModelFolderError) as error:
+        load_manifest(str(tmp_path))
+    message = str(error.value)
+    assert "format_version 1" in message and "python -m export SRC -o" in message and "GroupQueryAttention" in message
