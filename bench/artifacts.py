@@ -100,7 +100,10 @@ def is_current(folder: str, checkpoint: str, cfg: str) -> bool:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    return (manifest.get("source", {}).get("checkpoint") == os.path.abspath(checkpoint)
+    from runtime.manifest import FORMAT_VERSION
+
+    return (manifest.get("format_version") == FORMAT_VERSION  # an older graph contract: export again
+            and manifest.get("source", {}).get("checkpoint") == os.path.abspath(checkpoint)
             and manifest.get("quantization", {}).get("method") == quantize
             and manifest.get("text_config", {}).get("kv_dtype", "float32") == kv_dtype
             and manifest.get("parity", {}).get("passed") is True

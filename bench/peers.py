@@ -37,7 +37,7 @@ SHAPES = {  # Qwen3Config fields; "full" is bench/configs/qwen3-vl-2b.json's tex
     "tiny": dict(TEXT, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64),
 }
-PEERS = ("ours", "genai", "llama.cpp")
+PEERS = ("ours", "ours-one-row", "genai", "llama.cpp")
 GENAI_RECIPE = ("python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install onnxruntime-genai==0.18.0 "
                 "torch==2.13.0 transformers onnx onnx-ir onnxscript sentencepiece (" + SETUP + ")")
 FILLER = ("The old harbour town wakes slowly: fishermen mend their nets, a baker props open a blue door, and gulls "
@@ -130,7 +130,9 @@ def ours_run(spec: dict) -> dict:
     from runtime.engine import VisionLanguageModel
 
     start = time.perf_counter()
-    vlm = VisionLanguageModel(spec["folder"], threads=spec["threads"], cache_mb=0)
+    # batch_invariant False: a lone sequence decodes by ORT's one-row 4-bit kernel (runtime/batch_engine.py)
+    vlm = VisionLanguageModel(spec["folder"], threads=spec["threads"], cache_mb=0,
+                              batch_invariant=spec.get("batch_invariant", True))
     load_s = time.perf_counter() - start
     words = (FILLER * (spec["prompt_tokens"] // 40 + 2)).split()
 
@@ -226,16 +228,20 @@ def genai_model(args, python: str, ckpt: str) -> str:
 def setup(args) -> tuple[dict, dict]:
     """Build each asked-for peer's model; returns (runner per peer, skip reason per peer)."""
     runners, skipped = {}, {}
-    if "ours" in args.peers:
+    ours = [n for n in ("ours", "ours-one-row") if n in args.peers]
+    if ours:
         if not args.ours:
-            skipped["ours"] = "--ours not given (an int4 export of this shape: " + SETUP + ")"
+            skipped.update(dict.fromkeys(ours, "--ours not given (an int4 export of this shape: " + SETUP + ")"))
         elif not os.path.exists(os.path.join(args.ours, "manifest.json")):
-            skipped["ours"] = f"--ours {args.ours}: not an exported folder (no manifest.json)"
+            skipped.update(dict.fromkeys(ours, f"--ours {args.ours}: not an exported folder (no manifest.json)"))
         else:
-            runners["ours"] = lambda log_path, prompt: launch(
-                [sys.executable, "-m", "bench.peers", "--worker", json.dumps(
-                    {"folder": os.path.abspath(args.ours), "threads": args.threads, "new_tokens": args.new_tokens,
-                     "prompt_tokens": args.prompt_tokens})], log_path, args.threads)
+            for name, invariant in (("ours", True), ("ours-one-row", False)):
+                if name in args.peers:
+                    runners[name] = lambda log_path, prompt, invariant=invariant: launch(
+                        [sys.executable, "-m", "bench.peers", "--worker", json.dumps(
+                            {"folder": os.path.abspath(args.ours), "threads": args.threads,
+                             "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                             "batch_invariant": invariant})], log_path, args.threads)
     tools = None
     if "llama.cpp" in args.peers:
         try:
@@ -292,9 +298,10 @@ def median_row(runs: list) -> dict:
 def table(results: dict) -> str:
     """The markdown table: one row per peer (skipped ones with their reason)."""
     rates = {n: r["median"]["decode_tokens_per_s"] for n, r in results.items() if r.get("median")}
-    peer_rates = [v for n, v in rates.items() if n != "ours" and v] or [v for v in rates.values() if v]
+    peer_rates = [v for n, v in rates.items() if not n.startswith("ours") and v] or [v for v in rates.values() if v]
     best = max(peer_rates) if peer_rates else None
-    names = {"ours": "ours (int4 export)", "genai": "ONNX Runtime GenAI (int4, acc. level 4)",
+    names = {"ours": "ours (int4 export; default batch-invariant engine: a lone sequence runs as 2 rows)",
+             "ours-one-row": "ours (int4 export, batch_invariant=False: one row)", "genai": "ONNX Runtime GenAI (int4, acc. level 4)",
              "llama.cpp": "llama.cpp (Q4_K_M, llama-bench)"}
     lines = ["| runtime | prompt tokens | prefill tok/s | decode tok/s | peak RSS MiB | decode vs fastest peer |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -350,7 +357,7 @@ def main(argv=None) -> int:
         for name in turn:
             if "error" in results[name]:
                 continue
-            if name != "ours" and prompt is None:  # ours not run (skipped or failed): the filler's ids
+            if not name.startswith("ours") and prompt is None:  # ours not run (skipped or failed): the filler's ids
                 prompt = prompt_ids(args)
             try:
                 run = runners[name](os.path.join(args.work_dir, "logs", f"{name}-{r + 1}.log"), prompt)

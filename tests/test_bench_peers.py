@@ -24,7 +24,10 @@ def test_peers_skips_missing_peers_and_measures_ours(qwen_export_int4, tmp_path)
     ours = results["ours"]
     assert len(ours["runs"]) == 2 and 30 <= ours["median"]["prompt_tokens"] <= 40
     assert ours["median"]["decode_tokens_per_s"] > 0 and ours["median"]["peak_rss_mb"] > 0
-    assert "| ours (int4 export) |" in proc.stdout and "skipped: llama-bench not found" in proc.stdout
+    assert "| ours (int4 export; default batch-invariant engine" in proc.stdout
+    assert "| ours (int4 export, batch_invariant=False: one row) |" in proc.stdout
+    assert results["ours-one-row"]["median"]["decode_tokens_per_s"] > 0
+    assert "skipped: llama-bench not found" in proc.stdout
 
 
 def test_tiny_ours_config_matches_the_tiny_peer_shape():
