@@ -6,11 +6,15 @@ import platform
 from importlib import metadata
 
 PACKAGES = ("onnxruntime", "torch", "transformers", "numpy", "tokenizers")
+# The vector/matrix extensions that decide which kernels ONNX Runtime, PyTorch and llama.cpp run (bf16 and int8
+# speed differ several-fold between hosts with and without them)
+ISA_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")
 
 
-def _cpuinfo() -> tuple[str, int | None]:
-    """(CPU model name, physical cores) from /proc/cpuinfo."""
-    model, cores = platform.processor() or platform.machine(), set()
+def _cpuinfo() -> tuple[str, int | None, list]:
+    """(CPU model name, physical cores, which of ISA_FLAGS it has) from /proc/cpuinfo."""
+    model, cores, flags = platform.processor() or platform.machine(), set(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             block = {}
@@ -24,9 +28,11 @@ def _cpuinfo() -> tuple[str, int | None]:
                 block[key.strip()] = value.strip()
                 if key.strip() == "model name":
                     model = value.strip()
+                elif key.strip() == "flags":
+                    flags.update(value.split())
     except OSError:
         pass
-    return model, len(cores) or None
+    return model, len(cores) or None, [flag for flag in ISA_FLAGS if flag in flags]
 
 
 def _mem_total_gb() -> float | None:
@@ -42,7 +48,7 @@ def _mem_total_gb() -> float | None:
 
 def describe() -> dict:
     """A JSON-able description of this machine and the package versions installed."""
-    model, physical = _cpuinfo()
+    model, physical, isa = _cpuinfo()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -54,7 +60,7 @@ def describe() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"cpu": model, "physical_cores": physical, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
-            "ram_gb": _mem_total_gb(), "os": platform.platform(), "versions": versions}
+            "isa": isa, "ram_gb": _mem_total_gb(), "os": platform.platform(), "versions": versions}
 
 
 def markdown(machine: dict) -> str:
@@ -63,6 +69,7 @@ def markdown(machine: dict) -> str:
     return "\n".join([
         f"- CPU: {machine['cpu']} ({machine['physical_cores']} physical cores, {machine['logical_cpus']} logical, "
         f"{machine['usable_cpus']} usable)",
+        f"- ISA: {', '.join(machine['isa']) if machine.get('isa') else 'none of ' + '/'.join(ISA_FLAGS)}",
         f"- RAM: {machine['ram_gb']} GB; OS: {machine['os']}",
         "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "torch", "transformers", "numpy",
                                                             "python") if v.get(k)),

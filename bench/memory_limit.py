@@ -25,7 +25,7 @@ import time
 from . import artifacts, machine
 from .__main__ import DEFAULT_PROMPT
 from .cgroup import CgroupUnavailable, MemoryGroup, drop_file_cache, probe, swap_devices
-from .worker import RESULT_PREFIX, ROOT, peak_rss_mb, thread_env
+from .worker import RESULT_PREFIX, ROOT, thread_env
 
 MIB = 1 << 20
 
@@ -75,25 +75,12 @@ def search(candidates: list, measure, baseline_tok_s: float, threshold: float) -
     return rows, smallest
 
 
-def worker_main(spec: dict) -> int:
-    """Inside the worker process: one timed answer (bench.ours.run), the text-only prompt when asked."""
-    from . import ours
-
-    if spec.get("text_only"):
-        # ours.run builds its one user turn through this module function; text-only drops the image.
-        ours.messages = lambda image, prompt: [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    result = ours.run(spec)
-    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0
-
-
 def run_once(spec: dict, cgroup: tuple | None, limit_mib: int | None, log_path: str, timeout_s: float,
              no_swap: bool, reference_tokens: list | None) -> dict:
     """One worker in a fresh process (in a fresh cgroup with `limit_mib` when `cgroup` is (version, parent)).
     Returns answered/exit code/OOM-killed/timed out, the worker's timings and the group's peak charge."""
     drop_file_cache(spec["folder"])
-    argv = [sys.executable, "-m", "bench.memory_limit", "--worker", json.dumps(spec)]
+    argv = [sys.executable, "-m", "bench.worker", json.dumps(spec)]  # task "onnx": bench/ours.py
     group = None
     if cgroup:
         name = f"vlm-bench-{os.getpid()}-{limit_mib or 'unlimited'}-{time.monotonic_ns()}"
@@ -184,10 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=os.path.join("bench-out", "memory-limit"),
                    help="logs and the resized image (default bench-out/memory-limit)")
     p.add_argument("--json-out", help="results JSON (default WORK/memory-limit.json)")
-    p.add_argument("--worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        return args
     if not args.folder or not os.path.isfile(os.path.join(args.folder, "manifest.json")):
         p.error(f"--folder {args.folder!r} is not an exported model folder (no manifest.json)")
     for flag in ("new_tokens", "threads", "repeats", "step_mib"):
@@ -207,8 +191,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        return worker_main(json.loads(args.worker))
     started, host, swap = time.time(), machine.describe(), swap_devices()
     os.makedirs(os.path.join(args.work_dir, "logs"), exist_ok=True)
     result = {"machine": host, "swap": swap, "started": started}
@@ -221,7 +203,7 @@ def main(argv=None) -> int:
         _write_json(args.json_out, result)
         return 0
     image = None if args.text_only else os.path.abspath(args.image or artifacts.default_image(args.work_dir))
-    spec = {"task": "memory-limit", "folder": args.folder, "image": image, "text_only": args.text_only,
+    spec = {"task": "onnx", "folder": args.folder, "image": image,
             "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads, "warmup": args.warmup}
     artifacts.log(f"memory cgroup v{cgroup[0]} under {cgroup[1]}; swap {'on: ' + ', '.join(swap) if swap else 'off'}")
 
@@ -264,7 +246,7 @@ def main(argv=None) -> int:
             f"page cache of the export dropped before each run\n\n{table([unlimited] + rows)}\n\n"
             f"{verdict}: decode >= {args.threshold:.0%} of the unlimited {baseline:.1f} tok/s")
     print(text)
-    result.update(settings={k: v for k, v in vars(args).items() if k != "worker"}, image=image, cgroup=list(cgroup),
+    result.update(settings=vars(args), image=image, cgroup=list(cgroup),
                   baseline_decode_tokens_per_s=baseline, timeout_s=timeout_s, start_mib=start, unlimited=unlimited,
                   steps=rows, smallest_passing_mib=smallest, markdown=text, elapsed_s=time.time() - started)
     _write_json(args.json_out, result)

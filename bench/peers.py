@@ -24,9 +24,10 @@ import subprocess
 import sys
 import time
 
-from . import machine
+from . import machine, ours
 from .peers_llama import SETUP, Skip, llama_model, llama_run, llama_tools, run_step
-from .worker import RESULT_PREFIX, ROOT, peak_rss_mb, thread_env
+from .worker import ROOT  # noqa: F401  (bench.peers.ROOT: where workers run)
+from .worker import RESULT_PREFIX, WorkerError, launch_command, peak_rss_mb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = {"vocab_size": 151936, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 5000000,
@@ -44,8 +45,6 @@ FILLER = ("The old harbour town wakes slowly: fishermen mend their nets, a baker
           "argue over the morning catch. Along the quay, tourists photograph painted boats while a ferry sounds "
           "its horn twice before leaving for the islands. Inland, narrow lanes climb toward a chapel whose bell "
           "has rung at noon for three hundred years, and an orchard of lemon trees shades a quiet courtyard. ")
-ISA_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-             "amx_bf16")
 
 
 def log(message: str) -> None:
@@ -93,14 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def host() -> dict:
-    """bench.machine's description plus the CPU's vector/matrix ISA flags (AVX2, AVX-512, AMX)."""
+    """bench.machine's description (ISA flags included) plus the load average at the start."""
     info = machine.describe()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
     # Other work on the cores skews all runtimes, llama.cpp's spinning thread pool most (seen: decode 5-40x slower).
     info["load_average"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
@@ -126,46 +119,29 @@ def ours_config(shape: str) -> dict:
 # --- ours ----------------------------------------------------------------------------------------------
 def ours_run(spec: dict) -> dict:
     """In a fresh process: our runtime on a text-only prompt padded to ~spec['prompt_tokens'] tokens."""
-    from kernels.sampling import SamplingParams
-    from runtime.engine import VisionLanguageModel
-
     start = time.perf_counter()
-    # batch_invariant False: a lone sequence decodes by ORT's one-row 4-bit kernel (runtime/batch_engine.py)
-    vlm = VisionLanguageModel(spec["folder"], threads=spec["threads"], cache_mb=0,
-                              batch_invariant=spec.get("batch_invariant", True))
+    vlm = ours.load(spec)
     load_s = time.perf_counter() - start
     words = (FILLER * (spec["prompt_tokens"] // 40 + 2)).split()
 
     def prepare(n_words: int):
-        return vlm.prepare([{"role": "user", "content": [{"type": "text", "text": " ".join(words[:n_words])}]}])
+        return vlm.prepare(ours.messages(None, " ".join(words[:n_words])))
 
     lo, hi = 1, len(words)  # the most words whose prompt fits the target (token count grows with words)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if len(prepare(mid).input_ids) <= spec["prompt_tokens"] else (lo, mid - 1)
-    prompt, greedy, n = prepare(lo), SamplingParams(greedy=True), spec["new_tokens"]
-    cold = {}
-    list(vlm.generate_step(prompt, greedy, max_new_tokens=2, min_new_tokens=2, timings=cold))  # warm-up
-    timings = {}
-    tokens = list(vlm.generate_step(prompt, greedy, max_new_tokens=n, min_new_tokens=n, timings=timings))
-    steps, decode_s = timings.get("decode_steps", 0), timings.get("decode_s", 0.0)
-    return {"load_s": load_s, "prefill_s": timings["prefill_s"], "ttft_s": timings["ttft_s"],
-            "decode_tokens_per_s": steps / decode_s if decode_s > 0 else None, "cold_ttft_s": cold.get("ttft_s"),
-            "token_ids": tokens, "prompt_tokens": int(len(prompt.input_ids)),
-            "prompt_ids": [int(i) for i in prompt.input_ids]}
+    prompt = prepare(lo)
+    return {"load_s": load_s, **ours.timed_answer(vlm, prompt, spec), "prompt_ids": [int(i) for i in prompt.input_ids]}
 
 
 def launch(cmd: list, log_path: str, threads: int) -> dict:
-    """Run a worker command in a fresh process; return its BENCH-RESULT (stderr to `log_path`)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=thread_env(threads), stdout=subprocess.PIPE, stderr=f, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = f.read().strip().splitlines()[-1:] or ["(empty log)"]
-        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:600]} (log {log_path})")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    """Run a worker command in a fresh process; return its BENCH-RESULT (stderr to `log_path`). A failure is a
+    RuntimeError of one line: the table shows it."""
+    try:
+        return launch_command(cmd, log_path, threads, "peer")
+    except WorkerError as e:
+        raise RuntimeError(f"exit {e.returncode}: {e.last_line[:600]} (log {e.log_path})") from None
 
 
 # --- peers' models -------------------------------------------------------------------------------------
@@ -380,7 +356,7 @@ def main(argv=None) -> int:
             f"intermediate {shape['intermediate_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} "
             f"heads of {shape['head_dim']}, vocab {shape['vocab_size']}), {args.new_tokens} new tokens, "
             f"{args.threads} threads, median of {args.rounds} interleaved rounds\n\n{machine.markdown(info)}\n"
-            f"- ISA: {', '.join(info['isa']) or 'none of ' + '/'.join(ISA_FLAGS)}; load average at start "
+            f"- load average at start "
             f"{info['load_average']} (1, 5, 15 min)\n\n{table(results)}\n\n"
             f"Prefill: the whole prompt (llama-bench: pp at depth 0); decode: the tokens after the first "
             f"(llama-bench: tg{args.new_tokens} at depth = prompt tokens)." + notes(args, results))

@@ -18,7 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class WorkerError(RuntimeError):
-    """A worker process failed; the message holds the tail of its log."""
+    """A worker process failed; the message holds the tail of its log (returncode, last_line, log_path apart)."""
+
+    def __init__(self, message: str, returncode: int, last_line: str, log_path: str):
+        super().__init__(message)
+        self.returncode, self.last_line, self.log_path = returncode, last_line, log_path
 
 
 def peak_rss_mb() -> float:
@@ -68,15 +72,22 @@ def thread_env(threads: int) -> dict:
 
 def launch(spec: dict, log_path: str, threads: int) -> dict:
     """Run `spec` in a fresh interpreter; return its result (stderr goes to `log_path`)."""
+    return launch_command([sys.executable, "-m", "bench.worker", json.dumps(spec)], log_path, threads, spec["task"])
+
+
+def launch_command(cmd: list, log_path: str, threads: int, what: str) -> dict:
+    """Run a worker command (one that prints a `BENCH-RESULT {json}` line) in a fresh process with `threads`
+    threads; return that result. Raises WorkerError (named `what`) when it fails or prints none."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], cwd=ROOT,
-                              env=thread_env(threads), stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=thread_env(threads), stdout=subprocess.PIPE, stderr=log, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-15:])
-        raise WorkerError(f"{spec['task']} worker failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+            log_lines = f.read().strip().splitlines()
+        tail = "".join(line + "\n" for line in log_lines[-15:])
+        raise WorkerError(f"{what} worker failed (exit {proc.returncode}); log {log_path}:\n{tail}", proc.returncode,
+                          (log_lines[-1:] or ["(empty log)"])[0], log_path)
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
