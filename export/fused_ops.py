@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph_layers import apply_rotary
+from .graph_layers import apply_rotary, rms_norm
 
 
 def rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
@@ -50,5 +50,4 @@ def skip_rms_norm(norm, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tens
             shapes=[x.shape, stats, stats, x.shape], version=1)
         return normed, total
     total = x + skip
-    variance = total.float().pow(2).mean(-1, keepdim=True)
-    return norm.weight * (total.float() / torch.sqrt(variance + norm.variance_epsilon)).to(x.dtype), total
+    return rms_norm(norm, total), total

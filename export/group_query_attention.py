@@ -2,7 +2,7 @@
 
 The decoder graphs call `group_query_attention` once per layer. Under `torch.onnx.export` it becomes one
 GroupQueryAttention node; run eagerly it computes the same thing in torch (`_eager`), the op's meaning
-written down and checked against ONNX Runtime by tests/test_group_query_attention.py.
+written down and checked against ONNX Runtime by tests/test_decoder_call.py.
 
 What the op does, per batch row b (ORT's `group_query_attention_helper.h`; EXPORT-NOTES.md):
 - the row holds `total_b = seqlens_k[b] + 1` tokens after this call, of which the last S are the new ones;

@@ -2,10 +2,10 @@
 
 Layout per layer: keys / values [rows, kv_heads, capacity, head_dim]. The active sequences hold rows
 0..n-1, so a decode step hands ONNX Runtime the leading-rows view `buffer[:n]` (contiguous: no copy),
-whose GroupQueryAttention ops write each row's new key / value at that row's own length. A sequence that leaves is replaced
-by moving the last row into its place (one row copied, not the cache); a sequence that joins is
-copied in once from the cache its prompt was prefilled into. Growth (more rows, more slots)
-reallocates in steps, so no step's cost grows with the number of steps taken.
+whose GroupQueryAttention ops write each row's new key / value at that row's own length. A sequence
+that leaves is replaced by moving the last row into its place (one row copied, not the cache); a
+sequence that joins is copied in once from the cache its prompt was prefilled into. Growth (more rows,
+more slots) reallocates in steps, so no step's cost grows with the number of steps taken.
 """
 from __future__ import annotations
 

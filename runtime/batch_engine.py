@@ -12,8 +12,8 @@ Each `step()`:
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
 A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
-a row's own filled slots (GroupQueryAttention, runtime/decoder_call.py); ONNX Runtime's 4-bit MatMulNBits computes a lone row
-(M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
+a row's own filled slots (GroupQueryAttention, runtime/decoder_call.py); ONNX Runtime's 4-bit
+MatMulNBits computes a lone row (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
 rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
 input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
 """
