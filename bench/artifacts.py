@@ -4,7 +4,7 @@
   in WORK/checkpoint-<name>-<hash of the config>; a checkpoint folder is used as it is.
 * the default image is assets/astronaut.jpg resized to 448x448 (196 Qwen3-VL image tokens), or to
   --image-size WxH, saved as PNG (--image with --image-size: that image resized).
-* each of our configurations is exported to WORK/<cfg> with `python -m export CKPT -o WORK/<cfg>
+* each of our configurations is exported to WORK/<cfg> with `python -m vlm_core.export CKPT -o WORK/<cfg>
   --force` and the configuration's EXPORTS arguments (`--quantize <cfg>`; `none-kv16` is `--quantize
   none --kv-dtype float16`), unless that folder's manifest already records the same checkpoint as its
   source, the same quantization and KV cache dtype, and is newer than the checkpoint's files.
@@ -100,7 +100,7 @@ def is_current(folder: str, checkpoint: str, cfg: str) -> bool:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    from runtime.manifest import FORMAT_VERSION
+    from vlm_core.runtime.manifest import FORMAT_VERSION
 
     return (manifest.get("format_version") == FORMAT_VERSION  # an older graph contract: export again
             and manifest.get("source", {}).get("checkpoint") == os.path.abspath(checkpoint)
@@ -125,7 +125,7 @@ def ensure_exports(checkpoint: str, configs: list, work_dir: str, jobs: int = 1)
             log_path = os.path.join(work_dir, "logs", f"export-{cfg}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             quantize, kv_dtype = EXPORTS[cfg]
-            command = ["-m", "export", checkpoint, "-o", folders[cfg], "--force", "--quantize", quantize,
+            command = ["-m", "vlm_core.export", checkpoint, "-o", folders[cfg], "--force", "--quantize", quantize,
                        "--kv-dtype", kv_dtype]
             log(f"exporting {cfg}: python {' '.join(command)} (log: {log_path})")
             handle = open(log_path, "w", encoding="utf-8")

@@ -74,7 +74,7 @@ def write_streamed(folder: str, config: dict, dtype, seed: int = 0, scale: float
 
 
 def _write_qwen3_vl(folder: str, config: dict, dtype, log) -> None:
-    from export.demo import write_checkpoint
+    from vlm_core.export.demo import write_checkpoint
 
     write_checkpoint(folder, config, dtype=dtype)
 

@@ -151,7 +151,7 @@ def table(rows: list) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.memory_limit", description=__doc__.splitlines()[0])
-    p.add_argument("--folder", help="an exported model folder (python -m export ... -o FOLDER)")
+    p.add_argument("--folder", help="an exported model folder (python -m vlm_core.export ... -o FOLDER)")
     p.add_argument("--image", help="the image (default: assets/astronaut.jpg resized to 448x448)")
     p.add_argument("--text-only", action="store_true", help="no image: the prompt alone")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (default: bench's description request)")

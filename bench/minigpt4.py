@@ -2,7 +2,7 @@
 
     python -m bench.minigpt4 --checkpoint checkpoints/minigpt4-7b-random --export bench-out/minigpt4-7b-int4
 
-Runs our exported folder through `python -m runtime.generate --json` (its own process: load, vision,
+Runs our exported folder through `python -m vlm_core.runtime.generate --json` (its own process: load, vision,
 prefill, decode, peak RSS) and then eager transformers (Blip2ForConditionalGeneration, bfloat16) in
 another process on the very input ids and pixels our runtime built (`--dump-inputs`), greedy, N new
 tokens each, medians of --runs. Prints a table and writes JSON. `--prepare-tokenizer` writes a
@@ -48,7 +48,7 @@ def prepare_tokenizer(checkpoint: str, vocab_size: int) -> None:
 
 
 def run_ours(export: str, image: str, tokens: int, threads: int, dump: str) -> dict:
-    cmd = [sys.executable, "-m", "runtime.generate", "-m", export, "--image", image, "-p", PROMPT, "--greedy",
+    cmd = [sys.executable, "-m", "vlm_core.runtime.generate", "-m", export, "--image", image, "-p", PROMPT, "--greedy",
            "--max-new-tokens", str(tokens), "--min-new-tokens", str(tokens), "--threads", str(threads), "--json",
            "--dump-inputs", dump]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)

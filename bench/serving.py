@@ -2,7 +2,7 @@
 
     python -m bench.serving --export bench-out/int4 [--out docs/bench-serving.json]
 
-Starts `python -m runtime.serve` on the export and measures, each client sending its own image
+Starts `python -m vlm_core.runtime.server` on the export and measures, each client sending its own image
 (generated photographs-like noise of a fixed size, distinct per client):
   * aggregate decode tokens/s with 1, 2, 4 and 8 concurrent streams (tokens produced while every
     stream is decoding, over that window; medians of --repeats);
@@ -34,10 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    """`python -m runtime.serve` on a free port, stopped on exit."""
+    """`python -m vlm_core.runtime.server` on a free port, stopped on exit."""
 
     def __init__(self, model: str, *args: str):
-        cmd = [sys.executable, "-m", "runtime.serve", "-m", model, "--port", "0", "--log-level", "warning", *args]
+        cmd = [sys.executable, "-m", "vlm_core.runtime.server", "-m", model, "--port", "0", "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline, lines = time.monotonic() + 300, []
         while time.monotonic() < deadline:

@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench-out/structured.json")
     args = p.parse_args(argv)
-    from kernels.sampling import SamplingParams
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.kernels.sampling import SamplingParams
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     vlm = VisionLanguageModel(args.export, threads=args.threads, cache_mb=0)
     messages = [{"role": "user", "content": "List forty digits as JSON."}]

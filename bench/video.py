@@ -65,16 +65,16 @@ def messages(clip: str) -> list:
 
 def run_ours(spec: dict) -> dict:
     """One request on our runtime in this process."""
-    from kernels.video import load_video, probe_video
-    from models.qwen3_vl.video import sample_frame_indices
-    from runtime.engine import VisionLanguageModel
-    from kernels.sampling import SamplingParams
+    from vlm_core.kernels.video import load_video, probe_video
+    from vlm_core.models.qwen3_vl.video import sample_frame_indices
+    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.kernels.sampling import SamplingParams
 
     start = time.perf_counter()
     vlm = VisionLanguageModel(spec["export"], threads=spec["threads"], cache_mb=0)
     load_s = time.perf_counter() - start
     if "video_preprocessing" not in vlm.manifest:
-        from models.qwen3_vl.video import VideoProcessorParams
+        from vlm_core.models.qwen3_vl.video import VideoProcessorParams
 
         vlm.family.video_params = VideoProcessorParams.from_dict(QWEN3_VL_2B_VIDEO)
     params = vlm.family.video_params

@@ -10,9 +10,9 @@ image="${2:-assets/astronaut.jpg}"
 prompt="${3:-Describe this picture.}"
 if [ -z "$source" ]; then
   out=demo-out
-  .venv/bin/python -m export --demo -o "$out" --force
+  .venv/bin/python -m vlm_core.export --demo -o "$out" --force
 else
   out="out/$(basename "$source")"
-  .venv/bin/python -m export "$source" -o "$out" --force
+  .venv/bin/python -m vlm_core.export "$source" -o "$out" --force
 fi
-.venv/bin/python -m runtime.generate -m "$out" --image "$image" -p "$prompt" --max-new-tokens 32
+.venv/bin/python -m vlm_core.runtime.generate -m "$out" --image "$image" -p "$prompt" --max-new-tokens 32

@@ -15,7 +15,7 @@ if ROOT not in sys.path:
 
 
 def _tiny_config():
-    from export.demo import tiny_config
+    from vlm_core.export.demo import tiny_config
 
     config = tiny_config()
     # Larger initial weights than transformers' 0.02 make the logits spread out, so greedy parity
@@ -27,7 +27,7 @@ def _tiny_config():
 
 @pytest.fixture(scope="session")
 def qwen_checkpoint(tmp_path_factory) -> str:
-    from export.demo import write_checkpoint
+    from vlm_core.export.demo import write_checkpoint
 
     # Norm weights and biases drawn too (transformers' 1s and 0s would hide a graph that drops one).
     return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qwen3-vl-tiny"), _tiny_config(), seed=0,
@@ -36,7 +36,7 @@ def qwen_checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def qwen_export(qwen_checkpoint, tmp_path_factory) -> str:
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.pipeline import Progress, run_export
 
     out = str(tmp_path_factory.mktemp("export") / "qwen3-vl-tiny-onnx")
     run_export(qwen_checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4)
@@ -46,7 +46,7 @@ def qwen_export(qwen_checkpoint, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def qwen_export_kv16(qwen_checkpoint, tmp_path_factory) -> str:
     """The float32 weights with a float16 KV cache (`--quantize none --kv-dtype float16`)."""
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.pipeline import Progress, run_export
 
     out = str(tmp_path_factory.mktemp("export-kv16") / "qwen3-vl-tiny-kv16")
     run_export(qwen_checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4, kv_dtype="float16")
@@ -88,7 +88,7 @@ def hf_processor(qwen_checkpoint):
 
 @pytest.fixture(scope="session")
 def vlm(qwen_export):
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     return VisionLanguageModel(qwen_export, threads=2)
 
@@ -113,7 +113,7 @@ def photos(tmp_path_factory) -> dict:
 
 
 def _quantized_export(checkpoint, tmp_path_factory, method: str) -> str:
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.pipeline import Progress, run_export
 
     out = str(tmp_path_factory.mktemp("export-" + method) / f"qwen3-vl-tiny-{method}")
     run_export(checkpoint, out, quantize=method, progress=Progress(total=7, heartbeat_s=600), parity_tokens=4)
@@ -154,7 +154,7 @@ def mg_checkpoint(smol_folder, tmp_path_factory) -> str:
 
 
 def _mg_export(checkpoint, tmp_path_factory, **kwargs) -> str:
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.pipeline import Progress, run_export
 
     out = str(tmp_path_factory.mktemp("mg-export") / "minigpt4-tiny-onnx")
     run_export(checkpoint, out, progress=Progress(total=6, heartbeat_s=600), parity_tokens=4, **kwargs)
@@ -173,7 +173,7 @@ def mg_export_kv16(mg_checkpoint, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mg_vlm(mg_export):
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     return VisionLanguageModel(mg_export, threads=2)
 
@@ -189,7 +189,7 @@ def smolvlm_checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def smolvlm_export(smolvlm_checkpoint, tmp_path_factory) -> str:
-    from export.pipeline import run_export
+    from vlm_core.export.pipeline import run_export
 
     out = str(tmp_path_factory.mktemp("smolvlm-export") / "smolvlm-tiny-onnx")
     run_export(smolvlm_checkpoint, out, parity_tokens=4)

@@ -32,7 +32,7 @@ def _minigpt4_inputs(reference, messages, paths):
     the LLaMA text model alone (BLIP-2's forward needs pixels)."""
     from PIL import Image
 
-    from models.minigpt4.prompt import build_prompt
+    from vlm_core.models.minigpt4.prompt import build_prompt
     from test_minigpt4 import blip_processor, minigpt4_context_ids
 
     model, tokenizer = reference

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from kernels.sampling import SamplingParams
+from vlm_core.kernels.sampling import SamplingParams
 
 GREEDY = SamplingParams(greedy=True)
 
@@ -111,7 +111,7 @@ def test_seeded_sampling_is_reproducible(vlm, photos):
 
 
 def test_ask(vlm, photos):
-    from runtime.chat import build_user_messages
+    from vlm_core.runtime.chat import build_user_messages
 
     answer = vlm.ask("Describe the picture.", images=[photos["coffee"]], max_new_tokens=5, min_new_tokens=5)
     expected = vlm.generate(build_user_messages("Describe the picture.", [photos["coffee"]]), max_new_tokens=5,
@@ -127,7 +127,7 @@ def test_ask(vlm, photos):
 
 
 def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
-    from runtime.generate import main
+    from vlm_core.runtime.generate import main
 
     manifest = vlm.manifest
     vision = manifest["vision_config"]
@@ -153,7 +153,7 @@ def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
     image_token_id = manifest["special_tokens"]["image_token_id"]
     assert int((arrays["input_ids"] == image_token_id).sum()) == n_patches // merge ** 2 == result["image_tokens"]
     # The CLI feeds the model exactly what the API prepares for the same request.
-    from runtime.chat import build_user_messages
+    from vlm_core.runtime.chat import build_user_messages
 
     prompt = vlm.prepare(build_user_messages("Compare.", images))
     for name, array in prompt.dump().items():
@@ -168,7 +168,7 @@ def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
     TypeError; the API raises a UserError that says which part of `messages` holds one."""
     import pytest
 
-    from runtime.errors import UserError
+    from vlm_core.runtime.errors import UserError
 
     cases = {
         "messages[0].content[1].text": _user(_text("fine"), _text("caf\udce9")),
@@ -188,7 +188,7 @@ def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
 def test_empty_messages_is_a_user_error(vlm):
     import pytest
 
-    from runtime.errors import UserError
+    from vlm_core.runtime.errors import UserError
 
     for call in (lambda: vlm.generate([], GREEDY, max_new_tokens=2), lambda: vlm.prepare([]),
                  lambda: list(vlm.stream_generate([], GREEDY, max_new_tokens=2))):
@@ -200,7 +200,7 @@ def test_token_limits_and_stop_are_checked_naming_the_parameter(vlm):
     """max_new_tokens=-1 used to return an empty answer; now every entry point refuses it by name."""
     import pytest
 
-    from runtime.errors import ParameterError
+    from vlm_core.runtime.errors import ParameterError
 
     messages = _user(_text("hi"))
     prompt = vlm.prepare(messages)
@@ -278,7 +278,7 @@ def test_data_url_image_parts_are_decoded(vlm, photos):
         prompt = vlm.prepare(_user(part, _text("Describe.")))
         np.testing.assert_array_equal(prompt.input_ids, reference.input_ids, err_msg=name)
         np.testing.assert_array_equal(prompt.pixel_values, reference.pixel_values, err_msg=name)
-    from kernels.image import load_image  # what every family's preprocessing calls
+    from vlm_core.kernels.image import load_image  # what every family's preprocessing calls
 
     np.testing.assert_array_equal(np.asarray(load_image(url)), np.asarray(load_image(path)))
 
@@ -287,7 +287,7 @@ def test_bad_data_url_errors_are_short(vlm, photos):
     """A broken data URL is tens of KB: the message names it by its start and length, never in full."""
     import pytest
 
-    from kernels.image import ImageError
+    from vlm_core.kernels.image import ImageError
 
     good = _data_urls(photos["astronaut"])["base64"]
     cases = {"invalid base64": (good[:-8] + "@@@@!!!!", "invalid base64"),
@@ -311,8 +311,8 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
 
     import pytest
 
-    from kernels.image import ImageError
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.kernels.image import ImageError
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     folder = os.path.dirname(photos["coffee"])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
@@ -337,7 +337,7 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
 
 
 def test_context_error_names_the_api_parameter(vlm):
-    from runtime.errors import ContextLengthError
+    from vlm_core.runtime.errors import ContextLengthError
 
     with pytest.raises(ContextLengthError) as info:
         vlm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=vlm.max_context * 2)

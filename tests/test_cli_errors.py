@@ -1,4 +1,4 @@
-"""`python -m runtime.generate` on bad input: one clear `error:` line on stderr, a non-zero exit,
+"""`python -m vlm_core.runtime.generate` on bad input: one clear `error:` line on stderr, a non-zero exit,
 nothing on stdout, no traceback.
 
 Every case runs as a real subprocess (the user's view); they are independent, so they run in
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _generate(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.generate", *argv], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vlm_core.runtime.generate", *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -191,8 +191,8 @@ def test_good_input_still_answers(qwen_export, photos):
 
 def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypatch, capsys):
     """An over-long request is refused before the vision graph or the decoder runs."""
-    from runtime import generate
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime import generate
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     calls = []
 
@@ -214,8 +214,8 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
 @pytest.mark.parametrize("flags", [["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "-2"], ["--min-p", "2"],
                                    ["--repetition-penalty", "0"], ["--min-new-tokens", "3", "--max-new-tokens", "2"]])
 def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos, monkeypatch, capsys):
-    from runtime import generate
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime import generate
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     def no_load(self, *args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
@@ -231,8 +231,8 @@ def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos
 @pytest.mark.parametrize("flags", [["-p", "caf\udce9"], ["-p", "hi", "--system", "\udcff"], ["-p", "hi", "--stop", ""],
                                    ["-p", "@/no/such/prompt.txt"], ["--prompt-file", "/no/such/prompt.txt"]])
 def test_bad_text_flags_are_refused_before_the_model_loads(flags, qwen_export, monkeypatch, capsys):
-    from runtime import generate
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime import generate
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     def no_load(self, *args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
@@ -256,7 +256,7 @@ def test_prompt_from_a_file_or_stdin_is_the_same_prompt(qwen_export, photos, tmp
     runs = {"text": (["-p", text], None), "at-file": (["-p", f"@{prompt_file}"], None),
             "prompt-file": (["--prompt-file", str(prompt_file)], None), "stdin": (["-p", "-"], text + "\n")}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(subprocess.run, [sys.executable, "-m", "runtime.generate", *common, *flags],
+        futures = {name: pool.submit(subprocess.run, [sys.executable, "-m", "vlm_core.runtime.generate", *common, *flags],
                                      cwd=ROOT, capture_output=True, text=True, timeout=300, input=stdin,
                                      encoding="utf-8")
                    for name, (flags, stdin) in runs.items()}
@@ -280,8 +280,8 @@ def test_prompt_argument_forms(tmp_path, monkeypatch):
     text that starts with @."""
     import io
 
-    from runtime.errors import UserError
-    from runtime.generate import prompt_from_args
+    from vlm_core.runtime.errors import UserError
+    from vlm_core.runtime.generate import prompt_from_args
 
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeffline one\nline two\r\n\n".encode("utf-8"))

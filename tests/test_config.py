@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from models.config import TextConfig, VisionConfig
+from vlm_core.models.config import TextConfig, VisionConfig
 
 TEXT = {"num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16, "hidden_size": 64,
         "vocab_size": 100, "max_context": 4096, "rms_norm_eps": 1e-6}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.group_query_attention import group_query_attention
-from runtime.decoder_call import run_decoder
+from vlm_core.export.group_query_attention import group_query_attention
+from vlm_core.runtime.decoder_call import run_decoder
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
@@ -96,11 +96,11 @@ def test_an_export_of_format_version_1_is_refused_with_the_fix(tmp_path):
     """Its decoder takes an attention mask and returns only new entries: the runtime says to re-export."""
     import json
 
-    from runtime.errors import ModelFolderError
-    from runtime.manifest import load_manifest
+    from vlm_core.runtime.errors import ModelFolderError
+    from vlm_core.runtime.manifest import load_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "family": "qwen3_vl"}))
     with pytest.raises(ModelFolderError) as error:
         load_manifest(str(tmp_path))
     message = str(error.value)
-    assert "format_version 1" in message and "python -m export SRC -o" in message and "GroupQueryAttention" in message
+    assert "format_version 1" in message and "python -m vlm_core.export SRC -o" in message and "GroupQueryAttention" in message

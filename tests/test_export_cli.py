@@ -1,4 +1,4 @@
-"""`python -m export SRC -o OUT`: refuses to clobber, replaces only with --force, rejects what is not a
+"""`python -m vlm_core.export SRC -o OUT`: refuses to clobber, replaces only with --force, rejects what is not a
 checkpoint with one line, and never leaves OUT (or a staging folder) behind when an export fails.
 
 No extra full export: the two slow graph exports (torch.onnx, ~20 s) are stubbed with copies of the
@@ -49,7 +49,7 @@ def _occupied(folder) -> str:
 
 
 def _quiet():
-    from export.pipeline import Progress
+    from vlm_core.export.pipeline import Progress
 
     return Progress(total=6, stream=io.StringIO(), heartbeat_s=600)
 
@@ -61,7 +61,7 @@ def _error_lines(err: str) -> list[str]:
 @pytest.fixture
 def copied_graphs(monkeypatch, qwen_export):
     """Stub export_vision / export_decoder with copies of the session export's graphs (same checkpoint)."""
-    import export.qwen3_vl as family
+    import vlm_core.export.qwen3_vl as family
 
     with open(os.path.join(qwen_export, "manifest.json"), encoding="utf-8") as f:
         graphs = json.load(f)["graphs"]
@@ -87,7 +87,7 @@ def copied_graphs(monkeypatch, qwen_export):
 def test_nonempty_out_is_refused_without_force(qwen_checkpoint, tmp_path):
     out = _occupied(tmp_path / "model")
     before = _snapshot(out)
-    proc = subprocess.run([sys.executable, "-m", "export", qwen_checkpoint, "-o", out], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "vlm_core.export", qwen_checkpoint, "-o", out], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -100,9 +100,9 @@ def test_nonempty_out_is_refused_without_force(qwen_checkpoint, tmp_path):
 
 
 def test_force_replaces_a_nonempty_out(qwen_checkpoint, tmp_path, capsys, copied_graphs):
-    from export.cli import main
-    from runtime.engine import VisionLanguageModel
-    from runtime.manifest import list_files, load_manifest
+    from vlm_core.export.cli import main
+    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.manifest import list_files, load_manifest
 
     out = _occupied(tmp_path / "model")
     assert main([qwen_checkpoint, "-o", out, "--force", "--parity-tokens", "2"]) == 0
@@ -135,7 +135,7 @@ def _write_config(folder, content) -> str:
     ("config.json not an object", ["config.json", "JSON object"]),
 ])
 def test_source_that_is_not_a_checkpoint(kind, fragments, tmp_path, capsys):
-    from export.cli import main
+    from vlm_core.export.cli import main
 
     source = str(tmp_path / "src")
     if kind == "no config.json":
@@ -166,8 +166,8 @@ def test_source_that_is_not_a_checkpoint(kind, fragments, tmp_path, capsys):
 
 @pytest.mark.parametrize("existing_out", [False, True], ids=["fresh OUT", "--force over an old OUT"])
 def test_failure_in_the_middle_leaves_nothing(existing_out, qwen_checkpoint, tmp_path, monkeypatch, copied_graphs):
-    import export.qwen3_vl as family
-    from export.pipeline import run_export
+    import vlm_core.export.qwen3_vl as family
+    from vlm_core.export.pipeline import run_export
 
     out = str(tmp_path / "model")
     before = _snapshot(_occupied(out)) if existing_out else None
@@ -194,8 +194,8 @@ def test_failure_in_the_middle_leaves_nothing(existing_out, qwen_checkpoint, tmp
 
 
 def test_parity_failure_raises_and_publishes_nothing(qwen_checkpoint, tmp_path, monkeypatch, copied_graphs):
-    import export.qwen3_vl as family
-    from export.pipeline import ExportError, run_export
+    import vlm_core.export.qwen3_vl as family
+    from vlm_core.export.pipeline import ExportError, run_export
 
     real_reference = family.reference_case
 
@@ -218,16 +218,16 @@ def test_parity_failure_raises_and_publishes_nothing(qwen_checkpoint, tmp_path, 
 
 
 def test_parity_failure_through_the_cli_is_one_line(qwen_checkpoint, tmp_path, monkeypatch, copied_graphs, capsys):
-    import export.parity
-    from export.cli import main
+    import vlm_core.export.parity
+    from vlm_core.export.cli import main
 
     def failing(folder, reference, **kwargs):
         assert os.path.isfile(os.path.join(folder, "manifest.json"))
         return {"first_logits_rel_err": 0.5, "greedy_tokens_equal": False, "passed": False}
 
-    import export.qwen3_vl as family
+    import vlm_core.export.qwen3_vl as family
 
-    monkeypatch.setattr(export.parity, "check_parity", failing)
+    monkeypatch.setattr(vlm_core.export.parity, "check_parity", failing)
     monkeypatch.setattr(family, "reference_case", lambda *args, **kwargs: {})  # unused by the stub above
     out = str(tmp_path / "model")
     assert main([qwen_checkpoint, "-o", out, "--parity-tokens", "2"]) == 1

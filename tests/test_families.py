@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.parity import relative_error
+from vlm_core.export.parity import relative_error
 from family_cases import CASES
-from kernels.sampling import SamplingParams
+from vlm_core.kernels.sampling import SamplingParams
 
 NEW_TOKENS = 24
 LOGITS_RTOL = 1e-4
@@ -40,7 +40,7 @@ def _messages(paths, question):
 @pytest.fixture(scope="module")
 def runs(request):
     """Per family: (our model, transformers' reference fixture value), loaded once per module."""
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     loaded = {}
 

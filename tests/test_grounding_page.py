@@ -2,7 +2,7 @@
 
 The random-weight model writes no boxes, so the page is served with its own files and a fake server (Playwright
 routes): /health, /v1/models, and a /v1/chat/completions stream holding a known answer. Also checks that the page's
-parser (runtime/static/grounding.js) reads tests/grounding_cases.json as kernels/grounding.py does, and that its
+parser (runtime/server/static/grounding.js) reads tests/grounding_cases.json as kernels/grounding.py does, and that its
 pixel boxes equal Python's for an EXIF-rotated photo. VLM_UPDATE_SCREENSHOT=1 refreshes docs/grounding-screenshot.png.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import shutil
 import pytest
 from PIL import Image
 
-from kernels.grounding import grounding_boxes, image_size_as_seen, parse_grounding
+from vlm_core.kernels.grounding import grounding_boxes, image_size_as_seen, parse_grounding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STATIC = os.path.join(ROOT, "runtime", "static")
+STATIC = os.path.join(ROOT, "vlm_core", "runtime", "server", "static")
 CHROMIUM = "/usr/bin/chromium"
 BASE = "http://grounding.test"
 with open(os.path.join(ROOT, "tests", "grounding_cases.json"), encoding="utf-8") as f:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from kernels.sampling import SamplingParams
+from vlm_core.kernels.sampling import SamplingParams
 
 NEW_TOKENS = 12
 TOP = 5
@@ -87,7 +87,7 @@ def test_logprobs_are_taken_before_the_grammar_mask(vlm):
 
 
 def test_no_logprobs_unless_asked_and_bad_values_refused(vlm):
-    from runtime.errors import ParameterError
+    from vlm_core.runtime.errors import ParameterError
 
     messages = [{"role": "user", "content": "Hello"}]
     result = vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=3)
@@ -102,7 +102,7 @@ def test_no_logprobs_unless_asked_and_bad_values_refused(vlm):
 
 
 def test_cli_logprobs_in_json(qwen_export, vlm, capsys):
-    from runtime.generate import main
+    from vlm_core.runtime.generate import main
 
     rc = main(["-m", qwen_export, "-p", "Hello", "--greedy", "--max-new-tokens", "4", "--min-new-tokens", "4",
                "--threads", "2", "--json", "--logprobs", "2"])

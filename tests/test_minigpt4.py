@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import minigpt4_helpers as helpers
-from export.parity import relative_error
-from kernels.sampling import SamplingParams
-from models.minigpt4.prompt import DEFAULT_SYSTEM, build_prompt, chat_template, tokenize_segments
-from runtime.chat import render_chat
+from vlm_core.export.parity import relative_error
+from vlm_core.kernels.sampling import SamplingParams
+from vlm_core.models.minigpt4.prompt import DEFAULT_SYSTEM, build_prompt, chat_template, tokenize_segments
+from vlm_core.runtime.chat import render_chat
 
 NEW_TOKENS = 24
 LOGITS_RTOL = 1e-4
@@ -53,7 +53,7 @@ def blip_processor(size: int):
 
 
 def helpers_clip():
-    from models.minigpt4.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from vlm_core.models.minigpt4.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
 
@@ -165,7 +165,7 @@ def test_token_layout_on_smollm2_tokenizer(template, smol_folder, hf_tok):
 def test_preprocessing_equals_blip_image_processor(size, mg_photos):
     from PIL import Image
 
-    from models.minigpt4.preprocess import BlipImageParams, preprocess_images
+    from vlm_core.models.minigpt4.preprocess import BlipImageParams, preprocess_images
 
     ours = preprocess_images(mg_photos, BlipImageParams(image_size=size))
     theirs = blip_processor(size)([Image.open(p).convert("RGB") for p in mg_photos], return_tensors="np")

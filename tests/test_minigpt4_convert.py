@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import minigpt4_helpers as helpers
-from export.minigpt4_convert import ConversionError, convert
-from export.parity import relative_error
+from vlm_core.export.minigpt4_convert import ConversionError, convert
+from vlm_core.export.parity import relative_error
 
 VIT, VIT_BLOCKS, PATCH, IMAGE = 176, 3, 14, 28  # 176 = 2 EVA heads of 88; 3 blocks in the file, 2 used (LAVIS)
 QF, QF_LAYERS, QUERIES, LLM = 128, 2, 32, 64  # 128 = 2 BERT heads of 64
@@ -125,8 +125,8 @@ def original(tmp_path_factory, smol_folder):
 
 
 def test_convert_export_and_match_original_model(original, tmp_path):
-    from export.cli import main
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.export.cli import main
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     p = original["paths"]
     out = str(tmp_path / "minigpt4-onnx")
@@ -179,7 +179,7 @@ def test_missing_or_misshaped_tensor_is_refused_by_name(original, tmp_path, whic
 
 
 def test_cli_reports_conversion_error(original, tmp_path, capsys):
-    from export.cli import main
+    from vlm_core.export.cli import main
 
     p = original["paths"]
     code = main(["--minigpt4-vit", str(tmp_path / "absent.pth"), "--minigpt4-qformer", p["qformer"],

@@ -42,7 +42,7 @@ def test_cli_answers_without_torch(qwen_export, photos):
             "--max-new-tokens", "5", "--min-new-tokens", "5", "--json", "--threads", "2"]
     code = BLOCKER + textwrap.dedent(f"""
         import json
-        from runtime.generate import main
+        from vlm_core.runtime.generate import main
         rc = main({argv!r})
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({{"rc": rc, "leaked": leaked}}))
@@ -59,7 +59,8 @@ def test_cli_answers_without_torch(qwen_export, photos):
 
 
 def test_serve_modules_import_without_torch():
-    code = ("import runtime.engine, runtime.generate, kernels.image, kernels.sampling, models.qwen3_vl; import sys; "
+    code = ("import vlm_core, vlm_core.runtime.engine, vlm_core.runtime.generate, vlm_core.kernels.image, "
+            "vlm_core.kernels.sampling, vlm_core.models.qwen3_vl; import sys; "
             "assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))")
     proc = _python(code)
@@ -67,8 +68,10 @@ def test_serve_modules_import_without_torch():
 
 
 def test_serve_modules_import_with_torch_blocked():
-    code = BLOCKER + "import runtime, runtime.engine, runtime.generate, runtime.chat, runtime.detokenize, " \
-                     "runtime.manifest, runtime.sessions, kernels.image, kernels.sampling, models, models.qwen3_vl\n"
+    code = BLOCKER + "from vlm_core import VisionLanguageModel, SamplingParams\n" \
+                     "import vlm_core.runtime, vlm_core.runtime.engine, vlm_core.runtime.generate, vlm_core.runtime.chat, " \
+                     "vlm_core.runtime.detokenize, vlm_core.runtime.manifest, vlm_core.runtime.sessions, " \
+                     "vlm_core.kernels.image, vlm_core.kernels.sampling, vlm_core.models, vlm_core.models.qwen3_vl\n"
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
 

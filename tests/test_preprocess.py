@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kernels.image import ImageError, load_image, smart_resize
-from models.qwen3_vl.preprocess import ImageProcessorParams, num_image_tokens, preprocess_images
+from vlm_core.kernels.image import ImageError, load_image, smart_resize
+from vlm_core.models.qwen3_vl.preprocess import ImageProcessorParams, num_image_tokens, preprocess_images
 
 transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
@@ -378,7 +378,7 @@ def test_serve_time_modules_do_not_import_torch_or_transformers():
     import sys
 
     code = (
-        "import sys, models.qwen3_vl.preprocess, kernels.image;"
+        "import sys, vlm_core.models.qwen3_vl.preprocess, vlm_core.kernels.image;"
         "bad = [m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules];"
         "sys.exit(f'imported {bad}' if bad else 0)"
     )

@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from models.qwen3_vl.prompt import IMAGE_PAD, expand_image_pads, num_image_tokens, tokenize_prompt  # noqa: E402
-from runtime.chat import (  # noqa: E402
+from vlm_core.models.qwen3_vl.prompt import IMAGE_PAD, expand_image_pads, num_image_tokens, tokenize_prompt  # noqa: E402
+from vlm_core.runtime.chat import (  # noqa: E402
     build_user_messages,
     compile_chat_template,
     load_chat_template,
@@ -63,7 +63,7 @@ def template() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from export.qwen_vocab import build_qwen_tokenizer
+    from vlm_core.export.qwen_vocab import build_qwen_tokenizer
     from tokenizers import AddedToken, Tokenizer
 
     tok = Tokenizer.from_str(build_qwen_tokenizer(with_tool_tokens=True).to_str())  # private copy
@@ -445,7 +445,7 @@ def test_tokenize_prompt_no_bos(tokenizer):
 def test_normalize_messages_videos():
     """Video parts, in every spelling, become VideoPart sources in conversation order among the images;
     the template sees {"type": "video", ...} (what transformers' processor hands it)."""
-    from models.media import VideoPart
+    from vlm_core.models.media import VideoPart
 
     messages = [{"role": "user", "content": [
         {"type": "video", "video": "a.mp4"}, {"type": "image", "image": "b.png"},

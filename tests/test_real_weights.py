@@ -23,7 +23,7 @@ TOP1_FLOOR = {"int8": 0.72, "int4": 0.50}
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     from bench.real_text import write_checkpoint
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.pipeline import Progress, run_export
 
     root = tmp_path_factory.mktemp("smollm2")
     checkpoint = write_checkpoint(str(root / "checkpoint"))
@@ -43,7 +43,7 @@ def test_float32_export_matches_eager_on_real_weights(exports):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_top1_agreement_on_real_prose(exports, method):
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     folders = exports[0]
     fp32 = VisionLanguageModel(folders["none"], threads=2)
@@ -71,7 +71,7 @@ SMOLVLM_NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def smolvlm_export(tmp_path_factory):
     from bench.real_smolvlm import TEST_IMAGE_PROCESSOR, TEST_VISION, write_smolvlm_checkpoint
-    from export.pipeline import Progress, run_export
+    from vlm_core.export.pipeline import Progress, run_export
 
     root = tmp_path_factory.mktemp("smolvlm-smollm2")
     checkpoint = write_smolvlm_checkpoint(str(root / "checkpoint"), vision=TEST_VISION,
@@ -91,7 +91,7 @@ def test_smolvlm_chat_greedy_equals_transformers_on_real_weights(smolvlm_export)
     """Chat-templated text prompts through our runtime: the greedy tokens are transformers' eager greedy
     tokens on the same prompt ids (SmolVLMForConditionalGeneration.generate)."""
     from bench.real_smolvlm import CHAT_PROMPTS, chat, eager_greedy
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     checkpoint, folder, _ = smolvlm_export
     vlm = VisionLanguageModel(folder, threads=2)

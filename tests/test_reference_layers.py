@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from export.parity import relative_error
-from kernels import reference as ref
-from models.qwen3_vl import positions
+from vlm_core.export.parity import relative_error
+from vlm_core.kernels import reference as ref
+from vlm_core.models.qwen3_vl import positions
 
 LAYER_RTOL = 1e-5  # one layer, float32 against float32 eager
 LOGITS_RTOL = 1e-4  # the whole text model against the ONNX graph
@@ -153,7 +153,7 @@ def smolvlm_text(smolvlm_checkpoint, smolvlm_weights, smolvlm_hf) -> TextFamily:
 
 @pytest.fixture(scope="module")
 def smolvlm_vlm(smolvlm_export):
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     return VisionLanguageModel(smolvlm_export, threads=2)
 

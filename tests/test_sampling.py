@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kernels.sampling import (
+from vlm_core.kernels.sampling import (
     SamplingParamError,
     SamplingParams,
     apply_logits_processors,

@@ -1,4 +1,4 @@
-"""The HTTP server (`python -m runtime.serve`): OpenAI client parity with the CLI, streaming, concurrency,
+"""The HTTP server (`python -m vlm_core.runtime.server`): OpenAI client parity with the CLI, streaming, concurrency,
 the bounded queue, disconnects, hostile input, auth, and the chat page in a real (headless) browser.
 
 Servers run as subprocesses on free loopback ports with the tiny exported model (`qwen_export`)."""
@@ -32,7 +32,7 @@ LONG = {"max_tokens": 3000, "min_tokens": 3000}  # ~20 s of decoding for the tin
 
 class Server:
     def __init__(self, model: str, *args: str):
-        cmd = [sys.executable, "-m", "runtime.serve", "-m", model, "--port", "0", "--threads", "1",
+        cmd = [sys.executable, "-m", "vlm_core.runtime.server", "-m", model, "--port", "0", "--threads", "1",
                "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -121,8 +121,8 @@ def server(qwen_export):
 
 @pytest.fixture(scope="module")
 def expected(qwen_export, photos) -> dict:
-    """What `python -m runtime.generate --greedy` answers: the reference for every greedy request here."""
-    out = subprocess.run([sys.executable, "-m", "runtime.generate", "-m", qwen_export, "--image", IMAGE,
+    """What `python -m vlm_core.runtime.generate --greedy` answers: the reference for every greedy request here."""
+    out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.generate", "-m", qwen_export, "--image", IMAGE,
                           "-p", PROMPT, "--greedy", "--max-new-tokens", str(N_TOKENS), "--threads", "1", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -610,6 +610,6 @@ def test_chat_page_drops_a_failed_turn(server, tmp_path):
 
 
 def test_refuses_public_host_without_key(qwen_export):
-    out = subprocess.run([sys.executable, "-m", "runtime.serve", "-m", qwen_export, "--host", "0.0.0.0"],
+    out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--host", "0.0.0.0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--api-key" in out.stderr

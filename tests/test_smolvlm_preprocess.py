@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.smolvlm.preprocess import SmolVLMImageParams, image_rows_cols, preprocess_images, tile_count
-from models.smolvlm.prompt import expand_images, image_prompt_string
+from vlm_core.models.smolvlm.preprocess import SmolVLMImageParams, image_rows_cols, preprocess_images, tile_count
+from vlm_core.models.smolvlm.prompt import expand_images, image_prompt_string
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("num2words")
@@ -132,7 +132,7 @@ def test_expand_images_counts():
 def _our_ids(checkpoint, messages, rows_cols, image_seq_len):
     from tokenizers import Tokenizer
 
-    from runtime.chat import render_chat, special_tokens_from_config
+    from vlm_core.runtime.chat import render_chat, special_tokens_from_config
 
     with open(os.path.join(checkpoint, "chat_template.jinja")) as f:
         template = f.read()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import minigpt4_helpers as helpers
-from export import memory_plan, output, quantize_step
-from export.pipeline import ExportError, Progress, run_export
+from vlm_core.export import memory_plan, output, quantize_step
+from vlm_core.export.pipeline import ExportError, Progress, run_export
 
 PARITY_TOKENS = 24
 
@@ -33,7 +33,7 @@ def equal_placeholders(monkeypatch):
     """Placeholders with equal contents (what fresh memory gives): the exporter must not merge them."""
     import torch
 
-    from export import streamed
+    from vlm_core.export import streamed
 
     monkeypatch.setattr(streamed, "_placeholder", lambda shape: torch.zeros(shape, dtype=torch.float32))
 
@@ -48,7 +48,7 @@ def test_streamed_minigpt4_fp32_matches_eager(mg_ckpt, tmp_path, equal_placehold
 
 
 def _first_logits(folder):
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     model = VisionLanguageModel(folder, threads=2)
     image = helpers.rng_images(0)[0]
@@ -68,7 +68,7 @@ def test_streamed_int4_equals_normal_int4(mg_ckpt, tmp_path):
 
 def test_streamed_qwen3_vl_fp32_matches_eager(tmp_path, equal_placeholders):
     """Qwen3-VL's decoder fuses q/k/v and gate/up: the fused weights are concatenated from their sources."""
-    from export.demo import write_checkpoint
+    from vlm_core.export.demo import write_checkpoint
 
     checkpoint = write_checkpoint(str(tmp_path / "qwen"))
     manifest = _export(checkpoint, str(tmp_path / "out"), stream=True, parity_tokens=PARITY_TOKENS)
@@ -149,8 +149,8 @@ def test_int4_block_size_flag(mg_ckpt, tmp_path):
     """--int4-block-size reaches the quantizer and the manifest; the folder loads and generates."""
     import json
 
-    from export.cli import main
-    from runtime.engine import VisionLanguageModel
+    from vlm_core.export.cli import main
+    from vlm_core.runtime.engine import VisionLanguageModel
 
     out = tmp_path / "b64"
     assert main([mg_ckpt, "-o", str(out), "--quantize", "int4", "--int4-block-size", "64",
@@ -169,7 +169,7 @@ def test_reader_resolves_names_with_or_without_the_base_prefix(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from export.streamed import CheckpointReader
+    from vlm_core.export.streamed import CheckpointReader
 
     save_file({"layers.0.w": torch.ones(2, 3), "model.norm.w": torch.ones(3)}, str(tmp_path / "model.safetensors"))
     reader = CheckpointReader(str(tmp_path))

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("llguidance", reason="constrained decoding needs the 'structured' extra (llguidance)")
 jsonschema = pytest.importorskip("jsonschema", reason="the answers are validated with jsonschema (test extra)")
 
-from kernels.sampling import SamplingParams  # noqa: E402
+from vlm_core.kernels.sampling import SamplingParams  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = SamplingParams(greedy=True)
@@ -129,7 +129,7 @@ def test_a_lark_grammar_and_text_format(vlm):
 
 
 def test_api_refuses_bad_formats_naming_the_parameter(vlm):
-    from runtime.errors import ParameterError
+    from vlm_core.runtime.errors import ParameterError
 
     bad = [
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}, "Invalid type"),
@@ -147,8 +147,8 @@ def test_api_refuses_bad_formats_naming_the_parameter(vlm):
 
 
 def test_missing_llguidance_names_the_extra(monkeypatch):
-    from runtime.constraint import GrammarCompiler
-    from runtime.errors import ParameterError
+    from vlm_core.runtime.constraint import GrammarCompiler
+    from vlm_core.runtime.errors import ParameterError
 
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
     compiler = GrammarCompiler("unused.json", 10, [])
@@ -161,7 +161,7 @@ def test_missing_llguidance_names_the_extra(monkeypatch):
 # --- CLI ------------------------------------------------------------------------------------------------
 
 def _cli(argv: list, capsys) -> tuple[int, str, str]:
-    from runtime.generate import main
+    from vlm_core.runtime.generate import main
 
     rc = main(argv)
     captured = capsys.readouterr()
@@ -187,7 +187,7 @@ def test_cli_json_schema_and_json_object(qwen_export, tmp_path, capsys):
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(SCHEMAS["labels"]))
     argv = base + ["-p", "What is in the photo?", "--json-schema", str(path)]
-    code = BLOCKER + f"from runtime.generate import main\nraise SystemExit(main({argv!r}))\n"
+    code = BLOCKER + f"from vlm_core.runtime.generate import main\nraise SystemExit(main({argv!r}))\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     _assert_valid(json.loads(proc.stdout)["text"], SCHEMAS["labels"])

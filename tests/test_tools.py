@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from kernels.sampling import SamplingParams
-from runtime.tools import ToolCallParser, parse_tool_calls
+from vlm_core.kernels.sampling import SamplingParams
+from vlm_core.runtime.tools import ToolCallParser, parse_tool_calls
 
 pytest.importorskip("llguidance", reason="constrained tool calls need the 'structured' extra (llguidance)")
 jsonschema = pytest.importorskip("jsonschema", reason="the arguments are validated with jsonschema (test extra)")
@@ -124,7 +124,7 @@ def test_chat_session_keeps_calls_in_the_history(vlm):
 
 
 def test_bad_tools_are_refused_naming_the_field(vlm):
-    from runtime.errors import ParameterError
+    from vlm_core.runtime.errors import ParameterError
 
     messages = [{"role": "user", "content": "Hi"}]
     for kwargs, param in [({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

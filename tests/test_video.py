@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.parity import relative_error
-from kernels.sampling import SamplingParams
+from vlm_core.export.parity import relative_error
+from vlm_core.kernels.sampling import SamplingParams
 
 av = pytest.importorskip("av", reason="video decoding needs PyAV (the `video` extra; in the test extra)")
 
@@ -196,13 +196,13 @@ def test_video_prompt_ids_equal_the_processors(kind, clips, photos, vlm, hf_vide
 def test_clip_too_long_for_the_context_is_refused_before_decoding(clips, photos, vlm, monkeypatch):
     """The clip's frame count and size come from the container's header: a clip that cannot fit the context
     with max_new_tokens is refused (naming the budget) before any frame is decoded, and nothing is queued."""
-    import models.qwen3_vl
-    from kernels.video import VideoTooLong
+    import vlm_core.models.qwen3_vl
+    from vlm_core.kernels.video import VideoTooLong
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a frame was decoded")
 
-    monkeypatch.setattr(models.qwen3_vl, "load_video", no_decoding)  # the name the family decodes with
+    monkeypatch.setattr(vlm_core.models.qwen3_vl, "load_video", no_decoding)  # the name the family decodes with
     before = dict(vlm.engine.counters)
     with pytest.raises(VideoTooLong, match=r"astronaut\.mp4: \d+ frames of 96x64 need about \d+ prompt tokens.*"
                                             r"max_frames.*max_new_tokens"):

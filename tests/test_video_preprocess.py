@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 skimage_data = pytest.importorskip("skimage.data")
 
 from tests.torchvision_shim import torchvision_shim  # noqa: E402
-from kernels.video import (  # noqa: E402
+from vlm_core.kernels.video import (  # noqa: E402
     MAX_FRAME_PIXELS,
     VideoError,
     VideoInfo,
@@ -33,7 +33,7 @@ from kernels.video import (  # noqa: E402
     probe_video,
     resize_frames,
 )
-from models.qwen3_vl.video import (  # noqa: E402
+from vlm_core.models.qwen3_vl.video import (  # noqa: E402
     VideoProcessorParams,
     frame_timestamps,
     preprocess_video,
@@ -211,7 +211,7 @@ def test_indices_in_any_order_with_repeats(clips):
 
 
 def test_lying_frame_count_clamps_to_the_last_frame(clips, monkeypatch):
-    import kernels.video as video
+    import vlm_core.kernels.video as video
 
     real = load_video(clips["avi"], lambda info: np.arange(info.total_frames)).frames  # 45 frames
     probe = video._ContainerReader.probe
@@ -413,7 +413,7 @@ def test_params_from_image_params_follow_transformers_fallback(processor_class, 
     config (preprocessor_config.json); geometry comes from the ViT, sampling keeps the class defaults."""
     import json
 
-    from export.demo import PREPROCESSOR
+    from vlm_core.export.demo import PREPROCESSOR
 
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     loaded = processor_class.from_pretrained(str(tmp_path))
@@ -500,7 +500,7 @@ def test_zero_frames(tmp_path):
 
 
 def test_huge_resolution_refused_before_decoding(clips, tmp_path, monkeypatch):
-    import kernels.video as video
+    import vlm_core.kernels.video as video
 
     def no_decoding(self, wanted):
         raise AssertionError("decoded a frame of a clip it should refuse")
@@ -546,9 +546,9 @@ def test_bad_frame_lists(tmp_path):
 def test_export_writes_video_preprocessing(tmp_path, processor_class):
     import json
 
-    from export.assets import video_preprocessor_config
-    from export.demo import PREPROCESSOR, VIDEO_PREPROCESSOR
-    from export.qwen3_vl import video_preprocessing_params
+    from vlm_core.export.assets import video_preprocessor_config
+    from vlm_core.export.demo import PREPROCESSOR, VIDEO_PREPROCESSOR
+    from vlm_core.export.qwen3_vl import video_preprocessing_params
 
     vision = {"patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2}
     manifest = {"vision_config": vision, "preprocessing": PREPROCESSOR}

@@ -22,9 +22,9 @@ av = pytest.importorskip("av", reason="PyAV is in the test extra (pip install 'v
 
 from test_serve import CHROMIUM, Server, chromium_page, open_greedy_page  # noqa: E402
 
-from kernels.sampling import SamplingParams  # noqa: E402
-from models.media import VideoOptions  # noqa: E402
-from runtime import generate as cli  # noqa: E402
+from vlm_core.kernels.sampling import SamplingParams  # noqa: E402
+from vlm_core.models.media import VideoOptions  # noqa: E402
+from vlm_core.runtime import generate as cli  # noqa: E402
 
 N_TOKENS = 6
 PROMPT = "Describe."

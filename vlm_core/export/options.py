@@ -1,0 +1,41 @@
+"""What the user asked the export to do, in one record passed through every stage.
+
+    options = ExportOptions(quantize="int4", parity_tokens=8)   # kv_dtype resolved to "float16"
+
+`python -m vlm_core.export`'s flags map onto these fields one to one (export/cli.py); run_export(source, out,
+**fields) builds the record for Python callers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from vlm_core.export.errors import ExportError
+from vlm_core.export.kv_dtype import KV_DTYPES, default_kv_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """quantize: "none", "int8", "int4" or "mixed" (export/quantize_step.py).
+    kv_dtype: the KV cache's dtype, "float16" or "float32" (None: float32 for quantize "none", else
+        float16; see export/kv_dtype.py); always resolved after construction.
+    parity_tokens: greedy tokens compared with eager PyTorch.
+    stream: copy the decoder's weights from the checkpoint one tensor at a time (None: when the float32
+        model would not fit in memory; see export/memory_plan.py and export/streamed.py).
+    int4_block_size: weights per 4-bit scale for int4 / mixed.
+    force: replace a non-empty output folder.
+    isolate: run the PyTorch stage in a child process (None: for checkpoints over 1 GiB; see
+        export/torch_stage.py)."""
+
+    quantize: str = "none"
+    kv_dtype: str | None = None
+    parity_tokens: int = 8
+    stream: bool | None = None
+    int4_block_size: int = 32
+    force: bool = False
+    isolate: bool | None = None
+
+    def __post_init__(self):
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", default_kv_dtype(self.quantize))  # frozen: set once, here
+        if self.kv_dtype not in KV_DTYPES:
+            raise ExportError(f"KV cache dtype {self.kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")

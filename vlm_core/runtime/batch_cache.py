@@ -1,0 +1,108 @@
+"""The KV cache of the sequences decoded together: one buffer per layer with a row per sequence.
+
+Layout per layer: keys / values [rows, kv_heads, capacity, head_dim]. The active sequences hold rows
+0..n-1, so a decode step hands ONNX Runtime the leading-rows view `buffer[:n]` (contiguous: no copy),
+whose GroupQueryAttention ops write each row's new key / value at that row's own length. A sequence
+that leaves is replaced by moving the last row into its place (one row copied, not the cache); a
+sequence that joins is copied in once from the cache its prompt was prefilled into. Growth (more rows,
+more slots) reallocates in steps, so no step's cost grows with the number of steps taken.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vlm_core.runtime.kv_cache import KVCache, aligned
+
+
+class BatchKVCache:
+    """Per-layer [rows, kv_heads, capacity, head_dim] buffers; `lengths[r]` slots of row r are filled."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int, dtype=np.float32,
+                 step: int = 256, min_rows: int = 1):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.max_length, self.dtype, self.step, self.min_rows = aligned(max_length), dtype, step, min_rows
+        self.lengths: list[int] = []
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def allocated_rows(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def _reallocate(self, rows: int, capacity: int) -> None:
+        # One layer at a time, each old buffer dropped as soon as it is copied: growing costs one layer's
+        # worth of extra memory, not a second copy of the whole cache.
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        for store in (self.keys, self.values):
+            if not store:
+                store.extend(np.zeros(shape, self.dtype) for _ in range(self.num_layers))
+                continue
+            for i, old in enumerate(store):
+                new = np.zeros(shape, self.dtype)
+                used = min(old.shape[2], capacity)
+                new[: self.rows, :, :used] = old[: self.rows, :, :used]
+                store[i] = new
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Room for `rows` rows of `length` slots each (rows double, slots grow in `step`s, aligned)."""
+        need_rows = max(rows, self.min_rows)
+        new_rows = self.allocated_rows
+        while new_rows < need_rows:
+            new_rows = max(1, new_rows * 2)
+        new_capacity = self.capacity
+        if length > new_capacity:
+            new_capacity = min(aligned(-(-length // self.step) * self.step), self.max_length)
+            new_capacity = max(new_capacity, aligned(length))
+        if new_rows != self.allocated_rows or new_capacity != self.capacity:
+            self._reallocate(new_rows, new_capacity)
+
+    def add(self, cache: KVCache) -> int:
+        """Copy a prefilled single-sequence cache into a new row; returns the row index."""
+        length = cache.offset
+        self.reserve(self.rows + 1, length + 1)
+        row = self.rows
+        for i in range(self.num_layers):
+            self.keys[i][row, :, :length] = cache.keys[i][0, :, :length]
+            self.values[i][row, :, :length] = cache.values[i][0, :, :length]
+        self.lengths.append(length)
+        return row
+
+    def remove(self, row: int) -> int | None:
+        """Drop `row`; the last row moves into its place. Returns the moved row's old index (or None)."""
+        last = self.rows - 1
+        moved = None
+        if row != last:
+            for store in (self.keys, self.values):
+                for array in store:
+                    array[row, :, : self.lengths[last]] = array[last, :, : self.lengths[last]]
+            self.lengths[row] = self.lengths[last]
+            moved = last
+        self.lengths.pop()
+        if not self.lengths:  # nobody decoding: give the memory back
+            self.keys, self.values = [], []
+        return moved
+
+    def copy_prefix(self, row: int, length: int) -> tuple[list, list]:
+        """Copies of row `row`'s first `length` slots: per-layer [kv_heads, length, head_dim]."""
+        return ([k[row, :, :length].copy() for k in self.keys], [v[row, :, :length].copy() for v in self.values])
+
+    def buffers(self, start: int, stop: int) -> tuple[list, list]:
+        """Per-layer keys and values of rows [start, stop): contiguous views the decoder writes in place."""
+        return [k[start:stop] for k in self.keys], [v[start:stop] for v in self.values]
+
+    def advance(self, start: int, stop: int) -> None:
+        """Rows [start, stop) took one token each (written by the decoder call)."""
+        for r in range(start, stop):
+            self.lengths[r] += 1

@@ -1,0 +1,338 @@
+"""The engine: many sequences at once, one batched decoder call per step (continuous batching).
+
+Each `step()`:
+  1. admits waiting sequences while fewer than `parallel` are active (a prefix-cache lookup each);
+  2. does one unit of prompt work for the oldest sequence still reading its prompt: encode one image
+     (through the image-feature cache) or prefill one chunk of at most `prefill_chunk` tokens, in a
+     KV cache of its own (batch 1); when its prompt is done it samples its first token and joins the
+     decode batch (its KV copied once into a row of the BatchKVCache);
+  3. runs every decoding sequence's pending token through the decoder in one call (rows = sequences,
+     per-row positions and masks); finished, stopped or cancelled sequences leave at once, keeping
+     their KV in the prefix cache.
+So a long new prompt or image holds running streams up for one chunk (or one image) at most.
+
+A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
+a row's own filled slots (GroupQueryAttention, runtime/decoder_call.py); ONNX Runtime's 4-bit
+MatMulNBits computes a lone row (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
+rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
+input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from vlm_core.runtime.batch_cache import BatchKVCache
+from vlm_core.runtime.decoder_call import run_decoder
+from vlm_core.runtime.kv_cache import KVCache
+from vlm_core.runtime.prefix_cache import EngineCache, image_hash, image_key_id
+from vlm_core.runtime.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
+
+DEFAULT_PARALLEL = 4
+DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_CACHE_MB = 256
+# A clip is encoded a few frame groups per vision call (each group attends only to itself, so the
+# pieces give the same features): the graph's attention is quadratic in the patches of one call, so
+# calls stay near one 720p-ish frame group (2B int4, AVX2: 880 patches 4.1 s per group alone, 6.9 s
+# per group four at a time; peak memory falls with it).
+VISION_PATCHES_PER_CALL = 1024
+
+
+def join_vision(family, per_item: list) -> list:
+    """Vision outputs of consecutive images (or pieces of one clip) -> one set, joined along the family's axes."""
+    return [np.concatenate([outputs[i] for outputs in per_item], axis=axis)
+            for i, axis in enumerate(family.vision_output_axes)]
+
+
+class BatchEngine:
+    """Runs Sequences of one VisionLanguageModel together.
+
+    Args:
+        model: a loaded VisionLanguageModel (sessions, embeddings, family).
+        parallel: sequences prefilled or decoded at once; more wait their turn.
+        prefill_chunk: prompt tokens per prefill call.
+        cache_mb: memory for the prefix and image-feature caches (0 turns both off).
+        batch_invariant: make a sequence's results independent of the batch (see the module docstring);
+            False runs a lone 4-bit row by ORT's one-row kernel (faster on hosts where a second row is
+            costly) and int8 rows together, at the price of float-level differences between alone and batched.
+    """
+
+    def __init__(self, model, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 cache_mb: float = DEFAULT_CACHE_MB, batch_invariant: bool = True):
+        self.model = model
+        self.parallel, self.prefill_chunk = int(parallel), int(prefill_chunk)
+        self.cache = EngineCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
+        self.family = model.family
+        method = model.manifest.get("quantization", {}).get("method", "none")
+        self.rows_per_call = 1 if method == "int8" and batch_invariant else None  # int8: one scale per tensor
+        self.min_rows = 2 if method in ("int4", "mixed") and batch_invariant else 1  # MatMulNBits: M = 1 differs
+        self.kv_dtype = model.kv_dtype
+        self.batch = BatchKVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
+                                  dtype=self.kv_dtype, min_rows=self.min_rows)
+        self.waiting: list[Sequence] = []
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
+        self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0}
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # --- submitting (any thread) ----------------------------------------------------------------
+    def add(self, sequence: Sequence) -> Sequence:
+        """Queue a sequence without starting the engine thread (for callers that drive `step()` themselves)."""
+        with self._lock:
+            self.waiting.append(sequence)
+        return sequence
+
+    def submit(self, sequence: Sequence) -> Sequence:
+        """Queue a sequence; the engine thread (started on first use) takes it between steps."""
+        with self._lock:
+            self.waiting.append(sequence)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        return sequence
+
+    @property
+    def active(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def stats(self) -> dict:
+        """Slots and cache use (for /health)."""
+        return {"parallel": self.parallel, "decoding": len(self.decoding), "prefilling": len(self.prefilling),
+                "waiting": len(self.waiting), "kv_mb": round(self.batch.nbytes / 2**20, 1),
+                "cache": self.cache.stats() if self.cache else None, **self.counters}
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self.waiting or self.prefilling or self.decoding):
+                    self._lock.wait()
+            try:
+                self.step()
+            except Exception as e:  # an engine bug: fail what is running, keep serving
+                traceback.print_exc()
+                for sequence in self.prefilling + self.decoding:
+                    self._leave(sequence, error=e)
+
+    # --- one step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit, one unit of prompt work, one decode step (see the module docstring)."""
+        self.counters["steps"] += 1
+        self._drop_cancelled()
+        self._admit()
+        if self.prefilling:
+            sequence = self.prefilling[0]
+            try:
+                self._prefill_unit(sequence)
+            except Exception as e:
+                self._leave(sequence, error=e)
+        if self.decoding:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for sequence in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(sequence)
+                sequence.finish()
+        for sequence in [s for s in self.prefilling + self.decoding if s.cancelled]:
+            self._leave(sequence)
+
+    def _admit(self) -> None:
+        while self.active < self.parallel:
+            with self._lock:
+                if not self.waiting:
+                    return
+                sequence = self.waiting.pop(0)
+            try:
+                self._start(sequence)
+            except Exception as e:
+                sequence.finish(error=e)
+
+    def _start(self, sequence: Sequence) -> None:
+        """Key ids, prefix-cache lookup, a private KV cache for the prompt."""
+        model, prompt = self.model, sequence.prompt
+        sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
+        sequence.cache = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
+                                 dtype=self.kv_dtype, expected_length=sequence.prompt_len)
+        if self.cache is not None:
+            # At least the last prompt token is always run: its logits give the first new token.
+            entry, length = self.cache.longest_prefix(sequence.key_ids, sequence.prompt_len - 1)
+            if entry is not None and length > 0:
+                sequence.cache.load([k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values])
+                sequence.position = sequence.cached_tokens = length
+        sequence.state = PREFILL
+        self.prefilling.append(sequence)
+
+    def _image_spans(self, prompt) -> list:
+        """The prompt positions (int64 arrays) each image or clip fills, in order (a clip's frame groups are
+        apart: timestamps lie between them)."""
+        if prompt.media_grid is None:
+            return []
+        where = np.flatnonzero(self.family.media_token_mask(prompt.input_ids))
+        spans, start = [], 0
+        for count in self.family.image_token_counts(prompt.media_grid):
+            spans.append(where[start:start + count])
+            start += count
+        return spans
+
+    def _key_ids(self, prompt) -> tuple[np.ndarray, list]:
+        """(the prompt's key ids, one digest per image or clip): their tokens replaced by their digest id."""
+        key_ids = np.array(prompt.input_ids, dtype=np.int64)
+        if prompt.pixel_values is None:
+            return key_ids, []
+        images = self.family.split_images(prompt.pixel_values, prompt.media_grid)
+        digests = [image_hash(pixels, grid) for pixels, grid in images]
+        for positions, digest in zip(self._image_spans(prompt), digests):
+            key_ids[positions] = image_key_id(digest)
+        return key_ids, digests
+
+    # --- prompt work ------------------------------------------------------------------------
+    def _prefill_unit(self, sequence: Sequence) -> None:
+        model, prompt = self.model, sequence.prompt
+        start = time.perf_counter()
+        if sequence.feeds is None:
+            spans = self._image_spans(prompt)
+            needs_images = spans and spans[-1][-1] >= sequence.position
+            if needs_images and sequence.images_done < len(spans):
+                self._encode_one_image(sequence)
+                sequence.timings["vision_s"] += time.perf_counter() - start
+                return
+            vision = self._join_vision(sequence.vision_outputs) if needs_images else None
+            sequence.feeds = self.family.prefill_feeds(prompt, model.embed(prompt.input_ids), vision)
+            sequence.vision_outputs = None
+        begin = sequence.position
+        end = min(begin + self.prefill_chunk, sequence.prompt_len)
+        feeds = {name: _take(value, self.family.decoder_feed_axes[name][1], begin, end)
+                 for name, value in sequence.feeds.items()}
+        logits = self._run(feeds, sequence.cache, end - begin)
+        sequence.position = end
+        sequence.timings["prefill_s"] += time.perf_counter() - start
+        if end < sequence.prompt_len:
+            return
+        self.prefilling.remove(sequence)
+        sequence.feeds = None
+        sequence.sample(logits)
+        if sequence.finished:
+            self._remember(sequence, sequence.cache, None)
+            sequence.cache = None
+            return
+        sequence.row = self.batch.add(sequence.cache)
+        sequence.cache = None
+        sequence.state = DECODE
+        self.decoding.append(sequence)
+
+    def _encode_one_image(self, sequence: Sequence) -> None:
+        """One vision call: a whole image, or the next few frame groups of a clip (a long clip's patches in
+        one call would make the vision graph's attention mask quadratic in the whole clip)."""
+        prompt = sequence.prompt
+        index = sequence.images_done
+        pixels, grid = self.family.split_images(prompt.pixel_values, prompt.media_grid)[index]
+        digest = sequence.image_digests[index]
+        outputs = self.cache.get_image(digest) if self.cache is not None and not sequence.item_parts else None
+        if outputs is None:
+            pieces = self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)
+            piece_pixels, piece_grid = pieces[len(sequence.item_parts)]
+            sequence.item_parts.append(self.model.sessions["vision"].run(
+                None, self.family.vision_feeds(piece_pixels, piece_grid)))
+            if len(sequence.item_parts) < len(pieces):
+                return
+            outputs = self._join_vision(sequence.item_parts)
+            sequence.item_parts = []
+            self.counters["vision_images"] += 1
+            if self.cache is not None:
+                self.cache.put_image(digest, outputs)
+        sequence.vision_outputs = (sequence.vision_outputs or []) + [outputs]
+        sequence.images_done += 1
+
+    def _join_vision(self, per_image: list) -> list:
+        return join_vision(self.family, per_image)
+
+    def _run(self, feeds: dict, cache: KVCache, new_tokens: int) -> np.ndarray:
+        """One batch-1 decoder call over a private cache (prompt chunks); returns the last logits."""
+        logits = self.model.run_decoder(feeds, cache)
+        self.counters["decoder_tokens"] += new_tokens
+        self.counters["decoder_calls"] += 1
+        return logits
+
+    # --- decoding -------------------------------------------------------------------------
+    def _decode(self) -> None:
+        batch = self.batch
+        rows = len(self.decoding)
+        self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
+        batch.reserve(rows, max(batch.lengths) + 1)
+        per_call = self.rows_per_call or rows
+        logits = []
+        for start in range(0, rows, per_call):
+            stop = min(start + per_call, rows)
+            logits.append(self._decode_rows(start, stop))
+        logits = np.concatenate(logits)
+        failed = []
+        for sequence in list(self.decoding):
+            try:
+                sequence.sample(logits[sequence.row])
+            except Exception as e:  # one request's failure (its grammar) ends only that request
+                failed.append((sequence, e))
+        for sequence, error in failed:  # rows move as sequences leave: only after every row has sampled
+            self._leave(sequence, error=error)
+        for sequence in [s for s in self.decoding if s.finished]:
+            self._leave(sequence)
+
+    def _decode_rows(self, start: int, stop: int) -> np.ndarray:
+        """One decoder call for rows [start, stop) (plus padding rows up to min_rows)."""
+        batch, model = self.batch, self.model
+        width = max(stop - start, self.min_rows)
+        parts = []
+        for r in range(start, start + width):
+            sequence = self.decoding[min(r, stop - 1)]  # padding rows repeat the last real row's input
+            embed = model.embed([sequence.pending_token])[0]
+            parts.append(self.family.decode_feeds(sequence.prompt, embed, batch.lengths[min(r, stop - 1)]))
+        feeds = {name: np.concatenate([p[name] for p in parts], axis=self.family.decoder_feed_axes[name][0])
+                 for name in parts[0]}
+        # padding rows write their (discarded) entry into their own, unused row of the buffer
+        lengths = [batch.lengths[min(r, stop - 1)] + 1 for r in range(start, start + width)]
+        logits = run_decoder(model.sessions["decoder"], feeds, *batch.buffers(start, start + width), lengths)
+        batch.advance(start, stop)
+        self.counters["decoder_tokens"] += stop - start
+        self.counters["decoder_calls"] += 1
+        return logits[: stop - start]
+
+    # --- leaving ------------------------------------------------------------------------------
+    def _leave(self, sequence: Sequence, error: BaseException | None = None) -> None:
+        """Take a sequence out (finished, cancelled or failed), keeping its KV in the prefix cache."""
+        if sequence in self.prefilling:
+            self.prefilling.remove(sequence)
+            sequence.cache = sequence.feeds = sequence.vision_outputs = None
+        elif sequence in self.decoding:
+            if error is None:
+                self._remember(sequence, None, sequence.row)
+            moved = self.batch.remove(sequence.row)
+            self.decoding.remove(sequence)
+            if moved is not None:
+                for other in self.decoding:
+                    if other.row == moved:
+                        other.row = sequence.row
+            self.decoding.sort(key=lambda s: s.row)
+            sequence.row = None
+        sequence.finish(error=error)
+
+    def _remember(self, sequence: Sequence, cache: KVCache | None, row: int | None) -> None:
+        """Keep the KV of every token that went through the decoder (prompt + all but the last sampled)."""
+        if self.cache is None:
+            return
+        length = cache.offset if cache is not None else self.batch.lengths[row]
+        if length <= 0:
+            return
+        key_ids = np.concatenate([sequence.key_ids, np.asarray(sequence.tokens[sequence.prompt_len:], np.int64)])
+        keys, values = cache.copy_prefix(length) if cache is not None else self.batch.copy_prefix(row, length)
+        self.cache.put_prefix(key_ids[:length], keys, values)
+
+
+def _take(value: np.ndarray, axis: int, begin: int, end: int) -> np.ndarray:
+    """value[..., begin:end, ...] along `axis`, contiguous (ONNX Runtime reads it without a copy)."""
+    index = [slice(None)] * value.ndim
+    index[axis] = slice(begin, end)
+    return np.ascontiguousarray(value[tuple(index)])

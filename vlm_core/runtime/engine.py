@@ -1,0 +1,428 @@
+"""The serve-time model: load an exported folder once, answer many prompts.
+
+Layered like mlx-lm: `generate_step` yields token ids from prepared inputs, `stream_generate`
+yields text deltas with timings, `generate` joins them. Every request becomes a Sequence in the
+model's BatchEngine (runtime/batch_engine.py), so requests from several threads are decoded
+together and share the prefix and image-feature caches; `generate_batch` submits many at once and
+`chat()` keeps a conversation whose turns reuse the cache. Never imports torch or transformers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vlm_core.kernels.image_url import fetch_remote_image, is_remote_url
+from vlm_core.kernels.sampling import SamplingParams
+from vlm_core.models import get_family
+from vlm_core.models.config import TextConfig
+from vlm_core.models.media import VideoOptions, VideoPart
+
+from vlm_core.runtime.batch_engine import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
+                           BatchEngine, join_vision)
+from vlm_core.runtime.chat import build_user_messages, normalize_messages, render_chat
+from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_token_limits
+from vlm_core.runtime.constraint import GrammarCompiler
+from vlm_core.runtime.sequence import GenerationChunk, Sequence
+from vlm_core.runtime.errors import ContextLengthError, ModelFolderError, ParameterError, UserError
+from vlm_core.runtime.grounding import answer_boxes, grounding_image
+from vlm_core.runtime import decoder_call
+from vlm_core.runtime.kv_cache import KVCache
+from vlm_core.runtime.logprobs import TokenTable
+from vlm_core.runtime.manifest import load_manifest
+from vlm_core.runtime.sessions import create_session
+from vlm_core.runtime.tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallParser, tool_use
+
+
+@dataclass
+class GenerationResult:
+    """A whole answer with its statistics (what `--json` prints)."""
+
+    text: str
+    token_ids: list
+    prompt_tokens: int
+    image_tokens: int
+    finish_reason: str
+    timings: dict = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # the answer's boxes and points in pixels of the image they refer to (runtime/grounding.py); [] without images
+    boxes: list = field(default_factory=list)
+    logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
+    # with tools: the calls the model made ([ToolCall]); `text` is then the content outside the call blocks
+    tool_calls: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        result = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                  "image_tokens": self.image_tokens, "cached_tokens": self.cached_tokens,
+                  "finish_reason": self.finish_reason, "boxes": self.boxes, "timings": self.timings, **self.timings}
+        if self.logprobs is not None:
+            result["logprobs"] = [entry.to_dict() for entry in self.logprobs]
+        if self.tool_calls:
+            result["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        return result
+
+
+def video_options(video) -> VideoOptions | None:
+    """VideoOptions from None, a VideoOptions or a dict of its fields (ParameterError naming `video` otherwise)."""
+    if video is None or isinstance(video, VideoOptions):
+        return video
+    if isinstance(video, dict):
+        unknown = set(video) - {"fps", "max_frames", "max_pixels"}
+        if not unknown:
+            return VideoOptions(**video)
+        raise ParameterError("video", f"video has unknown keys {sorted(unknown)}; use fps, max_frames, max_pixels")
+    raise ParameterError("video", f"video must be a dict or VideoOptions, got {type(video).__name__}")
+
+
+def _fetch_if_remote(source):
+    """An image or clip source given as an http(s) URL -> its bytes (same wrapper); anything else unchanged."""
+    if isinstance(source, VideoPart):
+        url = source.source
+        return VideoPart(fetch_remote_image(url, kind="video")) if isinstance(url, str) and is_remote_url(url) else source
+    return fetch_remote_image(source) if is_remote_url(source) else source
+
+
+class VisionLanguageModel:
+    """An exported model folder, loaded: ONNX Runtime sessions, tokenizer, chat template, embeddings.
+
+    Args:
+        folder: the OUT folder written by `python -m vlm_core.export`.
+        threads: intra-op threads for ONNX Runtime (default: all cores).
+        parallel: sequences decoded together at most (more requests wait their turn).
+        prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
+        cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
+        batch_invariant: a request's tokens never depend on what is batched with it (default); False trades
+            that for the one-row 4-bit kernel when a sequence decodes alone (see runtime/batch_engine.py).
+        allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
+            data: URLs are always decoded).
+    """
+
+    def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
+                 batch_invariant: bool = True,
+                 allow_remote_images: bool = False):
+        start = time.perf_counter()
+        self.folder = folder
+        self.allow_remote_images = allow_remote_images
+        self.manifest = manifest = load_manifest(folder)
+        try:
+            self.text_config = TextConfig.from_dict(manifest["text_config"])
+            self.family = get_family(manifest["family"]).Family(manifest)
+        except (KeyError, ValueError) as e:  # an unknown family, a config section lacking a field
+            raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
+        from tokenizers import Tokenizer  # serve-time dependency, imported here to keep `import runtime` light
+
+        # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
+        # the graphs load side by side while the tokenizer is parsed here.
+        pool = ThreadPoolExecutor(max_workers=len(manifest["graphs"]))
+        sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision",
+                                      prepack=name != "vision")
+                    for name, graph in manifest["graphs"].items()}
+        self.tokenizer = Tokenizer.from_file(os.path.join(folder, manifest["tokenizer"]))
+        template = manifest.get("chat_template")
+        self.chat_template = open(os.path.join(folder, template), encoding="utf-8").read() if template else None
+        table = manifest["embeddings"]
+        self.embeddings = np.load(os.path.join(folder, table["file"]), mmap_mode="r")
+        self.embedding_scale = (np.load(os.path.join(folder, table["scale_file"]), mmap_mode="r")
+                                if table.get("scale_file") else None)
+        self.sessions = {name: future.result() for name, future in sessions.items()}
+        pool.shutdown()
+        text = self.text_config
+        self.num_layers, self.num_kv_heads, self.head_dim = text.num_layers, text.num_kv_heads, text.head_dim
+        self.max_context = text.max_context
+        self.kv_dtype = np.dtype(text.kv_dtype)  # the KV cache's dtype (the decoder graph's past/present I/O)
+        self.eos_token_ids = [int(t) for t in manifest["special_tokens"].get("eos_token_ids", [])]
+        # Constrained decoding (response_format): llguidance's tokenizer is built on the first such request.
+        self.grammars = GrammarCompiler(os.path.join(folder, manifest["tokenizer"]), self.embeddings.shape[0],
+                                        self.eos_token_ids)
+        self.token_table = TokenTable(self.tokenizer)  # token text and bytes for logprobs
+        self.generation_defaults = manifest.get("generation", {})
+        for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb,
+                                  batch_invariant=batch_invariant)
+        self.load_s = time.perf_counter() - start
+
+    # --- inputs -------------------------------------------------------------------------------
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids [S] -> float32 [S, H], from the memory-mapped table."""
+        rows = np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+        if self.embedding_scale is not None:
+            rows *= np.asarray(self.embedding_scale[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+        return rows
+
+    def render(self, messages: list, tools: list | None = None) -> tuple[str, list]:
+        """Chat messages -> (prompt text with one image pad per image, image sources in order).
+
+        `tools` (OpenAI function tools) are passed to the chat template as given, as transformers'
+        ``apply_chat_template(tools=...)`` does."""
+        if self.chat_template is None:
+            raise ModelFolderError(f"{self.folder!r} has no chat template; pass token ids instead")
+        template_messages, images = normalize_messages(messages)
+        variables = self.manifest.get("template_variables", {})
+        return render_chat(self.chat_template, template_messages, add_generation_prompt=True, tools=tools or None,
+                           **variables), images
+
+    def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None,
+                tools: list | None = None, video: VideoOptions | None = None, max_new_tokens: int = 0):
+        """Chat messages (transformers' processor format) -> the family's PreparedPrompt (`tools` rendered
+        by the chat template).
+
+        `min_pixels` / `max_pixels` bound each image; `video` (VideoOptions: fps, max_frames, max_pixels)
+        each clip. Clips are probed before any frame is decoded: ones that cannot fit the context with
+        `max_new_tokens` are refused then (VideoError)."""
+        text, sources = self.render(messages, tools)
+        if video is not None:
+            try:
+                video.check()
+            except ValueError as e:
+                raise ParameterError("video", str(e)) from None
+        if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
+            sources = [_fetch_if_remote(source) for source in sources]
+        media = None
+        if sources:
+            media = self.family.preprocess(sources, min_pixels=min_pixels, max_pixels=max_pixels, video=video,
+                                           token_limit=max(self.max_context - max_new_tokens, 0))
+        input_ids = self.family.tokenize(self.tokenizer, text, media)
+        if media is None:
+            prompt = self.family.prepare(input_ids)
+        else:
+            prompt = self.family.prepare(input_ids, media.pixel_values, media.grid_thw, media.kinds)
+        if self.family.grounding_scale:  # the image an answer's boxes refer to
+            prompt.grounding_image = grounding_image(messages, [s for s in sources if not isinstance(s, VideoPart)])
+        return prompt
+
+    # --- generation ---------------------------------------------------------------------------
+    def run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
+        """One batch-1 decoder call on `feeds` (the family's inputs) over `cache`, which takes the new tokens
+        in place; returns the last position's logits [vocab]."""
+        new_tokens = feeds["inputs_embeds"].shape[1]
+        # A "prefill" graph (same I/O, weights for GEMMs) takes multi-token runs when the export made one.
+        session = self.sessions["prefill"] if new_tokens > 1 and "prefill" in self.sessions else self.sessions["decoder"]
+        cache.reserve(cache.offset + new_tokens)
+        logits = decoder_call.run_decoder(session, feeds, cache.keys, cache.values, [cache.offset + new_tokens])
+        cache.advance(new_tokens)
+        return logits[0]
+
+    def encode_images(self, prompt):
+        """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
+        if prompt.pixel_values is None:
+            return None
+        pieces = [piece for pixels, grid in self.family.split_images(prompt.pixel_values, prompt.media_grid)
+                  for piece in self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)]
+        return join_vision(self.family, [self.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
+                                         for pixels, grid in pieces])
+
+    def new_cache(self, expected_length: int) -> KVCache:
+        """An empty KV cache for a request of at most `expected_length` tokens (prompt + new tokens).
+
+        It stays empty until the prompt is written, so the prefill attends over no unused slots, then
+        grows in steps of 256 tokens (never past `expected_length`): decode steps read few unused slots."""
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
+                       expected_length=expected_length, dtype=self.kv_dtype)
+
+    def prefill(self, prompt, cache: KVCache | None = None, vision_outputs=None) -> np.ndarray:
+        """Run the whole prompt through the decoder; returns the last position's logits [vocab]."""
+        if cache is None:
+            cache = self.new_cache(len(prompt.input_ids))
+            vision_outputs = self.encode_images(prompt)
+        feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
+        return self.run_decoder(feeds, cache)
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int, names: dict | None = None) -> None:
+        """Refuse, before any work, a request that cannot fit the context.
+
+        `names` maps the parameters `max_new_tokens` / `max_pixels` to what the caller wrote (the CLI's flags)."""
+        if prompt_tokens + max_new_tokens > self.max_context:
+            names = {"max_new_tokens": "max_new_tokens", "max_pixels": "max_pixels", **(names or {})}
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens and {names['max_new_tokens']} is {max_new_tokens}: together "
+                f"{prompt_tokens + max_new_tokens}, over this model's context of {self.max_context} tokens; "
+                f"shorten the prompt, use fewer or smaller images ({names['max_pixels']}), or lower "
+                f"{names['max_new_tokens']}")
+
+    def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+               min_new_tokens: int = 0, stop: list | None = None, response_format=None,
+               logprobs: int | None = None, tools: list | None = None, tool_choice=None,
+               parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None) -> Sequence:
+        """Queue one prompt (a PreparedPrompt or chat messages) in the engine; read `sequence.chunks()`.
+
+        Args:
+            response_format: constrain the answer (needs the `structured` extra, llguidance):
+                ``{"type": "json_object"}`` (any JSON object), ``{"type": "json_schema", "json_schema":
+                {"name": ..., "schema": {...}}}``, ``{"type": "grammar", "grammar": LARK}``, ``{"type":
+                "text"}`` / None (free text), or a Grammar from ``self.grammars.compile``. The answer ends
+                ("stop") when the grammar is complete.
+            logprobs: report each token's log-probability and its this many (0-20) most likely
+                alternatives (on each chunk; see runtime/logprobs.py); None: not computed.
+            tools: OpenAI function tools (``{"type": "function", "function": {"name", "description",
+                "parameters"}}``), rendered by the chat template when `prompt` is messages; the model's
+                ``<tool_call>`` blocks become `chunk.tool_calls` (the chunk text is the content outside them).
+            tool_choice: "auto" (default), "none" (tools rendered, no calls parsed), "required" or
+                ``{"type": "function", "function": {"name": ...}}`` (decoding constrained to a call of one
+                of the tools, or of the named one, whose arguments fit its parameters; see runtime/tools.py).
+            parallel_tool_calls: with "required", allow several calls in one answer.
+            video: the clips' budget when `prompt` is messages: VideoOptions or a dict with ``fps`` (frames
+                sampled per second), ``max_frames``, ``max_pixels`` (over all of a clip's frames); None: the
+                model's video_preprocessor_config.json.
+
+        The family's own stop strings are added to `stop`. Errors in the arguments are raised here (a bad
+        schema or grammar: ParameterError naming response_format)."""
+        check_token_limits(max_new_tokens, min_new_tokens)
+        stop = check_stop_strings(stop)
+        check_logprobs(logprobs)
+        use = tool_use(tools, tool_choice, parallel_tool_calls)
+        grammar = self.grammars.compile(response_format)
+        if use is not None and use.constrained:
+            if grammar is not None:
+                raise ParameterError("response_format", f"response_format cannot be combined with tool_choice "
+                                                        f"{use.choice!r}, which constrains the answer to a tool call")
+            grammar = self.grammars.compile(use.response_format(self.tokenizer.token_to_id(TOOL_CALL_START),
+                                                                self.tokenizer.token_to_id(TOOL_CALL_END)), "tools")
+        if isinstance(prompt, list):
+            prompt = self.prepare(prompt, tools=use.tools if use is not None else None,
+                                  video=video_options(video), max_new_tokens=max_new_tokens)
+        self.check_context(len(prompt.input_ids), max_new_tokens)
+        stops = list(stop or []) + list(self.family.stop_strings)
+        sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
+                            self.tokenizer, constraint=self.grammars.constraint(grammar) if grammar else None,
+                            logprobs=logprobs, token_table=self.token_table,
+                            tool_parser=ToolCallParser() if use is not None and use.parses_calls else None)
+        return self.engine.submit(sequence)
+
+    def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                      min_new_tokens: int = 0, timings: dict | None = None):
+        """Yield generated token ids one at a time (EOS included, then stop); no stop strings.
+
+        Args:
+            prompt: a PreparedPrompt from `prepare` (or the family's `prepare` on raw ids).
+            sampling: SamplingParams (default: greedy).
+            timings: a dict filled with vision_s, prefill_s, ttft_s, decode_s when the answer ends.
+        """
+        check_token_limits(max_new_tokens, min_new_tokens)
+        self.check_context(len(prompt.input_ids), max_new_tokens)
+        sequence = self.engine.submit(Sequence(prompt, sampling, max_new_tokens, min_new_tokens, [],
+                                               self.eos_token_ids, self.tokenizer))
+        try:
+            for chunk in sequence.chunks():
+                if chunk.token_id is not None:
+                    yield chunk.token_id
+        finally:
+            sequence.cancel()
+            if timings is not None:
+                timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
+
+    def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                        min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None,
+                        response_format=None, logprobs: int | None = None, tools: list | None = None,
+                        tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None):
+        """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
+
+        `prompt` is a PreparedPrompt or a list of chat messages. Closing the generator early cancels
+        the request (its decoder row is freed at the engine's next step). `response_format` and
+        `logprobs` as in `submit` (a chunk carrying a token has its `logprobs`); with `tools`, chunk text is
+        the content and a chunk completing a call carries it in `tool_calls`; `video` as in `submit`."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
+                               tools, tool_choice, parallel_tool_calls, video)
+        try:
+            yield from sequence.chunks()
+        finally:
+            sequence.cancel()
+            if timings is not None:
+                timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
+
+    def _result(self, sequence: Sequence) -> GenerationResult:
+        pieces, token_ids, logprobs, tool_calls, finish = [], [], [], [], "length"
+        for chunk in sequence.chunks():
+            pieces.append(chunk.text)
+            tool_calls += chunk.tool_calls or []
+            if chunk.token_id is not None:
+                token_ids.append(chunk.token_id)
+                logprobs.append(chunk.logprobs)
+            finish = chunk.finish_reason or finish
+        prompt, text = sequence.prompt, "".join(pieces)
+        scale = self.family.grounding_scale
+        boxes = answer_boxes(text, getattr(prompt, "grounding_image", None), scale)
+        return GenerationResult(text, token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
+                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens, boxes=boxes,
+                                logprobs=logprobs if sequence.logprobs is not None else None, tool_calls=tool_calls)
+
+    def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                 min_new_tokens: int = 0, stop: list | None = None, response_format=None,
+                 logprobs: int | None = None, tools: list | None = None, tool_choice=None,
+                 parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None) -> GenerationResult:
+        """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult.
+
+        `response_format` constrains it (e.g. ``{"type": "json_object"}``) and `logprobs=N` fills
+        `result.logprobs`; with `tools`, `result.tool_calls` holds the calls and `result.text` the content
+        outside them (see `submit`, also for `video`)."""
+        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
+                               tools, tool_choice, parallel_tool_calls, video)
+        try:
+            return self._result(sequence)
+        finally:
+            sequence.cancel()
+
+    def generate_batch(self, prompts: list, sampling=None, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                       stop: list | None = None, response_format=None, logprobs: int | None = None) -> list:
+        """Answer many prompts at once (decoded together, `parallel` at a time): a GenerationResult each.
+
+        Args:
+            prompts: chat message lists or PreparedPrompts.
+            sampling: one SamplingParams for all, or a list with one per prompt (each keeps its own seed).
+            response_format: one for all, or a list with one per prompt (None entries: free text); see `submit`.
+        """
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"sampling has {len(samplings)} entries for {len(prompts)} prompts; give one per prompt")
+        formats = (list(response_format) if isinstance(response_format, (list, tuple))
+                   else [response_format] * len(prompts))
+        if len(formats) != len(prompts):
+            raise ValueError(f"response_format has {len(formats)} entries for {len(prompts)} prompts; give one per "
+                             f"prompt")
+        check_logprobs(logprobs)
+        grammars = [self.grammars.compile(f) for f in formats]  # all errors before any work
+        prepared = [self.prepare(p) if isinstance(p, list) else p for p in prompts]
+        for prompt in prepared:
+            self.check_context(len(prompt.input_ids), max_new_tokens)
+        sequences = [self.submit(p, s, max_new_tokens, min_new_tokens, stop, g, logprobs)
+                     for p, s, g in zip(prepared, samplings, grammars)]
+        try:
+            return [self._result(sequence) for sequence in sequences]
+        finally:
+            for sequence in sequences:
+                sequence.cancel()
+
+    def chat(self, system: str | None = None, **generation):
+        """A conversation that keeps its history; each turn reuses the previous turns' KV (prefix cache).
+
+        `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop,
+        response_format, logprobs, tools, tool_choice)."""
+        from vlm_core.runtime.chat_session import ChatSession
+
+        return ChatSession(self, system, **generation)
+
+    def ask(self, prompt: str, images=(), system: str | None = None, **kwargs) -> str:
+        """Convenience: one user turn (images then text) -> answer text."""
+        return self.generate(build_user_messages(prompt, list(images), system), **kwargs).text
+
+
+def summarize_timings(timings: dict, load_s: float) -> dict:
+    """Seconds and tokens/s as `--json` reports them."""
+    steps = timings.get("decode_steps", 0)
+    decode_s = timings.get("decode_s", 0.0)
+    return {"load_s": round(load_s, 4), "vision_s": round(timings.get("vision_s", 0.0), 4),
+            "prefill_s": round(timings.get("prefill_s", 0.0), 4), "ttft_s": round(timings.get("ttft_s", 0.0), 4),
+            "decode_tokens_per_s": round(steps / decode_s, 3) if decode_s > 0 else 0.0}
+
+
+def load(folder: str, threads: int | None = None) -> VisionLanguageModel:
+    """Load an exported model folder (see VisionLanguageModel)."""
+    return VisionLanguageModel(folder, threads)
+
+
+__all__ = ["VisionLanguageModel", "GenerationChunk", "GenerationResult", "load", "UserError"]

@@ -1,0 +1,5 @@
+import sys
+
+from vlm_core.runtime.server.cli import main
+
+sys.exit(main())

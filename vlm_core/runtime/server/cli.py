@@ -1,0 +1,118 @@
+"""`python -m vlm_core.runtime.server -m OUT`: parse the options into a ServeConfig, load the model, serve."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from vlm_core.kernels.image import ImageError
+
+from vlm_core.runtime.errors import UserError
+from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
+from vlm_core.command_name import command_name
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The options; every default comes from ServeConfig."""
+    p = argparse.ArgumentParser(prog=prog or command_name("vlm-serve", "vlm_core.runtime.server"), description="OpenAI-compatible HTTP server (and a chat page at /) for "
+                                                       "an exported model.")
+    p.add_argument("-m", "--model", required=True, help="exported model folder (from `python -m vlm_core.export`)")
+    p.add_argument("--host", default=default("host"),
+                   help=f"address to bind (default {default('host')}: this machine only)")
+    p.add_argument("--port", type=int, default=default("port"),
+                   help=f"port (default {default('port')}; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("VLM_API_KEY", default("api_key")),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $VLM_API_KEY, else none)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without --api-key (anyone who reaches the port can use it)")
+    p.add_argument("--allow-remote-media", "--allow-remote-images", dest="allow_remote_media", action="store_true",
+                   help="let requests name http(s) image and video URLs, fetched by the server (off: data: URLs "
+                        "only); --allow-remote-images is the older name")
+    p.add_argument("--model-name", default=default("model_name"),
+                   help="the model id clients use (default: the folder's name)")
+    p.add_argument("--threads", type=int, default=default("threads"),
+                   help="ONNX Runtime threads per generation (default: all cores)")
+    p.add_argument("--parallel", "--workers", type=int, default=default("parallel"), dest="parallel",
+                   help=f"sequences decoded together in one batch (default {default('parallel')}); more requests "
+                        f"wait in the queue")
+    p.add_argument("--prefill-chunk", type=int, default=default("prefill_chunk"),
+                   help=f"prompt tokens per decoder call (default {default('prefill_chunk')}): a new prompt holds "
+                        f"running answers up for one chunk at most")
+    p.add_argument("--cache-mb", type=float, default=default("cache_mb"),
+                   help=f"memory for the prefix-KV and image-feature caches, least recently used evicted "
+                        f"(default {default('cache_mb'):g}; 0 turns them off)")
+    p.add_argument("--no-batch-invariance", dest="batch_invariant", action="store_false",
+                   help="let a lone 4-bit sequence use ONNX Runtime's one-row kernel and int8 rows share calls "
+                        "(faster on some hosts; a request's tokens may then differ at float rounding level "
+                        "between running alone and in a batch)")
+    p.add_argument("--max-queue", type=int, default=default("max_queue"),
+                   help=f"requests that may wait for a worker (default {default('max_queue')}); more get 429")
+    p.add_argument("--timeout", type=float, default=default("timeout"),
+                   help=f"seconds a request may take, queueing included (default {default('timeout'):g})")
+    p.add_argument("--max-body-mb", type=float, default=default("max_body_mb"),
+                   help=f"largest request body in MiB (default {default('max_body_mb'):g}: a video sent as a data: "
+                        f"URL takes 4/3 of its file size), and the most fetched for one remote image or video")
+    p.add_argument("--max-images", type=int, default=default("max_images"),
+                   help=f"most images in one request (default {default('max_images')})")
+    p.add_argument("--max-videos", type=int, default=default("max_videos"),
+                   help=f"most videos in one request (default {default('max_videos')})")
+    p.add_argument("--max-image-pixels", type=int, default=default("max_image_pixels"),
+                   help=f"most pixels (width x height) of an uploaded image or video frame, checked before decoding "
+                        f"(default {default('max_image_pixels'):,})")
+    p.add_argument("--video-fps", type=float, default=default("video_fps"), metavar="FPS",
+                   help="frames sampled per second of video when a request gives no video_fps (default: the "
+                        "model's video_preprocessor_config.json)")
+    p.add_argument("--video-max-frames", type=int, default=default("video_max_frames"), metavar="N",
+                   help="most frames sampled from one video when a request gives no video_max_frames")
+    p.add_argument("--video-max-pixels", type=int, default=default("video_max_pixels"), metavar="N",
+                   help="most pixels over all of a video's sampled frames when a request gives no video_max_pixels")
+    p.add_argument("--default-max-tokens", type=int, default=default("default_max_tokens"),
+                   help=f"max_tokens when a request gives none (default {default('default_max_tokens')}, "
+                        f"within the context)")
+    p.add_argument("--log-level", default=default("log_level"),
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    try:
+        config.check()
+        if not is_loopback(config.host) and not config.api_key:
+            print(f"warning: listening on {config.host} with no API key: anyone who can reach this port can use "
+                  f"the model", file=sys.stderr)
+        try:
+            import uvicorn
+
+            from vlm_core.runtime.server.app import create_app
+        except ImportError:
+            raise UserError("the server needs the 'serve' extra: pip install 'vlm-core[serve]' (starlette, uvicorn)") \
+                from None
+        logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s: %(message)s")
+        app = create_app(config)
+    except (UserError, ImageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    serve(app, config, uvicorn)
+    return 0
+
+
+def serve(app, config: ServeConfig, uvicorn) -> None:
+    """Run uvicorn until stopped, printing the bound address once listening (with --port 0, the one picked)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           http="h11", ws="none", lifespan="on", timeout_graceful_shutdown=5))
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets)
+        for s in server.servers:
+            for sock in s.sockets:
+                host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                print(f"serving {config.name!r} on http://{host}:{port}/ (OpenAI API at /v1)", flush=True)
+
+    server.startup = startup
+    server.run()

@@ -1,0 +1,102 @@
+"""The server's settings: one dataclass whose defaults the CLI parser and the app both use."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+
+from vlm_core.runtime.errors import UserError
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Everything `python -m vlm_core.runtime.server` can be told; see `cli.py` for each option's meaning."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_remote_media: bool = False  # http(s) image and video URLs (--allow-remote-images is the old name)
+    threads: int | None = None
+    parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
+    prefill_chunk: int = 128
+    cache_mb: float = 256.0
+    batch_invariant: bool = True
+    max_queue: int = 8
+    timeout: float = 600.0
+    max_body_mb: float = 64.0  # a video as a data: URL is 4/3 of its file: clips of up to ~48 MB
+    max_images: int = 8
+    max_videos: int = 4
+    max_image_pixels: int = 40_000_000  # also each video frame's, checked from the container before decoding
+    # the video budget when a request gives none (video_fps, ...); None: the model's video_preprocessor_config.json
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_max_pixels: int | None = None
+    default_max_tokens: int = 512
+    model_name: str | None = None
+    insecure_no_auth: bool = False
+    log_level: str = "info"
+
+    @property
+    def workers(self) -> int:
+        """Requests generating at once: one worker thread per sequence the engine decodes together."""
+        return self.parallel
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def video_options(self):
+        """The server's default video budget, a models.media.VideoOptions (requests override it field by field)."""
+        from vlm_core.models.media import VideoOptions
+
+        return VideoOptions(self.video_fps, self.video_max_frames, self.video_max_pixels)
+
+    @property
+    def name(self) -> str:
+        """The model id clients use."""
+        return self.model_name or os.path.basename(os.path.normpath(self.model))
+
+    def check(self) -> None:
+        """Refuse settings that cannot work (UserError naming the flag); a public host needs an API key."""
+        positive = {"parallel": self.parallel, "prefill-chunk": self.prefill_chunk, "max-images": self.max_images,
+                    "max-videos": self.max_videos, "max-image-pixels": self.max_image_pixels,
+                    "default-max-tokens": self.default_max_tokens}
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{flag} must be at least 1, got {value}")
+        try:
+            self.video_options.check({"fps": "--video-fps", "max_frames": "--video-max-frames",
+                                      "max_pixels": "--video-max-pixels"})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.cache_mb < 0:
+            raise UserError(f"--cache-mb must be 0 (no cache) or more, got {self.cache_mb:g}")
+        if self.max_queue < 0:
+            raise UserError(f"--max-queue must be 0 or more, got {self.max_queue}")
+        if not self.timeout > 0 or not self.max_body_mb > 0:
+            raise UserError("--timeout and --max-body-mb must be positive")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
+        if not is_loopback(self.host) and not self.api_key and not self.insecure_no_auth:
+            raise UserError(f"refusing to listen on {self.host!r} (reachable from other machines) without "
+                            f"--api-key; give --api-key KEY, or --insecure-no-auth if you really mean it")
+        if not os.path.isdir(self.model):
+            raise UserError(f"model folder {self.model!r} does not exist")
+
+
+def default(name: str):
+    """ServeConfig's default for field `name`: the one place defaults are written."""
+    return next(f.default for f in dataclasses.fields(ServeConfig) if f.name == name)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,140 @@
+"""A typed request + its images and videos -> the events of one generation, run on a scheduler worker thread.
+
+    events = run(vlm, chat, encoded_images, max_image_pixels=40_000_000, default_max_tokens=512,
+                 videos=encoded_videos, video=VideoOptions(fps=2))
+    # Prepared(prompt_tokens), GenerationChunk..., Finished(finish_reason, completion_tokens, timings)
+
+`generate` is the boundary a batched engine plugs into: it receives decoded images and videos' bytes and drives
+`vlm.prepare` (which samples and decodes the frames: CPU work, here on the worker thread) and
+`vlm.stream_generate`; everything before it (parsing, fetching, header checks) ran off the worker,
+and everything after it (HTTP, SSE) reads the events. The scheduler closes the generator when a job
+is cancelled or times out, which closes the engine's generator and frees its KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+from vlm_core.kernels.image import ImageError
+
+from vlm_core.models.media import UnsupportedMedia
+
+from vlm_core.runtime.errors import ContextLengthError, UserError
+from vlm_core.runtime.server.errors import RequestError
+from vlm_core.runtime.server.images import EncodedImage, decode_image
+from vlm_core.runtime.server.schema import ChatRequest, make_sampling
+from vlm_core.runtime.server.videos import EncodedVideo, as_request_error
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The prompt is ready and fits the context: the first event, before any token."""
+
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The last event: why the answer ended, how many tokens it has, and its timings (seconds, tokens/s)."""
+
+    finish_reason: str
+    completion_tokens: int
+    timings: dict
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+def reads_video(vlm) -> bool:
+    """Whether the model's family reads clips (its `reads_video`: Qwen3-VL does, MiniGPT-4 reads single images)."""
+    return bool(vlm.family.reads_video)
+
+
+def run(vlm, request: ChatRequest, images: list[EncodedImage], max_image_pixels: int,
+        default_max_tokens: int, videos: list[EncodedVideo] = (), video=None) -> Iterator:
+    """Decode the request's images (here, on the worker thread: decoding is CPU work), then `generate` (whose
+    `prepare` decodes the videos' frames)."""
+    decoded = [decode_image(image, max_image_pixels) for image in images]
+    yield from generate(vlm, request, decoded, default_max_tokens, videos, video)
+
+
+def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, videos: list[EncodedVideo] = (),
+             video=None) -> Iterator:
+    """Prepare the prompt, check it fits, and stream the answer.
+
+    Args:
+        vlm: the loaded VisionLanguageModel.
+        request: the validated request.
+        images: decoded RGB PIL images, in `request.images` order.
+        default_max_tokens: max_tokens when the request gives none (cut to what the context leaves).
+        videos: the videos' bytes (container already probed), in `request.videos` order.
+        video: the clips' budget (models.media.VideoOptions), or None for the model's defaults.
+    Yields:
+        Prepared, then GenerationChunk (the engine's text deltas), then Finished.
+    Raises:
+        RequestError: the prompt cannot be built or does not fit the context; a video error names the
+            video's field when it can tell which (code invalid_video).
+    """
+    from vlm_core.runtime.engine import summarize_timings
+
+    try:
+        prompt = _prepare(vlm, request, images, videos, video)
+    except UnsupportedMedia as e:  # the app refuses video for a family without it first; this is the backstop
+        raise RequestError(str(e), param=request.videos[0].param if request.videos else "messages",
+                           code="unsupported_media") from None
+    except (ImageError, ValueError, UserError) as e:
+        raise RequestError(str(e), param="messages") from None
+    prompt_tokens = int(len(prompt.input_ids))
+    max_tokens = _max_tokens(vlm, request, prompt_tokens, default_max_tokens)
+    sampling = make_sampling(request.sampling, vlm.generation_defaults)
+    yield Prepared(prompt_tokens)
+
+    timings: dict = {}
+    completion_tokens, finish = 0, "length"
+    chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings,
+                                 response_format=request.response_format, logprobs=request.logprobs,
+                                 tools=request.tools, tool_choice=request.tool_choice,
+                                 parallel_tool_calls=request.parallel_tool_calls)
+    try:
+        for chunk in chunks:
+            if chunk.token_id is not None:
+                completion_tokens += 1
+            finish = chunk.finish_reason or finish
+            yield chunk
+    finally:
+        chunks.close()  # stopped early (cancel, timeout): the engine drops its KV cache now
+    summary = summarize_timings(timings, 0.0)
+    summary.pop("load_s", None)
+    yield Finished(finish, completion_tokens, summary, int(timings.get("cached_tokens", 0)))
+
+
+def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo], video):
+    """`vlm.prepare` on the request's messages with its media in place. With videos, frames are sampled within
+    `video` and clips that cannot fit the context with max_tokens (or one token, when the server picks
+    max_tokens) are refused before decoding."""
+    messages = request.engine_messages(images, [v.data for v in videos])
+    if not videos:
+        return vlm.prepare(messages, tools=request.tools)
+    with as_request_error(list(videos)):
+        return vlm.prepare(messages, tools=request.tools, video=video,
+                           max_new_tokens=request.max_tokens or max(request.min_tokens, 1))
+
+
+def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_tokens: int) -> int:
+    """The request's max_tokens (or the default, within the context); refuses what cannot fit."""
+    max_tokens = request.max_tokens
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, vlm.max_context - prompt_tokens)
+        if max_tokens < 1:
+            max_tokens = default_max_tokens  # let check_context explain
+    if request.min_tokens > max_tokens:
+        raise RequestError(f"'min_tokens' ({request.min_tokens}) is larger than max_tokens ({max_tokens})",
+                           param="min_tokens")
+    try:
+        vlm.check_context(prompt_tokens, max_tokens)
+    except ContextLengthError:
+        media = " or shorter videos (video_fps, video_max_frames, video_max_pixels)" if request.videos else ""
+        raise RequestError(
+            f"this model's context is {vlm.max_context} tokens; the messages take {prompt_tokens} tokens and "
+            f"max_tokens is {max_tokens}: together {prompt_tokens + max_tokens}. Shorten the messages, send "
+            f"fewer or smaller images{media}, or lower max_tokens", param="messages",
+            code="context_length_exceeded") from None
+    return max_tokens
