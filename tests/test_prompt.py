@@ -40,7 +40,7 @@ from vlm_core.runtime.chat import (  # noqa: E402
     special_tokens_from_config,
 )
 
-TEMPLATE_PATH = ROOT / "models" / "qwen3_vl" / "chat_template.jinja"
+TEMPLATE_PATH = ROOT / "vlm_core" / "models" / "qwen3_vl" / "chat_template.jinja"
 MERGE_SIZE = 2
 # Qwen3 added tokens after Qwen2.5's <tool_call>..<|file_sep|> (151657..151664); not special.
 QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")  # 151665..151668
