@@ -162,7 +162,7 @@ def main(argv=None) -> int:
                         help="the random vision tower: SmolVLM-256M's (default) or the tests' small one; the prompts "
                              "are text only, so the agreement figures do not depend on it, only the export time")
     args = parser.parse_args(argv)
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     checkpoint = os.path.join(args.work, "checkpoint")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):

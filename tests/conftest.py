@@ -88,7 +88,7 @@ def hf_processor(qwen_checkpoint):
 
 @pytest.fixture(scope="session")
 def vlm(qwen_export):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(qwen_export, threads=2)
 
@@ -173,7 +173,7 @@ def mg_export_kv16(mg_checkpoint, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mg_vlm(mg_export):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(mg_export, threads=2)
 

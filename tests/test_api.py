@@ -111,7 +111,7 @@ def test_seeded_sampling_is_reproducible(vlm, photos):
 
 
 def test_ask(vlm, photos):
-    from vlm_core.runtime.chat import build_user_messages
+    from vlm_core.runtime.chat.messages import build_user_messages
 
     answer = vlm.ask("Describe the picture.", images=[photos["coffee"]], max_new_tokens=5, min_new_tokens=5)
     expected = vlm.generate(build_user_messages("Describe the picture.", [photos["coffee"]]), max_new_tokens=5,
@@ -153,7 +153,7 @@ def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
     image_token_id = manifest["special_tokens"]["image_token_id"]
     assert int((arrays["input_ids"] == image_token_id).sum()) == n_patches // merge ** 2 == result["image_tokens"]
     # The CLI feeds the model exactly what the API prepares for the same request.
-    from vlm_core.runtime.chat import build_user_messages
+    from vlm_core.runtime.chat.messages import build_user_messages
 
     prompt = vlm.prepare(build_user_messages("Compare.", images))
     for name, array in prompt.dump().items():
@@ -312,7 +312,7 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
     import pytest
 
     from vlm_core.kernels.image import ImageError
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     folder = os.path.dirname(photos["coffee"])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)

@@ -1,4 +1,4 @@
-"""The decoder call of format_version 2 (runtime/decoder_call.py) on a one-layer graph made of ONNX Runtime's
+"""The decoder call of format_version 2 (runtime/engine/decoder_call.py) on a one-layer graph made of ONNX Runtime's
 GroupQueryAttention op alone: the cache buffers are written in place at each row's own length, and the op
 computes what export/group_query_attention.py's eager twin says it does (rows of different lengths, a
 multi-token chunk on a filled past, a float16 cache)."""
@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper
 
 from vlm_core.export.group_query_attention import group_query_attention
-from vlm_core.runtime.decoder_call import run_decoder
+from vlm_core.runtime.engine.decoder_call import run_decoder
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 

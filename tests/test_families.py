@@ -40,7 +40,7 @@ def _messages(paths, question):
 @pytest.fixture(scope="module")
 def runs(request):
     """Per family: (our model, transformers' reference fixture value), loaded once per module."""
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     loaded = {}
 

@@ -11,7 +11,7 @@ import minigpt4_helpers as helpers
 from vlm_core.export.parity import relative_error
 from vlm_core.kernels.sampling import SamplingParams
 from vlm_core.models.minigpt4.prompt import DEFAULT_SYSTEM, build_prompt, chat_template, tokenize_segments
-from vlm_core.runtime.chat import render_chat
+from vlm_core.runtime.chat.template import render_chat
 
 NEW_TOKENS = 24
 LOGITS_RTOL = 1e-4

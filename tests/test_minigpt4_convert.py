@@ -126,7 +126,7 @@ def original(tmp_path_factory, smol_folder):
 
 def test_convert_export_and_match_original_model(original, tmp_path):
     from vlm_core.export.cli import main
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     p = original["paths"]
     out = str(tmp_path / "minigpt4-onnx")

@@ -1,4 +1,4 @@
-"""Prompt building (runtime/chat.py + models/qwen3_vl/prompt.py) against transformers.
+"""Prompt building (runtime/chat/template.py + models/qwen3_vl/prompt.py) against transformers.
 
 Oracle: a real ``Qwen3VLProcessor`` (transformers 5.x) assembled offline in a temp dir from
 * the real Qwen2/Qwen3 BPE vocabulary (tests/qwen_vocab.py) + Qwen3-VL's added tokens, saved as
@@ -31,16 +31,15 @@ if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
 from vlm_core.models.qwen3_vl.prompt import IMAGE_PAD, expand_image_pads, num_image_tokens, tokenize_prompt  # noqa: E402
-from vlm_core.runtime.chat import (  # noqa: E402
-    build_user_messages,
+from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages  # noqa: E402
+from vlm_core.runtime.chat.template import (  # noqa: E402
     compile_chat_template,
     load_chat_template,
-    normalize_messages,
     render_chat,
     special_tokens_from_config,
 )
 
-TEMPLATE_PATH = ROOT / "models" / "qwen3_vl" / "chat_template.jinja"
+TEMPLATE_PATH = ROOT / "vlm_core" / "models" / "qwen3_vl" / "chat_template.jinja"
 MERGE_SIZE = 2
 # Qwen3 added tokens after Qwen2.5's <tool_call>..<|file_sep|> (151657..151664); not special.
 QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")  # 151665..151668

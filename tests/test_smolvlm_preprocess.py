@@ -132,7 +132,7 @@ def test_expand_images_counts():
 def _our_ids(checkpoint, messages, rows_cols, image_seq_len):
     from tokenizers import Tokenizer
 
-    from vlm_core.runtime.chat import render_chat, special_tokens_from_config
+    from vlm_core.runtime.chat.template import render_chat, special_tokens_from_config
 
     with open(os.path.join(checkpoint, "chat_template.jinja")) as f:
         template = f.read()

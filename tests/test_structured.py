@@ -147,7 +147,7 @@ def test_api_refuses_bad_formats_naming_the_parameter(vlm):
 
 
 def test_missing_llguidance_names_the_extra(monkeypatch):
-    from vlm_core.runtime.constraint import GrammarCompiler
+    from vlm_core.runtime.output.constraint import GrammarCompiler
     from vlm_core.runtime.errors import ParameterError
 
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError

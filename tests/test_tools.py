@@ -1,4 +1,4 @@
-"""Tool calls (runtime/tools.py): tools rendered by the chat template exactly as transformers renders them,
+"""Tool calls (runtime/chat/tools.py): tools rendered by the chat template exactly as transformers renders them,
 the model's <tool_call> blocks parsed into OpenAI tool_calls (streamed and not), "required" and named choices
 constrained so that the random-weight model's call always parses and fits the function's parameters, a tool
 round trip through the official openai client, and bad tools / tool_choice refused naming the field."""
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.runtime.tools import ToolCallParser, parse_tool_calls
+from vlm_core.runtime.chat.tools import ToolCallParser, parse_tool_calls
 
 pytest.importorskip("llguidance", reason="constrained tool calls need the 'structured' extra (llguidance)")
 jsonschema = pytest.importorskip("jsonschema", reason="the arguments are validated with jsonschema (test extra)")

@@ -1,7 +1,7 @@
 """The serve-time contract between the runtime and a model family, written down.
 
-Every family's `Family(manifest)` subclasses `FamilyBase`: the runtime (runtime/engine.py,
-runtime/batch_engine.py, the server and the CLI) calls only what is declared here, and reads the
+Every family's `Family(manifest)` subclasses `FamilyBase`: the runtime (runtime/model.py,
+runtime/engine/step_loop.py, the server and the CLI) calls only what is declared here, and reads the
 attributes without `getattr` fallbacks, so the defaults below are where "this family has nothing to
 say" lives. Torch-free.
 

@@ -18,7 +18,7 @@ from vlm_core.kernels.grounding import GROUNDING_SCALE
 
 from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_text
 from vlm_core.runtime.errors import UserError
-from vlm_core.runtime.grounding import answer_boxes
+from vlm_core.runtime.output.grounding import answer_boxes
 from vlm_core.command_name import command_name
 
 # The video budget flags, by VideoOptions field (models/media.py): errors name the flag.
@@ -218,7 +218,7 @@ def check_videos(args) -> None:
 def media_messages(prompt: str, media: list, system: str | None) -> list:
     """The CLI's messages: `build_user_messages`' (optional system message, then one user turn) with the --image /
     --video parts first, in the order given on the command line, then the text."""
-    from vlm_core.runtime.chat import build_user_messages
+    from vlm_core.runtime.chat.messages import build_user_messages
 
     messages = build_user_messages(prompt, [], system)
     messages[-1]["content"][:0] = [{"type": kind, kind: path} for kind, path in media]
@@ -285,7 +285,7 @@ def draw_answer_boxes(answer: str, image: str, out: str, scale: float = GROUNDIN
 def response_format_from_args(args) -> tuple[dict | None, str]:
     """(the response_format that --json-schema / --json-object / --grammar asks for or None, the flag as errors
     name it). Files are read and checked here, before the model loads; each error names its flag."""
-    from vlm_core.runtime.constraint import check_grammar
+    from vlm_core.runtime.output.constraint import check_grammar
 
     if args.json_object:
         response_format, flag = {"type": "json_object"}, "--json-object"
@@ -329,7 +329,7 @@ def run(args) -> int:
     check_args(args)
     response_format, format_flag = response_format_from_args(args)
     video = video_options_from_args(args)
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
     scale = model.family.grounding_scale
@@ -356,14 +356,14 @@ def run(args) -> int:
             if chunk.logprobs is not None:
                 logprobs.append(chunk.logprobs.to_dict())
         finish = chunk.finish_reason or finish
-    from vlm_core.runtime.engine import summarize_timings
+    from vlm_core.runtime.model import summarize_timings
 
     answer = "".join(pieces)
     if not args.json:
         sys.stdout.write("\n")
     if args.draw_boxes is not None:
         boxes = draw_answer_boxes(answer, args.image[0], args.draw_boxes, scale)
-    else:  # one user turn: its first image is the one the boxes refer to (runtime/grounding.py)
+    else:  # one user turn: its first image is the one the boxes refer to (runtime/output/grounding.py)
         boxes = answer_boxes(answer, getattr(prompt, "grounding_image", None), scale)
     if args.json:
         result = {"text": answer, "token_ids": token_ids, "prompt_tokens": int(len(prompt.input_ids)),
@@ -371,7 +371,7 @@ def run(args) -> int:
                   "timings": summarize_timings(timings, model.load_s), "peak_rss_mb": round(peak_rss_mb(), 1)}
         result.update(result["timings"])
         if args.logprobs is not None:
-            result["logprobs"] = logprobs  # one per token id, OpenAI's shape (runtime/logprobs.py)
+            result["logprobs"] = logprobs  # one per token id, OpenAI's shape (runtime/output/logprobs.py)
         print(json.dumps(result, ensure_ascii=False))
     return 0
 

@@ -2,7 +2,7 @@
 projection into Vicuna / LLaMA. Each image becomes `num_query_tokens` (32) embeddings placed where
 MiniGPT-4 puts them: between the prompt segments around ``<ImageHere>``.
 
-Torch-free. The runtime talks to a family only through `Family`; see runtime/engine.py.
+Torch-free. The runtime talks to a family only through `Family`; see runtime/model.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Qwen3-VL (2B/4B/8B): prompt layout, image inputs, M-RoPE positions and deepstack splicing.
 
-Torch-free. The runtime talks to a family only through `Family`; see runtime/engine.py.
+Torch-free. The runtime talks to a family only through `Family`; see runtime/model.py.
 """
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ class ChatServer:
     def compile_tools(self, chat: schema.ChatRequest) -> None:
         """Compile the grammar of a "required" or named tool_choice: a 400 naming `tools` when a function's
         parameters schema does not compile."""
-        from vlm_core.runtime.tools import TOOL_CALL_END, TOOL_CALL_START, tool_use
+        from vlm_core.runtime.chat.tools import TOOL_CALL_END, TOOL_CALL_START, tool_use
 
         use = tool_use(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
         if not use.constrained:
@@ -351,7 +351,7 @@ class ChatServer:
 def create_app(config: ServeConfig, vlm=None) -> Starlette:
     """The Starlette app for `config`; loads the model unless `vlm` is given."""
     if vlm is None:
-        from vlm_core.runtime.engine import VisionLanguageModel
+        from vlm_core.runtime.model import VisionLanguageModel
 
         vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
                                   prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,

@@ -67,7 +67,7 @@ class ChatRequest:
     # constrained decoding: the response_format object (None: free text); the app puts the compiled Grammar here
     response_format: object = None
     logprobs: int | None = None  # None: off; else how many top alternatives per token (top_logprobs, 0-20)
-    # function tools (checked, as given: the chat template renders them) and how they may be used (runtime/tools.py)
+    # function tools (checked, as given: the chat template renders them) and how they may be used (runtime/chat/tools.py)
     tools: list | None = None
     tool_choice: object = None
     parallel_tool_calls: bool = True
@@ -307,9 +307,9 @@ def parse_chat_request(body, max_images: int, max_videos: int = 4) -> ChatReques
 
 
 def _parse_tools(body: dict) -> dict:
-    """tools, tool_choice and parallel_tool_calls, checked together (runtime/tools.py's rules)."""
+    """tools, tool_choice and parallel_tool_calls, checked together (runtime/chat/tools.py's rules)."""
     from vlm_core.runtime.errors import ParameterError
-    from vlm_core.runtime.tools import tool_use
+    from vlm_core.runtime.chat.tools import tool_use
 
     try:
         use = tool_use(body.get("tools"), body.get("tool_choice"),
@@ -345,7 +345,7 @@ def _parse_video_budget(body: dict) -> dict:
 def _parse_response_format(value):
     """The response_format object, its structure checked (the schema itself is compiled by the app), or None
     for free text."""
-    from vlm_core.runtime.constraint import grammar_source
+    from vlm_core.runtime.output.constraint import grammar_source
     from vlm_core.runtime.errors import ParameterError
 
     if value is None:

@@ -73,7 +73,7 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
         RequestError: the prompt cannot be built or does not fit the context; a video error names the
             video's field when it can tell which (code invalid_video).
     """
-    from vlm_core.runtime.engine import summarize_timings
+    from vlm_core.runtime.model import summarize_timings
 
     try:
         prompt = _prepare(vlm, request, images, videos, video)

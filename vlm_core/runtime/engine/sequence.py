@@ -15,8 +15,8 @@ import numpy as np
 
 from vlm_core.kernels.sampling import SamplingParams, make_sampler, min_new_tokens_processor, repetition_penalty_processor
 
-from vlm_core.runtime.detokenize import StopStringMatcher, StreamingDetokenizer
-from vlm_core.runtime.logprobs import TokenLogprob, TokenTable, token_logprob
+from vlm_core.runtime.output.detokenize import StopStringMatcher, StreamingDetokenizer
+from vlm_core.runtime.output.logprobs import TokenLogprob, TokenTable, token_logprob
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
@@ -29,7 +29,7 @@ class GenerationChunk:
     token_id: int | None
     finish_reason: str | None = None
     logprobs: TokenLogprob | None = None  # the token's, when the request asked for them
-    tool_calls: list | None = None  # ToolCalls completed by this chunk (requests with tools; runtime/tools.py)
+    tool_calls: list | None = None  # ToolCalls completed by this chunk (requests with tools; runtime/chat/tools.py)
 
 
 class Sequence:

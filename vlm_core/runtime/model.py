@@ -2,7 +2,7 @@
 
 Layered like mlx-lm: `generate_step` yields token ids from prepared inputs, `stream_generate`
 yields text deltas with timings, `generate` joins them. Every request becomes a Sequence in the
-model's BatchEngine (runtime/batch_engine.py), so requests from several threads are decoded
+model's BatchEngine (runtime/engine/step_loop.py), so requests from several threads are decoded
 together and share the prefix and image-feature caches; `generate_batch` submits many at once and
 `chat()` keeps a conversation whose turns reuse the cache. Never imports torch or transformers.
 """
@@ -21,20 +21,21 @@ from vlm_core.models import get_family
 from vlm_core.models.config import TextConfig
 from vlm_core.models.media import VideoOptions, VideoPart
 
-from vlm_core.runtime.batch_engine import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
+from vlm_core.runtime.engine.step_loop import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
                            BatchEngine, join_vision)
-from vlm_core.runtime.chat import build_user_messages, normalize_messages, render_chat
+from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages
+from vlm_core.runtime.chat.template import render_chat
 from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_token_limits
-from vlm_core.runtime.constraint import GrammarCompiler
-from vlm_core.runtime.sequence import GenerationChunk, Sequence
+from vlm_core.runtime.output.constraint import GrammarCompiler
+from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
 from vlm_core.runtime.errors import ContextLengthError, ModelFolderError, ParameterError, UserError
-from vlm_core.runtime.grounding import answer_boxes, grounding_image
-from vlm_core.runtime import decoder_call
-from vlm_core.runtime.kv_cache import KVCache
-from vlm_core.runtime.logprobs import TokenTable
+from vlm_core.runtime.output.grounding import answer_boxes, grounding_image
+from vlm_core.runtime.engine import decoder_call
+from vlm_core.runtime.engine.kv_buffer import KVCache
+from vlm_core.runtime.output.logprobs import TokenTable
 from vlm_core.runtime.manifest import load_manifest
-from vlm_core.runtime.sessions import create_session
-from vlm_core.runtime.tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallParser, tool_use
+from vlm_core.runtime.engine.onnx_sessions import create_session
+from vlm_core.runtime.chat.tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallParser, tool_use
 
 
 @dataclass
@@ -48,7 +49,7 @@ class GenerationResult:
     finish_reason: str
     timings: dict = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    # the answer's boxes and points in pixels of the image they refer to (runtime/grounding.py); [] without images
+    # the answer's boxes and points in pixels of the image they refer to (runtime/output/grounding.py); [] without images
     boxes: list = field(default_factory=list)
     logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
     # with tools: the calls the model made ([ToolCall]); `text` is then the content outside the call blocks
@@ -95,7 +96,7 @@ class VisionLanguageModel:
         prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
         cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
         batch_invariant: a request's tokens never depend on what is batched with it (default); False trades
-            that for the one-row 4-bit kernel when a sequence decodes alone (see runtime/batch_engine.py).
+            that for the one-row 4-bit kernel when a sequence decodes alone (see runtime/engine/step_loop.py).
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
     """
@@ -258,13 +259,13 @@ class VisionLanguageModel:
                 "text"}`` / None (free text), or a Grammar from ``self.grammars.compile``. The answer ends
                 ("stop") when the grammar is complete.
             logprobs: report each token's log-probability and its this many (0-20) most likely
-                alternatives (on each chunk; see runtime/logprobs.py); None: not computed.
+                alternatives (on each chunk; see runtime/output/logprobs.py); None: not computed.
             tools: OpenAI function tools (``{"type": "function", "function": {"name", "description",
                 "parameters"}}``), rendered by the chat template when `prompt` is messages; the model's
                 ``<tool_call>`` blocks become `chunk.tool_calls` (the chunk text is the content outside them).
             tool_choice: "auto" (default), "none" (tools rendered, no calls parsed), "required" or
                 ``{"type": "function", "function": {"name": ...}}`` (decoding constrained to a call of one
-                of the tools, or of the named one, whose arguments fit its parameters; see runtime/tools.py).
+                of the tools, or of the named one, whose arguments fit its parameters; see runtime/chat/tools.py).
             parallel_tool_calls: with "required", allow several calls in one answer.
             video: the clips' budget when `prompt` is messages: VideoOptions or a dict with ``fps`` (frames
                 sampled per second), ``max_frames``, ``max_pixels`` (over all of a clip's frames); None: the
@@ -402,7 +403,7 @@ class VisionLanguageModel:
 
         `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop,
         response_format, logprobs, tools, tool_choice)."""
-        from vlm_core.runtime.chat_session import ChatSession
+        from vlm_core.runtime.chat.session import ChatSession
 
         return ChatSession(self, system, **generation)
 

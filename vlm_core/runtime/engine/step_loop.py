@@ -12,7 +12,7 @@ Each `step()`:
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
 A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
-a row's own filled slots (GroupQueryAttention, runtime/decoder_call.py); ONNX Runtime's 4-bit
+a row's own filled slots (GroupQueryAttention, runtime/engine/decoder_call.py); ONNX Runtime's 4-bit
 MatMulNBits computes a lone row (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
 rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
 input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
@@ -25,11 +25,11 @@ import traceback
 
 import numpy as np
 
-from vlm_core.runtime.batch_cache import BatchKVCache
-from vlm_core.runtime.decoder_call import run_decoder
-from vlm_core.runtime.kv_cache import KVCache
-from vlm_core.runtime.prefix_cache import EngineCache, image_hash, image_key_id
-from vlm_core.runtime.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
+from vlm_core.runtime.engine.kv_slots import BatchKVCache
+from vlm_core.runtime.engine.decoder_call import run_decoder
+from vlm_core.runtime.engine.kv_buffer import KVCache
+from vlm_core.runtime.engine.prefix_cache import EngineCache, image_hash, image_key_id
+from vlm_core.runtime.engine.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 
 DEFAULT_PARALLEL = 4
 DEFAULT_PREFILL_CHUNK = 128

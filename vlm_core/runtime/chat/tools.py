@@ -14,7 +14,7 @@ that may be the start of a block is held back). `tool_choice` decides what the m
 - ``"none"``: the tools are still rendered (as vLLM does, so the prompt and its cached prefix are the
   same as with "auto"), nothing is constrained and no calls are parsed: the answer is plain content.
 - ``"required"`` / ``{"type": "function", "function": {"name": ...}}``: decoding is constrained by a
-  grammar (runtime/constraint.py, llguidance) to one call (several with ``parallel_tool_calls``, for
+  grammar (runtime/output/constraint.py, llguidance) to one call (several with ``parallel_tool_calls``, for
   "required") of one of the tools (of the named one), its arguments valid against that tool's
   ``parameters`` schema; so the call always parses.
 
@@ -30,7 +30,7 @@ import json
 import re
 import uuid
 
-from vlm_core.runtime.constraint import JSON_OPTIONS
+from vlm_core.runtime.output.constraint import JSON_OPTIONS
 from vlm_core.runtime.errors import ParameterError
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
