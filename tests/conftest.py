@@ -66,7 +66,9 @@ def hf_processor(qwen_checkpoint):
     import json
 
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     class Qwen3VLProcessorNoVideo(transformers.Qwen3VLProcessor):
         # The video processor needs torchvision; only its class check touches it.

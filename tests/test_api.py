@@ -168,7 +168,7 @@ def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
     TypeError; the API raises a UserError that says which part of `messages` holds one."""
     import pytest
 
-    from vlm_core.runtime.errors import UserError
+    from vlm_core.errors import UserError
 
     cases = {
         "messages[0].content[1].text": _user(_text("fine"), _text("caf\udce9")),
@@ -188,7 +188,7 @@ def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
 def test_empty_messages_is_a_user_error(vlm):
     import pytest
 
-    from vlm_core.runtime.errors import UserError
+    from vlm_core.errors import UserError
 
     for call in (lambda: vlm.generate([], GREEDY, max_new_tokens=2), lambda: vlm.prepare([]),
                  lambda: list(vlm.stream_generate([], GREEDY, max_new_tokens=2))):
@@ -200,7 +200,7 @@ def test_token_limits_and_stop_are_checked_naming_the_parameter(vlm):
     """max_new_tokens=-1 used to return an empty answer; now every entry point refuses it by name."""
     import pytest
 
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
 
     messages = _user(_text("hi"))
     prompt = vlm.prepare(messages)
@@ -278,7 +278,9 @@ def test_data_url_image_parts_are_decoded(vlm, photos):
         prompt = vlm.prepare(_user(part, _text("Describe.")))
         np.testing.assert_array_equal(prompt.input_ids, reference.input_ids, err_msg=name)
         np.testing.assert_array_equal(prompt.pixel_values, reference.pixel_values, err_msg=name)
-    from vlm_core.kernels.image import load_image  # what every family's preprocessing calls
+    from vlm_core.kernels.image import (
+        load_image,  # what every family's preprocessing calls
+    )
 
     np.testing.assert_array_equal(np.asarray(load_image(url)), np.asarray(load_image(path)))
 
@@ -337,7 +339,7 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
 
 
 def test_context_error_names_the_api_parameter(vlm):
-    from vlm_core.runtime.errors import ContextLengthError
+    from vlm_core.errors import ContextLengthError
 
     with pytest.raises(ContextLengthError) as info:
         vlm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=vlm.max_context * 2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from batching_helpers import alone, make_sequence, run_schedule
 from PIL import Image
 
-from batching_helpers import alone, make_sequence, run_schedule
 from vlm_core.kernels.sampling import SamplingParams
 from vlm_core.runtime.engine.step_loop import BatchEngine
 

@@ -280,7 +280,7 @@ def test_prompt_argument_forms(tmp_path, monkeypatch):
     text that starts with @."""
     import io
 
-    from vlm_core.runtime.errors import UserError
+    from vlm_core.errors import UserError
     from vlm_core.runtime.generate import prompt_from_args
 
     path = tmp_path / "p.txt"

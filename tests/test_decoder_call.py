@@ -96,7 +96,7 @@ def test_an_export_of_format_version_1_is_refused_with_the_fix(tmp_path):
     """Its decoder takes an attention mask and returns only new entries: the runtime says to re-export."""
     import json
 
-    from vlm_core.runtime.errors import ModelFolderError
+    from vlm_core.errors import ModelFolderError
     from vlm_core.runtime.manifest import load_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "family": "qwen3_vl"}))

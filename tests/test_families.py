@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from family_cases import CASES
 
 from vlm_core.export.parity import relative_error
-from family_cases import CASES
 from vlm_core.kernels.sampling import SamplingParams
 
 NEW_TOKENS = 24

@@ -10,8 +10,14 @@ from dataclasses import asdict
 import pytest
 from PIL import Image
 
-from vlm_core.kernels.grounding import (draw_grounding, grounding_boxes, image_size_as_seen, label_colors, parse_grounding,
-                               to_pixels)
+from vlm_core.kernels.grounding import (
+    draw_grounding,
+    grounding_boxes,
+    image_size_as_seen,
+    label_colors,
+    parse_grounding,
+    to_pixels,
+)
 from vlm_core.kernels.image import open_image
 from vlm_core.models import get_family
 from vlm_core.runtime.generate import draw_answer_boxes, main
@@ -207,8 +213,8 @@ def test_result_boxes_are_in_pixels_of_the_picture_sent_whatever_max_pixels(vlm,
 
 
 def test_cli_draw_boxes_and_json(qwen_export, tmp_path, capsys, monkeypatch):
-    from vlm_core.runtime.model import VisionLanguageModel
     from vlm_core.runtime.engine.sequence import GenerationChunk
+    from vlm_core.runtime.model import VisionLanguageModel
 
     image = _exif_jpeg(tmp_path / "rotated.jpg", 6)
     out = tmp_path / "boxes.png"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 
-import minigpt4_helpers as helpers
 from bench.accuracy import teacher_forced
 from vlm_core.export.parity import FLOAT16_KV_LOGITS_RTOL
 from vlm_core.runtime.model import VisionLanguageModel

@@ -3,14 +3,19 @@ runtime against transformers' eager Blip2ForConditionalGeneration; prompt layout
 preprocessing against transformers' BlipImageProcessor (PIL backend) on real photos."""
 from __future__ import annotations
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 import torch
 
-import minigpt4_helpers as helpers
 from vlm_core.export.parity import relative_error
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.models.minigpt4.prompt import DEFAULT_SYSTEM, build_prompt, chat_template, tokenize_segments
+from vlm_core.models.minigpt4.prompt import (
+    DEFAULT_SYSTEM,
+    build_prompt,
+    chat_template,
+    tokenize_segments,
+)
 from vlm_core.runtime.chat.template import render_chat
 
 NEW_TOKENS = 24

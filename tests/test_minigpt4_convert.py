@@ -9,12 +9,12 @@ import math
 import os
 import shutil
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import minigpt4_helpers as helpers
 from vlm_core.export.minigpt4_convert import ConversionError, convert
 from vlm_core.export.parity import relative_error
 

@@ -30,7 +30,12 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from vlm_core.models.qwen3_vl.prompt import IMAGE_PAD, expand_image_pads, num_image_tokens, tokenize_prompt  # noqa: E402
+from vlm_core.models.qwen3_vl.prompt import (  # noqa: E402
+    IMAGE_PAD,
+    expand_image_pads,
+    num_image_tokens,
+    tokenize_prompt,
+)
 from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages  # noqa: E402
 from vlm_core.runtime.chat.template import (  # noqa: E402
     compile_chat_template,
@@ -62,8 +67,9 @@ def template() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from vlm_core.export.qwen_vocab import build_qwen_tokenizer
     from tokenizers import AddedToken, Tokenizer
+
+    from vlm_core.export.qwen_vocab import build_qwen_tokenizer
 
     tok = Tokenizer.from_str(build_qwen_tokenizer(with_tool_tokens=True).to_str())  # private copy
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN3_EXTRA_TOKENS])
@@ -105,7 +111,9 @@ def tokenizer_config(tokenizer) -> dict:
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory, tokenizer, tokenizer_config, template):
     transformers = pytest.importorskip("transformers")
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     d = tmp_path_factory.mktemp("qwen3vl_processor")
     tokenizer.save(str(d / "tokenizer.json"))

@@ -70,7 +70,11 @@ SMOLVLM_NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def smolvlm_export(tmp_path_factory):
-    from bench.real_smolvlm import TEST_IMAGE_PROCESSOR, TEST_VISION, write_smolvlm_checkpoint
+    from bench.real_smolvlm import (
+        TEST_IMAGE_PROCESSOR,
+        TEST_VISION,
+        write_smolvlm_checkpoint,
+    )
     from vlm_core.export.pipeline import Progress, run_export
 
     root = tmp_path_factory.mktemp("smolvlm-smollm2")

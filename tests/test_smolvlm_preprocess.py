@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_core.models.smolvlm.preprocess import SmolVLMImageParams, image_rows_cols, preprocess_images, tile_count
+from vlm_core.models.smolvlm.preprocess import (
+    SmolVLMImageParams,
+    image_rows_cols,
+    preprocess_images,
+    tile_count,
+)
 from vlm_core.models.smolvlm.prompt import expand_images, image_prompt_string
 
 transformers = pytest.importorskip("transformers")

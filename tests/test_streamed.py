@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 
-import minigpt4_helpers as helpers
 from vlm_core.export import memory_plan, output, quantize_step
 from vlm_core.export.pipeline import ExportError, Progress, run_export
 

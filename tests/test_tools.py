@@ -124,7 +124,7 @@ def test_chat_session_keeps_calls_in_the_history(vlm):
 
 
 def test_bad_tools_are_refused_naming_the_field(vlm):
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
 
     messages = [{"role": "user", "content": "Hi"}]
     for kwargs, param in [({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

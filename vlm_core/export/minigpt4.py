@@ -10,15 +10,18 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from vlm_core.models.minigpt4.prompt import TEMPLATES, chat_template
-
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import video_preprocessing_params  # noqa: F401  (no video: the contract's default)
 from vlm_core.export.kv_dtype import rounding_cache
-from vlm_core.export.llama_graph import LlamaDecoderGraph, llama_decoder_example, llama_text_config
+from vlm_core.export.llama_graph import (
+    LlamaDecoderGraph,
+    llama_decoder_example,
+    llama_text_config,
+)
 from vlm_core.export.minigpt4_graphs import MiniGPT4VisionGraph
 from vlm_core.export.onnx_io import export_graph
 from vlm_core.export.streamed import empty_model
+from vlm_core.models.minigpt4.prompt import TEMPLATES, chat_template
 
 FAMILY = "minigpt4"
 PROMPT_FILE = "minigpt4_prompt.json"  # optional sidecar in a checkpoint folder: {"template": "vicuna_v0" | "llama2"}

@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 
-from vlm_core.models import family_for_model_type
-
 from vlm_core.export import parity
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import export_family
@@ -27,6 +25,7 @@ from vlm_core.export.output import prepare_output, publish
 from vlm_core.export.progress import Progress
 from vlm_core.export.quantize_step import plausible, quantize_and_measure
 from vlm_core.export.torch_stage import TORCH_STAGE_STEPS, run_torch_stage
+from vlm_core.models import family_for_model_type
 
 __all__ = ["ExportError", "ExportOptions", "Progress", "count_steps", "export_checkpoint", "run_export"]
 

@@ -9,15 +9,18 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from vlm_core.models.smolvlm.preprocess import tile_count
-
 from vlm_core.export.assets import read_json
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import video_preprocessing_params  # noqa: F401  (SmolVLM2's video is not served: no video section)
 from vlm_core.export.kv_dtype import rounding_cache
-from vlm_core.export.llama_graph import LlamaDecoderGraph, llama_decoder_example, llama_text_config
+from vlm_core.export.llama_graph import (
+    LlamaDecoderGraph,
+    llama_decoder_example,
+    llama_text_config,
+)
 from vlm_core.export.onnx_io import export_graph
 from vlm_core.export.smolvlm_graphs import SmolVLMVisionGraph
+from vlm_core.models.smolvlm.preprocess import tile_count
 
 FAMILY = "smolvlm"
 # The strings transformers' SmolVLMProcessor writes around image tokens (its defaults; a checkpoint's
@@ -30,7 +33,11 @@ PARITY_ROWS_COLS = np.array([[1, 2], [0, 0]], dtype=np.int64)
 
 
 def _model_class(folder: str):
-    from transformers import AutoConfig, Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        Idefics3ForConditionalGeneration,
+        SmolVLMForConditionalGeneration,
+    )
 
     model_type = AutoConfig.from_pretrained(folder).model_type
     return Idefics3ForConditionalGeneration if model_type == "idefics3" else SmolVLMForConditionalGeneration

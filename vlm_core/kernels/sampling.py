@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from vlm_core.errors import ParameterError
+
 __all__ = [
     "SamplingParams",
     "SamplingParamError",
@@ -69,7 +71,7 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
-class SamplingParamError(ValueError):
+class SamplingParamError(ParameterError):
     """A sampling option out of its range.
 
     `param` is the SamplingParams field (``top_p``), which the message names; `flag` is the CLI flag
@@ -78,7 +80,7 @@ class SamplingParamError(ValueError):
 
     def __init__(self, param: str, requirement: str, value):
         self.param, self.requirement, self.value = param, requirement, value
-        super().__init__(self.naming(param))
+        super().__init__(self.naming(param), param)
 
     @property
     def flag(self) -> str:

@@ -11,15 +11,13 @@ import os
 import resource
 import sys
 
+from vlm_core.command_name import command_name
+from vlm_core.errors import UserError
+from vlm_core.kernels.grounding import GROUNDING_SCALE
 from vlm_core.kernels.image import ImageError
 from vlm_core.kernels.sampling import SamplingParamError, SamplingParams
-
-from vlm_core.kernels.grounding import GROUNDING_SCALE
-
 from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_text
-from vlm_core.runtime.errors import UserError
 from vlm_core.runtime.output.grounding import answer_boxes
-from vlm_core.command_name import command_name
 
 # The video budget flags, by VideoOptions field (models/media.py): errors name the flag.
 VIDEO_FLAGS = {"fps": "--video-fps", "max_frames": "--video-max-frames", "max_pixels": "--video-max-pixels"}

@@ -15,27 +15,46 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vlm_core.errors import (
+    ContextLengthError,
+    ModelFolderError,
+    ParameterError,
+    UserError,
+)
 from vlm_core.kernels.image_url import fetch_remote_image, is_remote_url
 from vlm_core.kernels.sampling import SamplingParams
 from vlm_core.models import get_family
 from vlm_core.models.config import TextConfig
 from vlm_core.models.media import VideoOptions, VideoPart
-
-from vlm_core.runtime.engine.step_loop import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
-                           BatchEngine, join_vision)
 from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages
 from vlm_core.runtime.chat.template import render_chat
-from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_token_limits
-from vlm_core.runtime.output.constraint import GrammarCompiler
-from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
-from vlm_core.runtime.errors import ContextLengthError, ModelFolderError, ParameterError, UserError
-from vlm_core.runtime.output.grounding import answer_boxes, grounding_image
+from vlm_core.runtime.chat.tools import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    ToolCallParser,
+    tool_use,
+)
+from vlm_core.runtime.checks import (
+    check_logprobs,
+    check_stop_strings,
+    check_token_limits,
+)
 from vlm_core.runtime.engine import decoder_call
 from vlm_core.runtime.engine.kv_buffer import KVCache
-from vlm_core.runtime.output.logprobs import TokenTable
-from vlm_core.runtime.manifest import load_manifest
 from vlm_core.runtime.engine.onnx_sessions import create_session
-from vlm_core.runtime.chat.tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallParser, tool_use
+from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
+from vlm_core.runtime.engine.step_loop import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_PARALLEL,
+    DEFAULT_PREFILL_CHUNK,
+    VISION_PATCHES_PER_CALL,
+    BatchEngine,
+    join_vision,
+)
+from vlm_core.runtime.manifest import load_manifest
+from vlm_core.runtime.output.constraint import GrammarCompiler
+from vlm_core.runtime.output.grounding import answer_boxes, grounding_image
+from vlm_core.runtime.output.logprobs import TokenTable
 
 
 @dataclass
@@ -74,8 +93,8 @@ def video_options(video) -> VideoOptions | None:
         unknown = set(video) - {"fps", "max_frames", "max_pixels"}
         if not unknown:
             return VideoOptions(**video)
-        raise ParameterError("video", f"video has unknown keys {sorted(unknown)}; use fps, max_frames, max_pixels")
-    raise ParameterError("video", f"video must be a dict or VideoOptions, got {type(video).__name__}")
+        raise ParameterError(f"video has unknown keys {sorted(unknown)}; use fps, max_frames, max_pixels", "video")
+    raise ParameterError(f"video must be a dict or VideoOptions, got {type(video).__name__}", "video")
 
 
 def _fetch_if_remote(source):
@@ -114,7 +133,9 @@ class VisionLanguageModel:
             self.family = get_family(manifest["family"]).Family(manifest)
         except (KeyError, ValueError) as e:  # an unknown family, a config section lacking a field
             raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
-        from tokenizers import Tokenizer  # serve-time dependency, imported here to keep `import runtime` light
+        from tokenizers import (
+            Tokenizer,  # serve-time dependency, imported here to keep `import runtime` light
+        )
 
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
@@ -181,7 +202,7 @@ class VisionLanguageModel:
             try:
                 video.check()
             except ValueError as e:
-                raise ParameterError("video", str(e)) from None
+                raise ParameterError(str(e), "video") from None
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
             sources = [_fetch_if_remote(source) for source in sources]
         media = None
@@ -280,8 +301,8 @@ class VisionLanguageModel:
         grammar = self.grammars.compile(response_format)
         if use is not None and use.constrained:
             if grammar is not None:
-                raise ParameterError("response_format", f"response_format cannot be combined with tool_choice "
-                                                        f"{use.choice!r}, which constrains the answer to a tool call")
+                raise ParameterError(f"response_format cannot be combined with tool_choice "
+                                                        f"{use.choice!r}, which constrains the answer to a tool call", "response_format")
             grammar = self.grammars.compile(use.response_format(self.tokenizer.token_to_id(TOOL_CALL_START),
                                                                 self.tokenizer.token_to_id(TOOL_CALL_END)), "tools")
         if isinstance(prompt, list):

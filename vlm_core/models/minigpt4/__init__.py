@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from vlm_core.models.config import TextConfig
-from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 from vlm_core.models.media import MediaInputs, UnsupportedMedia, VideoPart
 from vlm_core.models.minigpt4.config import MiniGPT4VisionConfig
 from vlm_core.models.minigpt4.preprocess import BlipImageParams, preprocess_images
 from vlm_core.models.minigpt4.prompt import TEMPLATES, tokenize_segments
+from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 
 NAME = "minigpt4"
 

@@ -9,8 +9,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm_core.kernels.grounding import GROUNDING_SCALE
-from vlm_core.kernels.video import VideoError, VideoTooLong, describe_video, load_video, probe_video
-
+from vlm_core.kernels.video import (
+    VideoError,
+    VideoTooLong,
+    describe_video,
+    load_video,
+    probe_video,
+)
 from vlm_core.models.config import TextConfig
 from vlm_core.models.contract import FamilyBase
 from vlm_core.models.media import MediaInputs, VideoOptions, VideoPart
@@ -18,8 +23,13 @@ from vlm_core.models.qwen3_vl import positions
 from vlm_core.models.qwen3_vl.config import Qwen3VLVisionConfig
 from vlm_core.models.qwen3_vl.preprocess import ImageProcessorParams, preprocess_images
 from vlm_core.models.qwen3_vl.prompt import expand_media_pads, tokenize_prompt
-from vlm_core.models.qwen3_vl.video import (VideoProcessorParams, frame_timestamps, preprocess_video, sample_frame_indices,
-                    video_grid)
+from vlm_core.models.qwen3_vl.video import (
+    VideoProcessorParams,
+    frame_timestamps,
+    preprocess_video,
+    sample_frame_indices,
+    video_grid,
+)
 
 NAME = "qwen3_vl"
 

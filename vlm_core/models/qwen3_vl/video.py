@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from vlm_core.kernels.video import VideoError, VideoInfo, resize_frames
-
 from vlm_core.models.qwen3_vl.preprocess import channel_list
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)

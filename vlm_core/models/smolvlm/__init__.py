@@ -12,10 +12,19 @@ import numpy as np
 
 from vlm_core.models.config import TextConfig
 from vlm_core.models.media import MediaInputs, UnsupportedMedia, VideoPart
-from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 from vlm_core.models.smolvlm.config import SmolVLMVisionConfig
-from vlm_core.models.smolvlm.preprocess import SmolVLMImageParams, preprocess_images, tile_count
-from vlm_core.models.smolvlm.prompt import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, expand_images
+from vlm_core.models.smolvlm.preprocess import (
+    SmolVLMImageParams,
+    preprocess_images,
+    tile_count,
+)
+from vlm_core.models.smolvlm.prompt import (
+    FAKE_IMAGE_TOKEN,
+    GLOBAL_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    expand_images,
+)
+from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 
 NAME = "smolvlm"
 

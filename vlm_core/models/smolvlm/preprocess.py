@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vlm_core.kernels.image import ImageError, describe_source, load_image, normalize, rescale, to_chw
+from vlm_core.kernels.image import (
+    ImageError,
+    describe_source,
+    load_image,
+    normalize,
+    rescale,
+    to_chw,
+)
 
 MAX_IMAGE_SIZE = 4096  # transformers' absolute limit on an edge after the longest-edge resize
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)

@@ -11,9 +11,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vlm_core.errors import ParameterError
 from vlm_core.models.media import VideoPart
 from vlm_core.runtime.checks import check_text
-from vlm_core.runtime.errors import ParameterError
 
 __all__ = ["build_user_messages", "conversation", "message_error", "normalize_messages", "openai_image_part"]
 
@@ -67,7 +67,7 @@ def _where(i: int, j: int | None = None) -> str:
 
 def message_error(text: str) -> ParameterError:
     """An error in the `messages` argument (a UserError and a ValueError); `text` says where and what."""
-    return ParameterError("messages", text)
+    return ParameterError(text, "messages")
 
 
 def _image_source(part: Mapping[str, Any], where: str) -> Any:
@@ -240,14 +240,14 @@ def build_user_messages(prompt: str, images: Sequence[Any] = (), system: str | N
     given, followed by the text. Raises ParameterError naming `prompt` or `system` for a value that is
     not a str or holds a lone surrogate."""
     if not isinstance(prompt, str):
-        raise ParameterError("prompt", f"prompt must be a string, got {type(prompt).__name__}")
+        raise ParameterError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
     check_text(prompt, "prompt")
     if isinstance(images, (str, bytes)):
         images = [images]
     messages: list[dict] = []
     if system is not None:
         if not isinstance(system, str):
-            raise ParameterError("system", f"system must be a string, got {type(system).__name__}")
+            raise ParameterError(f"system must be a string, got {type(system).__name__}", "system")
         check_text(system, "system")
         messages.append({"role": "system", "content": system})
     content = [{"type": "image", "image": image} for image in images]

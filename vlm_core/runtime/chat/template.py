@@ -45,7 +45,11 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from vlm_core.runtime.chat.messages import conversation, message_error, openai_image_part
+from vlm_core.runtime.chat.messages import (
+    conversation,
+    message_error,
+    openai_image_part,
+)
 
 __all__ = [
     "compile_chat_template",

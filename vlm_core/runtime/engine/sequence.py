@@ -13,8 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlm_core.kernels.sampling import SamplingParams, make_sampler, min_new_tokens_processor, repetition_penalty_processor
-
+from vlm_core.kernels.sampling import (
+    SamplingParams,
+    make_sampler,
+    min_new_tokens_processor,
+    repetition_penalty_processor,
+)
 from vlm_core.runtime.output.detokenize import StopStringMatcher, StreamingDetokenizer
 from vlm_core.runtime.output.logprobs import TokenLogprob, TokenTable, token_logprob
 

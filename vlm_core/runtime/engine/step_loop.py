@@ -25,9 +25,9 @@ import traceback
 
 import numpy as np
 
-from vlm_core.runtime.engine.kv_slots import BatchKVCache
 from vlm_core.runtime.engine.decoder_call import run_decoder
 from vlm_core.runtime.engine.kv_buffer import KVCache
+from vlm_core.runtime.engine.kv_slots import BatchKVCache
 from vlm_core.runtime.engine.prefix_cache import EngineCache, image_hash, image_key_id
 from vlm_core.runtime.engine.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 

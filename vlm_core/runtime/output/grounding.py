@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vlm_core.kernels.grounding import grounding_boxes, image_size_as_seen
-
 from vlm_core.runtime.chat.messages import normalize_messages
 
 

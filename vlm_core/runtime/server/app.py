@@ -28,11 +28,24 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from vlm_core.runtime.errors import ParameterError
+from vlm_core.errors import (
+    AuthError,
+    MethodNotAllowed,
+    NotFound,
+    ParameterError,
+    PayloadTooLarge,
+    UserError,
+)
 from vlm_core.runtime.server import images, schema, videos, worker
 from vlm_core.runtime.server.config import ServeConfig
-from vlm_core.runtime.server.errors import AuthError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestError
-from vlm_core.runtime.server.scheduler import Cancelled, GenerationTimeout, QueueFull, QueueTimeout, Scheduler, Ticket
+from vlm_core.runtime.server.scheduler import (
+    Cancelled,
+    GenerationTimeout,
+    QueueFull,
+    QueueTimeout,
+    Scheduler,
+    Ticket,
+)
 
 log = logging.getLogger("vlm_core.runtime.server")
 
@@ -51,7 +64,7 @@ class HTTPError:
 
 # Error type -> how it is answered; the most specific class in an error's MRO wins.
 ERRORS = {
-    RequestError: HTTPError(400, "invalid_request_error"),
+    UserError: HTTPError(400, "invalid_request_error"),
     AuthError: HTTPError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     NotFound: HTTPError(404, "invalid_request_error"),
     MethodNotAllowed: HTTPError(405, "invalid_request_error"),
@@ -107,7 +120,7 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
-            raise RequestError("invalid Content-Length header")
+            raise UserError("invalid Content-Length header")
         if int(length) > limit:
             raise PayloadTooLarge(f"request body is {int(length)} bytes, over this server's limit of {limit} bytes "
                                   f"(--max-body-mb {limit_mb:g})")
@@ -167,7 +180,7 @@ class ChatServer:
             raise NotFound(f"model {chat.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         if chat.videos and not worker.reads_video(self.vlm):
-            raise RequestError(f"{chat.videos[0].param}: this model ({self.vlm.manifest['family']}) reads images "
+            raise ParameterError(f"{chat.videos[0].param}: this model ({self.vlm.manifest['family']}) reads images "
                                f"only, not video; send frames as image_url parts, or use a Qwen3-VL model",
                                param=chat.videos[0].param, code="unsupported_media")
         encoded = [await self.fetch_image(image) for image in chat.images]
@@ -201,7 +214,7 @@ class ChatServer:
         try:
             return self.vlm.grammars.compile(response_format)
         except ParameterError as e:
-            raise RequestError(str(e), param="response_format") from None
+            raise ParameterError(str(e), param="response_format") from None
 
     def compile_tools(self, chat: schema.ChatRequest) -> None:
         """Compile the grammar of a "required" or named tool_choice: a 400 naming `tools` when a function's
@@ -216,7 +229,7 @@ class ChatServer:
             self.vlm.grammars.compile(use.response_format(tokenizer.token_to_id(TOOL_CALL_START),
                                                           tokenizer.token_to_id(TOOL_CALL_END)), "tools")
         except ParameterError as e:
-            raise RequestError(str(e), param="tools") from None
+            raise ParameterError(str(e), param="tools") from None
 
     def logprobs_content(self, chunk) -> list:
         """OpenAI's logprobs.content entries for one streamed chunk: none for EOS, which is not in the text."""

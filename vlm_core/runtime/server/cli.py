@@ -7,11 +7,10 @@ import logging
 import os
 import sys
 
-from vlm_core.kernels.image import ImageError
-
-from vlm_core.runtime.errors import UserError
-from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
 from vlm_core.command_name import command_name
+from vlm_core.errors import UserError
+from vlm_core.kernels.image import ImageError
+from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ import dataclasses
 import ipaddress
 import os
 
-from vlm_core.runtime.errors import UserError
+from vlm_core.errors import UserError
 
 
 @dataclasses.dataclass

@@ -15,12 +15,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from vlm_core.errors import ContextLengthError, ParameterError, UserError
 from vlm_core.kernels.image import ImageError
-
 from vlm_core.models.media import UnsupportedMedia
-
-from vlm_core.runtime.errors import ContextLengthError, UserError
-from vlm_core.runtime.server.errors import RequestError
 from vlm_core.runtime.server.images import EncodedImage, decode_image
 from vlm_core.runtime.server.schema import ChatRequest, make_sampling
 from vlm_core.runtime.server.videos import EncodedVideo, as_request_error
@@ -70,7 +67,7 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
     Yields:
         Prepared, then GenerationChunk (the engine's text deltas), then Finished.
     Raises:
-        RequestError: the prompt cannot be built or does not fit the context; a video error names the
+        ParameterError: the prompt cannot be built or does not fit the context; a video error names the
             video's field when it can tell which (code invalid_video).
     """
     from vlm_core.runtime.model import summarize_timings
@@ -78,10 +75,10 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
     try:
         prompt = _prepare(vlm, request, images, videos, video)
     except UnsupportedMedia as e:  # the app refuses video for a family without it first; this is the backstop
-        raise RequestError(str(e), param=request.videos[0].param if request.videos else "messages",
+        raise ParameterError(str(e), param=request.videos[0].param if request.videos else "messages",
                            code="unsupported_media") from None
     except (ImageError, ValueError, UserError) as e:
-        raise RequestError(str(e), param="messages") from None
+        raise ParameterError(str(e), param="messages") from None
     prompt_tokens = int(len(prompt.input_ids))
     max_tokens = _max_tokens(vlm, request, prompt_tokens, default_max_tokens)
     sampling = make_sampling(request.sampling, vlm.generation_defaults)
@@ -126,13 +123,13 @@ def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_token
         if max_tokens < 1:
             max_tokens = default_max_tokens  # let check_context explain
     if request.min_tokens > max_tokens:
-        raise RequestError(f"'min_tokens' ({request.min_tokens}) is larger than max_tokens ({max_tokens})",
+        raise ParameterError(f"'min_tokens' ({request.min_tokens}) is larger than max_tokens ({max_tokens})",
                            param="min_tokens")
     try:
         vlm.check_context(prompt_tokens, max_tokens)
     except ContextLengthError:
         media = " or shorter videos (video_fps, video_max_frames, video_max_pixels)" if request.videos else ""
-        raise RequestError(
+        raise ParameterError(
             f"this model's context is {vlm.max_context} tokens; the messages take {prompt_tokens} tokens and "
             f"max_tokens is {max_tokens}: together {prompt_tokens + max_tokens}. Shorten the messages, send "
             f"fewer or smaller images{media}, or lower max_tokens", param="messages",
