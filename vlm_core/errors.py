@@ -21,8 +21,8 @@ class UserError(Exception):
     code: str = "invalid_request"
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
+        super().__init__(message)  # str(error) is the message
+        self.param = param
         self.code = code or type(self).code
 
 

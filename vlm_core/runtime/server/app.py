@@ -84,7 +84,7 @@ def error_answer(error: BaseException) -> tuple[HTTPError, dict]:
         log.error("unhandled error:\n%s", "".join(traceback.format_exception(error)))
         message = f"internal server error: {type(error).__name__}: {error}"
         return INTERNAL, {"error": {"message": message, "type": INTERNAL.type, "param": None, "code": None}}
-    return kind, {"error": {"message": getattr(error, "message", str(error)), "type": kind.type,
+    return kind, {"error": {"message": str(error), "type": kind.type,
                             "param": getattr(error, "param", None), "code": getattr(error, "code", None) or kind.code}}
 
 
