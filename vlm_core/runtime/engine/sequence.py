@@ -58,9 +58,9 @@ class Sequence:
 
     def __init__(self, prompt, sampling: SamplingParams | None, max_new_tokens: int, min_new_tokens: int,
                  stop_strings, eos_token_ids, tokenizer, constraint=None, logprobs: int | None = None,
-                 token_table: TokenTable | None = None, tool_parser=None):
+                 token_table: TokenTable | None = None, tool_parser=None, batch_invariant: bool = False):
         self.prompt = prompt
-        self.sampling = (sampling or SamplingParams(greedy=True)).validate()
+        self.sampling = sampling or SamplingParams(greedy=True)  # checked by the caller (runtime/request.py)
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
         self.eos_token_ids = set(int(t) for t in eos_token_ids)
         self.prompt_len = len(prompt.input_ids)
@@ -75,6 +75,8 @@ class Sequence:
         self.constraint = constraint
         self.logprobs = logprobs
         self.tool_parser = tool_parser
+        # the tokens must equal this request's alone, whatever is decoded beside it (the engine plans for it)
+        self.batch_invariant = bool(batch_invariant)
         self.token_table = token_table or (TokenTable(tokenizer) if logprobs is not None else None)
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.stopper = StopStringMatcher(list(stop_strings or []))

@@ -42,10 +42,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=default("cache_mb"),
                    help=f"memory for the prefix-KV and image-feature caches, least recently used evicted "
                         f"(default {default('cache_mb'):g}; 0 turns them off)")
-    p.add_argument("--no-batch-invariance", dest="batch_invariant", action="store_false",
-                   help="let a lone 4-bit sequence use ONNX Runtime's one-row kernel and int8 rows share calls "
-                        "(faster on some hosts; a request's tokens may then differ at float rounding level "
-                        "between running alone and in a batch)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="make every request batch-invariant by default: its tokens are exactly those it gives alone, "
+                        "whatever is decoded beside it (slower on int4/int8 models). Off by default; a request can "
+                        "ask for it with the body field \"batch_invariant\": true")
     p.add_argument("--max-queue", type=int, default=default("max_queue"),
                    help=f"requests that may wait for a worker (default {default('max_queue')}); more get 429")
     p.add_argument("--timeout", type=float, default=default("timeout"),

@@ -45,7 +45,7 @@ VIDEO_FIELDS = {"video_fps": "fps", "video_max_frames": "max_frames", "video_max
 
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
-    """A validated chat-completions request.
+    """A validated chat-completions request: the media to fetch, the messages, and the API's GenerationOptions.
 
     `messages` are in the engine's format (``{"role", "content": str | [parts]}``) with each image (video)
     part holding the index of its entry in `images` (`videos`) until `engine_messages` puts them in place.
@@ -59,18 +59,10 @@ class ChatRequest:
     video: dict = dataclasses.field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
-    max_tokens: int | None = None  # None: the server's default, within the context
-    min_tokens: int = 0
-    stop: list = dataclasses.field(default_factory=list)
-    sampling: dict = dataclasses.field(default_factory=dict)  # only the fields the request gave
     model: str | None = None
-    # constrained decoding: the response_format object (None: free text); the app puts the compiled Grammar here
-    response_format: object = None
-    logprobs: int | None = None  # None: off; else how many top alternatives per token (top_logprobs, 0-20)
-    # function tools (checked, as given: the chat template renders them) and how they may be used (runtime/chat/tools.py)
-    tools: list | None = None
-    tool_choice: object = None
-    parallel_tool_calls: bool = True
+    # the generation options, checked (runtime/request.py); max_new_tokens None: the server's default within the
+    # context. The app compiles their grammar before queueing.
+    options: object = None
 
     def engine_messages(self, images: list, videos: list = ()) -> list:
         """The messages with image indices replaced by `images` (decoded, in `self.images` order) and video
@@ -280,45 +272,40 @@ def _video_url(part: dict, kind: str, where: str) -> VideoURL:
     return VideoURL(url, f"{where}.{field}")
 
 
-def parse_chat_request(body, max_images: int, max_videos: int = 4) -> ChatRequest:
-    """A parsed JSON body -> ChatRequest; refuses unsupported OpenAI fields by name."""
+# The generation parameters by their JSON fields (errors name what the client sent).
+SERVER_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop": "stop",
+                "logprobs": "top_logprobs", "response_format": "response_format", "tools": "tools",
+                "batch_invariant": "batch_invariant"}
+
+
+def parse_chat_request(body, max_images: int, max_videos: int = 4,
+                       generation_defaults: dict | None = None) -> ChatRequest:
+    """A parsed JSON body -> ChatRequest, checked once: its `options` are the API's GenerationOptions (sampling
+    over the model's generation_config `generation_defaults`), so nothing downstream checks them again; only
+    the grammar is compiled later, by the app (it needs the model). Refuses unsupported OpenAI fields by name."""
+    from vlm_core.runtime.request import check_options
+
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object")
     messages, images, videos = parse_messages(body.get("messages"), max_images, max_videos)
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
-    options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    stream_options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer", None)
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", _is_int, "an integer", None)
-    if max_tokens is not None and max_tokens < 1:
-        raise ParameterError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
-    min_tokens = _get(body, "min_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
-    if max_tokens is not None and min_tokens > max_tokens:
-        raise ParameterError(f"'min_tokens' ({min_tokens}) is larger than 'max_tokens' ({max_tokens})",
-                           param="min_tokens")
-    stop = _parse_stop(body.get("stop"))
+    min_tokens = _get(body, "min_tokens", _is_int, "an integer", 0)
     _refuse_unsupported(body)
+    # an extension field: this request's tokens must not depend on its batch (None: the server's --batch-invariant)
+    invariant = _get(body, "batch_invariant", lambda v: isinstance(v, bool), "true or false", None)
+    options = check_options(
+        make_sampling(_parse_sampling(body), generation_defaults or {}), max_tokens, min_tokens,
+        _parse_stop(body.get("stop")), _parse_logprobs(body), body.get("response_format"), body.get("tools"),
+        body.get("tool_choice"),
+        _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True),
+        batch_invariant=invariant, names=SERVER_NAMES)
     return ChatRequest(messages=messages, images=images, videos=videos, video=_parse_video_budget(body),
-                       stream=stream, include_usage=bool(options.get("include_usage", False)), max_tokens=max_tokens,
-                       min_tokens=min_tokens, stop=stop, sampling=_parse_sampling(body),
-                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None),
-                       response_format=_parse_response_format(body.get("response_format")),
-                       logprobs=_parse_logprobs(body), **_parse_tools(body))
-
-
-def _parse_tools(body: dict) -> dict:
-    """tools, tool_choice and parallel_tool_calls, checked together (runtime/chat/tools.py's rules)."""
-    from vlm_core.errors import ParameterError
-    from vlm_core.runtime.chat.tools import tool_use
-
-    use = tool_use(body.get("tools"), body.get("tool_choice"),
-                   _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True))
-    if use is None:
-        return {}
-    if use.constrained and body.get("response_format") not in (None, {"type": "text"}):
-        raise ParameterError(f"response_format cannot be combined with tool_choice {json.dumps(body['tool_choice'])[:60]}, "
-                           f"which constrains the answer to a tool call", param="response_format")
-    return {"tools": use.tools, "tool_choice": body.get("tool_choice"), "parallel_tool_calls": use.parallel}
+                       stream=stream, include_usage=bool(stream_options.get("include_usage", False)),
+                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None), options=options)
 
 
 def _parse_video_budget(body: dict) -> dict:
@@ -339,38 +326,18 @@ def _parse_video_budget(body: dict) -> dict:
     return budget
 
 
-def _parse_response_format(value):
-    """The response_format object, its structure checked (the schema itself is compiled by the app), or None
-    for free text."""
-    from vlm_core.errors import ParameterError
-    from vlm_core.runtime.output.constraint import grammar_source
-
-    if value is None:
-        return None
-    try:
-        return None if grammar_source(value, "response_format") is None else value
-    except ParameterError as e:
-        raise ParameterError(str(e), param="response_format") from None
-
-
 def _parse_logprobs(body: dict) -> int | None:
     """logprobs (true/false) and top_logprobs (0-20, only with logprobs) -> the top count, or None when off."""
     logprobs = _get(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False)
-    top = _get(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
-               f"an integer from 0 to {MAX_TOP_LOGPROBS}", None)
+    top = _get(body, "top_logprobs", _is_int, f"an integer from 0 to {MAX_TOP_LOGPROBS}", None)
     if top is not None and not logprobs:
         raise ParameterError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return (top or 0) if logprobs else None
 
 
-def _parse_stop(stop) -> list:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise ParameterError("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:
+def _parse_stop(stop):
+    """`stop` as given, its count bounded (the texts themselves are checked with the other options)."""
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
         raise ParameterError(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", param="stop")
     return stop
 

@@ -16,10 +16,10 @@ import dataclasses
 from typing import Iterator
 
 from vlm_core.errors import ContextLengthError, ParameterError, UserError
-from vlm_core.kernels.image import ImageError
 from vlm_core.models.media import UnsupportedMedia
+from vlm_core.runtime.output.result import ResultAccumulator, summarize_timings
 from vlm_core.runtime.server.images import EncodedImage, decode_image
-from vlm_core.runtime.server.schema import ChatRequest, make_sampling
+from vlm_core.runtime.server.schema import ChatRequest
 from vlm_core.runtime.server.videos import EncodedVideo, as_request_error
 
 
@@ -55,7 +55,8 @@ def run(vlm, request: ChatRequest, images: list[EncodedImage], max_image_pixels:
 
 def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, videos: list[EncodedVideo] = (),
              video=None) -> Iterator:
-    """Prepare the prompt, check it fits, and stream the answer.
+    """Prepare the prompt, fit max_tokens to it, and stream the answer. The request's options were checked by
+    the schema and their grammar compiled by the app: nothing here checks them again.
 
     Args:
         vlm: the loaded VisionLanguageModel.
@@ -70,37 +71,27 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
         ParameterError: the prompt cannot be built or does not fit the context; a video error names the
             video's field when it can tell which (code invalid_video).
     """
-    from vlm_core.runtime.model import summarize_timings
-
     try:
         prompt = _prepare(vlm, request, images, videos, video)
     except UnsupportedMedia as e:  # the app refuses video for a family without it first; this is the backstop
         raise ParameterError(str(e), param=request.videos[0].param if request.videos else "messages",
-                           code="unsupported_media") from None
-    except (ImageError, ValueError, UserError) as e:
-        raise ParameterError(str(e), param="messages") from None
+                             code="unsupported_media") from None
+    except (UserError, ValueError) as e:  # an image the family cannot take, a template error: about the messages
+        param = getattr(e, "param", None)
+        raise ParameterError(str(e), param=param if param and param.startswith("messages") else "messages",
+                             code=getattr(e, "code", None)) from None
     prompt_tokens = int(len(prompt.input_ids))
-    max_tokens = _max_tokens(vlm, request, prompt_tokens, default_max_tokens)
-    sampling = make_sampling(request.sampling, vlm.generation_defaults)
+    options = dataclasses.replace(request.options, max_new_tokens=_max_tokens(vlm, request, prompt_tokens,
+                                                                               default_max_tokens))
     yield Prepared(prompt_tokens)
 
-    timings: dict = {}
-    completion_tokens, finish = 0, "length"
-    chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings,
-                                 response_format=request.response_format, logprobs=request.logprobs,
-                                 tools=request.tools, tool_choice=request.tool_choice,
-                                 parallel_tool_calls=request.parallel_tool_calls)
-    try:
-        for chunk in chunks:
-            if chunk.token_id is not None:
-                completion_tokens += 1
-            finish = chunk.finish_reason or finish
-            yield chunk
-    finally:
-        chunks.close()  # stopped early (cancel, timeout): the engine drops its KV cache now
+    answer, timings = ResultAccumulator(), {}
+    for chunk in vlm.stream_generate(prompt, timings=timings, options=options):  # closed early: KV freed at once
+        answer.add(chunk)
+        yield chunk
     summary = summarize_timings(timings, 0.0)
     summary.pop("load_s", None)
-    yield Finished(finish, completion_tokens, summary, int(timings.get("cached_tokens", 0)))
+    yield Finished(answer.finish_reason, answer.completion_tokens, summary, int(timings.get("cached_tokens", 0)))
 
 
 def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo], video):
@@ -108,23 +99,24 @@ def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo]
     `video` and clips that cannot fit the context with max_tokens (or one token, when the server picks
     max_tokens) are refused before decoding."""
     messages = request.engine_messages(images, [v.data for v in videos])
+    tools = request.options.tools
     if not videos:
-        return vlm.prepare(messages, tools=request.tools)
+        return vlm.prepare(messages, tools=tools)
     with as_request_error(list(videos)):
-        return vlm.prepare(messages, tools=request.tools, video=video,
-                           max_new_tokens=request.max_tokens or max(request.min_tokens, 1))
+        return vlm.prepare(messages, tools=tools, video=video,
+                           max_new_tokens=request.options.max_new_tokens or max(request.options.min_new_tokens, 1))
 
 
 def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_tokens: int) -> int:
     """The request's max_tokens (or the default, within the context); refuses what cannot fit."""
-    max_tokens = request.max_tokens
+    max_tokens = request.options.max_new_tokens
     if max_tokens is None:
         max_tokens = min(default_max_tokens, vlm.max_context - prompt_tokens)
         if max_tokens < 1:
             max_tokens = default_max_tokens  # let check_context explain
-    if request.min_tokens > max_tokens:
-        raise ParameterError(f"'min_tokens' ({request.min_tokens}) is larger than max_tokens ({max_tokens})",
-                           param="min_tokens")
+    if request.options.min_new_tokens > max_tokens:  # only when the server picked max_tokens
+        raise ParameterError(f"'min_tokens' ({request.options.min_new_tokens}) is larger than max_tokens "
+                             f"({max_tokens})", param="min_tokens")
     try:
         vlm.check_context(prompt_tokens, max_tokens)
     except ContextLengthError:
