@@ -33,7 +33,7 @@ def _minigpt4_inputs(reference, messages, paths):
     from PIL import Image
     from test_minigpt4 import blip_processor, minigpt4_context_ids
 
-    from vlm_core.models.minigpt4.prompt import build_prompt
+    from minigpt4_helpers import build_prompt
 
     model, tokenizer = reference
     question = messages[-1]["content"][-1]["text"]

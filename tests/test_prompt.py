@@ -39,7 +39,6 @@ from vlm_core.models.qwen3_vl.prompt import (  # noqa: E402
 from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages  # noqa: E402
 from vlm_core.runtime.chat.template import (  # noqa: E402
     compile_chat_template,
-    load_chat_template,
     render_chat,
     special_tokens_from_config,
 )
@@ -215,18 +214,10 @@ def test_template_file_is_the_qwen3_vl_instruct_template(template):
     assert template.startswith("{%- if tools %}\n    {{- '<|im_start|>system\\n' }}")
     assert template.endswith("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
     assert len(template) == 5292
-    # loading the same text back from a chat_template.json
-    assert load_chat_template(str(TEMPLATE_PATH)) == template
     compile_chat_template(template)
     assert compile_chat_template(template) is compile_chat_template(template)  # cached
 
 
-def test_load_chat_template_json(tmp_path, template):
-    p = tmp_path / "chat_template.json"
-    p.write_text(json.dumps({"chat_template": template}), encoding="utf-8")
-    assert load_chat_template(str(p)) == template
-    p.write_text(json.dumps({"chat_template": [{"name": "default", "template": template}]}), encoding="utf-8")
-    assert load_chat_template(str(p)) == template
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.runtime.chat.tools import ToolCallParser, parse_tool_calls
+from vlm_core.runtime.chat.tools import ToolCallParser
 
 pytest.importorskip("llguidance", reason="constrained tool calls need the 'structured' extra (llguidance)")
 jsonschema = pytest.importorskip("jsonschema", reason="the arguments are validated with jsonschema (test extra)")
@@ -50,7 +50,9 @@ def check_call(name: str, arguments: str) -> None:
     ("ends with <tool_ca", "ends with <tool_ca", []),
 ])
 def test_tool_call_blocks_split_the_same_streamed_and_whole(text, content, calls):
-    whole = parse_tool_calls(text, make_id=lambda: "call_1")
+    parser = ToolCallParser(make_id=lambda: "call_1")  # the whole answer in one delta
+    content_whole, calls_whole = parser.feed(text)
+    whole = (content_whole + parser.close()[0], calls_whole)
     assert (whole[0], [(c.name, c.arguments) for c in whole[1]]) == (content, calls)
     parser, pieces, streamed = ToolCallParser(make_id=lambda: "call_1"), [], []
     for character in text:  # one character per delta: every split point

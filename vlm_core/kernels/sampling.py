@@ -36,7 +36,6 @@ __all__ = [
     "Sampler",
     "make_sampler",
     "make_logits_processors",
-    "apply_logits_processors",
     "repetition_penalty_processor",
     "min_new_tokens_processor",
     "apply_temperature",
@@ -232,16 +231,6 @@ def make_logits_processors(
     if min_new_tokens > 0 and eos:
         procs.append(min_new_tokens_processor(eos, min_new_tokens, prompt_len))
     return procs
-
-
-def apply_logits_processors(
-    processors: Sequence[LogitsProcessor], tokens: Sequence[int], logits: np.ndarray
-) -> np.ndarray:
-    """Run `processors` left to right on ``logits [vocab]``."""
-    out = _as_logits(logits)
-    for proc in processors:
-        out = proc(tokens, out)
-    return out
 
 
 # ----------------------------------------------------------------------------- warpers

@@ -45,6 +45,7 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from vlm_core.errors import ModelFolderError
 from vlm_core.runtime.chat.messages import (
     conversation,
     message_error,
@@ -53,7 +54,6 @@ from vlm_core.runtime.chat.messages import (
 
 __all__ = [
     "compile_chat_template",
-    "load_chat_template",
     "render_chat",
     "special_tokens_from_config",
 ]
@@ -132,7 +132,12 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 @functools.lru_cache(maxsize=32)
 def compile_chat_template(template: str) -> jinja2.Template:
-    """Compile `template` in a transformers-compatible sandbox (cached per template string)."""
+    """Compile `template` in a transformers-compatible sandbox (cached per template string).
+
+    Raises:
+        ModelFolderError: the template is not valid Jinja (the line and jinja2's reason in the message; the
+            model folder's loader names the file).
+    """
     if not isinstance(template, str):
         raise TypeError(f"chat template must be a str, got {type(template).__name__}")
     env = ImmutableSandboxedEnvironment(
@@ -143,32 +148,10 @@ def compile_chat_template(template: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(template)
-
-
-def load_chat_template(path: str) -> str:
-    """Read a chat template from ``chat_template.jinja`` (raw text) or ``chat_template.json`` /
-    ``tokenizer_config.json`` / ``processor_config.json`` (the ``"chat_template"`` key).
-
-    A json ``chat_template`` that is a list of ``{"name", "template"}`` entries yields the one
-    named ``"default"``.
-    """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not str(path).endswith(".json"):
-        return text
-    data = json.loads(text)
-    template = data.get("chat_template") if isinstance(data, dict) else None
-    if template is None:
-        raise ValueError(f"{path}: no 'chat_template' key")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        if "default" not in named:
-            raise ValueError(f"{path}: several chat templates ({', '.join(map(str, named))}) and none is 'default'")
-        template = named["default"]
-    if not isinstance(template, str):
-        raise ValueError(f"{path}: 'chat_template' is not a string")
-    return template
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ModelFolderError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
 
 
 def special_tokens_from_config(tokenizer_config: Mapping[str, Any]) -> dict[str, Any]:

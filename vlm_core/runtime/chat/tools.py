@@ -270,13 +270,6 @@ class ToolCallParser:
         return ToolCall(self.make_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str, make_id=new_call_id) -> tuple[str, list]:
-    """A whole answer -> (content, [ToolCall]); the same split as streaming it through a ToolCallParser."""
-    parser = ToolCallParser(make_id)
-    content, calls = parser.feed(text)
-    return content + parser.close()[0], calls
-
-
 def _partial_prefix(text: str, marker: str) -> int:
     """The length of the longest end of `text` that is a proper beginning of `marker`."""
     for size in range(min(len(text), len(marker) - 1), 0, -1):
