@@ -75,7 +75,8 @@ class BatchEngine:
         self.waiting: list[Sequence] = []
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
-        self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0}
+        self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0,
+                         "admitted": 0}  # admitted: sequences taken from `waiting` into a slot (read by tests)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -149,6 +150,7 @@ class BatchEngine:
                 sequence = self.waiting.pop(0)
             try:
                 self._start(sequence)
+                self.counters["admitted"] += 1
             except Exception as e:
                 sequence.finish(error=e)
 
