@@ -110,20 +110,33 @@ def test_seeded_sampling_is_reproducible(vlm, photos):
     assert first != greedy  # it really sampled
 
 
-def test_ask(vlm, photos):
-    from vlm_core.runtime.chat.messages import build_user_messages
+def _transformers_answer(hf_model, hf_processor, vlm, messages, new_tokens):
+    """transformers' greedy answer to `messages` (its processor's template and pixels), as text."""
+    import torch
 
-    answer = vlm.ask("Describe the picture.", images=[photos["coffee"]], max_new_tokens=5, min_new_tokens=5)
-    expected = vlm.generate(build_user_messages("Describe the picture.", [photos["coffee"]]), max_new_tokens=5,
-                            min_new_tokens=5)
-    assert isinstance(answer, str)
-    assert answer == expected.text
-    assert len(expected.token_ids) == 5
-    with_system = vlm.ask("Describe the picture.", images=[photos["coffee"]], system="Answer in French.",
-                          max_new_tokens=5, min_new_tokens=5, sampling=GREEDY)
-    system_messages = build_user_messages("Describe the picture.", [photos["coffee"]], system="Answer in French.")
-    assert system_messages[0]["role"] == "system"
-    assert with_system == vlm.generate(system_messages, GREEDY, max_new_tokens=5, min_new_tokens=5).text
+    inputs = hf_processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                              return_tensors="pt")
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(tokens) == new_tokens
+    return vlm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_ask(vlm, hf_model, hf_processor):
+    """`ask` (one user turn: images then text, an optional system turn, greedy by default) against
+    transformers' greedy answer to the same conversation written out by hand. The picture and prompt are ones
+    the tiny random model answers in readable words (most give U+FFFD runs, which many answers share)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "astronaut.jpg")
+    turn = _user({"type": "image", "path": path}, _text("Describe."))
+    answer = vlm.ask("Describe.", images=[path], max_new_tokens=5, min_new_tokens=5)
+    assert isinstance(answer, str) and "\ufffd" not in answer
+    assert answer == _transformers_answer(hf_model, hf_processor, vlm, turn, 5)
+    with_system = vlm.ask("Describe.", images=[path], system="Answer in French.", max_new_tokens=5,
+                          min_new_tokens=5, sampling=GREEDY)
+    system = [{"role": "system", "content": [_text("Answer in French.")]}]
+    assert with_system == _transformers_answer(hf_model, hf_processor, vlm, system + turn, 5)
+    assert with_system != answer  # the system turn reached the prompt
 
 
 def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
