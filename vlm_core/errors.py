@@ -16,9 +16,16 @@ class UserError(Exception):
         param: the parameter at fault (an API argument such as ``max_new_tokens``, a JSON path such as
             ``messages[0].content[1]``, or a CLI flag), or None.
         code: a stable machine-readable tag (``invalid_image``); the class's `code` when None.
+
+    A subclass names its default code in its header: ``class NotFound(UserError, code="not_found")``.
     """
 
     code: str = "invalid_request"
+
+    def __init_subclass__(cls, code: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)  # str(error) is the message
@@ -26,42 +33,31 @@ class UserError(Exception):
         self.code = code or type(self).code
 
 
-class ParameterError(UserError, ValueError):
+class ParameterError(UserError, ValueError, code="invalid_parameter"):
     """A value given for one parameter is unusable. Also a ValueError, so code that catches ValueError for bad
     arguments keeps working."""
 
-    code = "invalid_parameter"
 
-
-class ModelFolderError(UserError):
+class ModelFolderError(UserError, code="invalid_model_folder"):
     """The folder given as the model is not a complete exported model."""
 
-    code = "invalid_model_folder"
 
-
-class ContextLengthError(ParameterError):
+class ContextLengthError(ParameterError, code="context_length_exceeded"):
     """The prompt plus the requested new tokens do not fit the model's context."""
 
-    code = "context_length_exceeded"
 
-
-class NotFound(UserError):
+# What only the server refuses (its front end maps each class to an HTTP status: server/app.py's ERRORS).
+class NotFound(UserError, code="not_found"):
     """No such route or model."""
 
-    code = "not_found"
+
+class MethodNotAllowed(UserError, code="method_not_allowed"):
+    """The route exists, not for this HTTP method."""
 
 
-class MethodNotAllowed(UserError):
-    code = "method_not_allowed"
-
-
-class PayloadTooLarge(UserError):
+class PayloadTooLarge(UserError, code="request_too_large"):
     """A body (or a fetched image) is over a size limit."""
 
-    code = "request_too_large"
 
-
-class AuthError(UserError):
+class AuthError(UserError, code="invalid_api_key"):
     """Missing or wrong API key."""
-
-    code = "invalid_api_key"

@@ -16,6 +16,7 @@ import os
 import shutil
 
 from vlm_core.export import parity
+from vlm_core.export.assets import read_json
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import export_family
 from vlm_core.export.manifest_build import add_assets, add_provenance, write_manifest
@@ -123,8 +124,7 @@ def _read_config(source: str) -> dict:
             raise ExportError(f"{source!r} has no config.json: pass a Hugging Face checkpoint folder "
                               f"(config.json, *.safetensors, tokenizer.json, ...)")
         try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json(path)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ExportError(f"{path} cannot be read as JSON ({e}); pass a valid Hugging Face checkpoint "
                               f"folder") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlm_core.models.config import TextConfig
 from vlm_core.models.media import MediaInputs
 
 
@@ -42,7 +43,11 @@ class FamilyBase:
     image_token_id: int = -1  # the placeholder token the vision features replace
 
     def __init__(self, manifest: dict):
+        """What every family reads from the manifest: the text config, the special tokens, the image token."""
         self.manifest = manifest
+        self.text_config = TextConfig.from_dict(manifest["text_config"])
+        self.tokens = manifest["special_tokens"]
+        self.image_token_id = int(self.tokens["image_token_id"])
 
     # --- required -------------------------------------------------------------------------------
     def preprocess(self, sources, min_pixels=None, max_pixels=None, video=None, token_limit=None) -> MediaInputs:

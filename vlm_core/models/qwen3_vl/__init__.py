@@ -16,7 +16,6 @@ from vlm_core.kernels.video import (
     load_video,
     probe_video,
 )
-from vlm_core.models.config import TextConfig
 from vlm_core.models.contract import FamilyBase
 from vlm_core.models.media import MediaInputs, VideoOptions, VideoPart
 from vlm_core.models.qwen3_vl import positions
@@ -79,13 +78,10 @@ class Family(FamilyBase):
     reads_video = True  # video parts (models.media.VideoPart) become clips
 
     def __init__(self, manifest: dict):
-        self.manifest = manifest
+        super().__init__(manifest)
         self.vision_config = Qwen3VLVisionConfig.from_dict(manifest["vision_config"])
-        self.text_config = TextConfig.from_dict(manifest["text_config"])
-        self.tokens = manifest["special_tokens"]
         self.image_params = ImageProcessorParams.from_dict(manifest["preprocessing"])
         self.merge_size = int(self.vision_config.spatial_merge_size)
-        self.image_token_id = int(self.tokens["image_token_id"])
         self.video_token_id = int(self.tokens["video_token_id"])
         # The clip preprocessing (the checkpoint's video_preprocessor_config.json); an export made before video
         # support gets what transformers falls back to without one: the image config's size, mean and std

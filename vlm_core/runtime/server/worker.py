@@ -85,13 +85,16 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
                                                                                default_max_tokens))
     yield Prepared(prompt_tokens)
 
-    answer, timings = ResultAccumulator(), {}
-    for chunk in vlm.stream_generate(prompt, timings=timings, options=options):  # closed early: KV freed at once
-        answer.add(chunk)
-        yield chunk
-    summary = summarize_timings(timings, 0.0)
+    answer, sequence = ResultAccumulator(), vlm.submit(prompt, options)
+    try:
+        for chunk in sequence.chunks():  # the engine's outbox, read here directly
+            answer.add(chunk)
+            yield chunk
+    finally:
+        sequence.cancel()  # closed early (client gone, timeout): the engine frees the row at its next step
+    summary = summarize_timings(sequence.timings, 0.0)
     summary.pop("load_s", None)
-    yield Finished(answer.finish_reason, answer.completion_tokens, summary, int(timings.get("cached_tokens", 0)))
+    yield Finished(answer.finish_reason, answer.completion_tokens, summary, sequence.cached_tokens)
 
 
 def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo], video):
