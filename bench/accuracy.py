@@ -19,7 +19,7 @@ REFERENCE_FILES = ("logits.npy", "tokens.npy", "image_embeds.npy", "deepstack_em
 
 
 def _load(spec: dict):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     from .ours import messages
 

@@ -25,7 +25,9 @@ import time
 def build_qwen3_vl_processor(checkpoint: str):
     """transformers' Qwen3VLProcessor for `checkpoint`, without the torchvision-only video processor."""
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     class Qwen3VLProcessorNoVideo(transformers.Qwen3VLProcessor):
         def check_argument_for_proper_class(self, argument_name, argument):

@@ -19,7 +19,7 @@ def messages(image: str | None, prompt: str) -> list:
 def load(spec: dict):
     """spec's folder as a VisionLanguageModel with no prefix or image-feature cache (every repetition measures a
     first request, vision included); spec["batch_invariant"] False lets a lone sequence decode as one row."""
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(spec["folder"], threads=spec["threads"], cache_mb=0,
                                batch_invariant=spec.get("batch_invariant", True))
@@ -49,7 +49,7 @@ def run(spec: dict) -> dict:
     """spec: folder, image (None: text only), prompt, new_tokens, threads, warmup[, batch_invariant].
     Returns timings and greedy tokens."""
     start = time.perf_counter()
-    import vlm_core.runtime.engine  # noqa: F401  (timed: the import cost is reported)
+    import vlm_core.runtime.model  # noqa: F401  (timed: the import cost is reported)
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -26,8 +26,13 @@ import time
 
 from . import machine, ours
 from .peers_llama import SETUP, Skip, llama_model, llama_run, llama_tools, run_step
-from .worker import ROOT  # noqa: F401  (bench.peers.ROOT: where workers run)
-from .worker import RESULT_PREFIX, WorkerError, launch_command, peak_rss_mb
+from .worker import (
+    RESULT_PREFIX,
+    ROOT,  # noqa: F401  (bench.peers.ROOT: where workers run)
+    WorkerError,
+    launch_command,
+    peak_rss_mb,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = {"vocab_size": 151936, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 5000000,

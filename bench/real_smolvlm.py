@@ -23,7 +23,15 @@ import json
 import os
 import sys
 
-from .real_text import PASSAGES, agreement, export_configs, load_smollm2, print_table, tests_helpers, write_json
+from .real_text import (
+    PASSAGES,
+    agreement,
+    export_configs,
+    load_smollm2,
+    print_table,
+    tests_helpers,
+    write_json,
+)
 
 # SmolVLM-256M-Instruct's vision tower and connector (config.json of HuggingFaceTB/SmolVLM-256M-Instruct)
 VISION = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
                         help="the random vision tower: SmolVLM-256M's (default) or the tests' small one; the prompts "
                              "are text only, so the agreement figures do not depend on it, only the export time")
     args = parser.parse_args(argv)
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     checkpoint = os.path.join(args.work, "checkpoint")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):

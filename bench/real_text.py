@@ -138,7 +138,7 @@ def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, 
 def agreement(folders: dict[str, str], positions: int) -> dict:
     """Each export in `folders` but "none" against the float32 one along PASSAGES: teacher-forced logits
     (cosine, top-1 agreement, KL) and free-running greedy tokens (64 after a passage's start)."""
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     from .accuracy import cosine, kl_divergence, teacher_forced
 

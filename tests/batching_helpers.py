@@ -1,8 +1,8 @@
 """Drive a BatchEngine step by step: requests that join at given steps, alone or together."""
 from __future__ import annotations
 
-from vlm_core.runtime.batch_engine import BatchEngine
-from vlm_core.runtime.sequence import Sequence
+from vlm_core.runtime.engine.sequence import Sequence
+from vlm_core.runtime.engine.step_loop import BatchEngine
 
 
 def make_sequence(vlm, request: dict) -> Sequence:

@@ -66,7 +66,9 @@ def hf_processor(qwen_checkpoint):
     import json
 
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     class Qwen3VLProcessorNoVideo(transformers.Qwen3VLProcessor):
         # The video processor needs torchvision; only its class check touches it.
@@ -88,7 +90,7 @@ def hf_processor(qwen_checkpoint):
 
 @pytest.fixture(scope="session")
 def vlm(qwen_export):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(qwen_export, threads=2)
 
@@ -173,7 +175,7 @@ def mg_export_kv16(mg_checkpoint, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mg_vlm(mg_export):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(mg_export, threads=2)
 

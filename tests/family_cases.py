@@ -31,9 +31,9 @@ def _minigpt4_inputs(reference, messages, paths):
     its get_context_emb makes them, pixels from transformers' BlipImageProcessor (PIL backend); text only runs
     the LLaMA text model alone (BLIP-2's forward needs pixels)."""
     from PIL import Image
-
-    from vlm_core.models.minigpt4.prompt import build_prompt
     from test_minigpt4 import blip_processor, minigpt4_context_ids
+
+    from minigpt4_helpers import build_prompt
 
     model, tokenizer = reference
     question = messages[-1]["content"][-1]["text"]

@@ -105,3 +105,17 @@ def rng_images(seed=0):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray((rng.random((40 + 9 * i, 31 + 5 * i, 3)) * 255).astype("uint8")) for i in range(2)]
+
+
+def build_prompt(question: str, n_images: int = 1, template: str = "vicuna_v0", system: str | None = None) -> str:
+    """One user message (images then question) + the open assistant turn, as MiniGPT-4's Chat renders it
+    (`upload_img` per image, `ask`, `answer`): written out in Python, the reference for `chat_template`."""
+    from vlm_core.models.minigpt4.prompt import DEFAULT_SYSTEM, IMAGE_MESSAGE, TEMPLATES
+
+    t = TEMPLATES[template]
+    user, assistant = t["roles"]
+    text = (DEFAULT_SYSTEM if system is None else system) + t["sep"]
+    text += "".join(user + IMAGE_MESSAGE + t["sep"] for _ in range(n_images - 1))
+    last = IMAGE_MESSAGE if n_images else ""
+    last += " " + question if n_images and question else question
+    return text + user + last + t["sep"] + assistant

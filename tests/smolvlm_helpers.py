@@ -7,8 +7,21 @@ import os
 
 from minigpt4_helpers import randomize  # noqa: F401  (spread-out random weights, shared by the test checkpoints)
 
-from bench.smolvlm import (BOS, EOS, FAKE_IMAGE, GLOBAL_IMAGE, IMAGE, PAD, ROW_COL, UNK,  # noqa: F401
-                           _NoVideoProcessor, hf_processor, tokens_per_tile, write_processor_files, write_tokenizer)
+from bench.smolvlm import (  # noqa: F401
+    BOS,
+    EOS,
+    FAKE_IMAGE,
+    GLOBAL_IMAGE,
+    IMAGE,
+    PAD,
+    ROW_COL,
+    UNK,
+    _NoVideoProcessor,
+    hf_processor,
+    tokens_per_tile,
+    write_processor_files,
+    write_tokenizer,
+)
 
 _WRITTEN: list = []  # the first folder a tokenizer was written to in this process (the GGUF loads in ~15 s)
 

@@ -110,20 +110,33 @@ def test_seeded_sampling_is_reproducible(vlm, photos):
     assert first != greedy  # it really sampled
 
 
-def test_ask(vlm, photos):
-    from vlm_core.runtime.chat import build_user_messages
+def _transformers_answer(hf_model, hf_processor, vlm, messages, new_tokens):
+    """transformers' greedy answer to `messages` (its processor's template and pixels), as text."""
+    import torch
 
-    answer = vlm.ask("Describe the picture.", images=[photos["coffee"]], max_new_tokens=5, min_new_tokens=5)
-    expected = vlm.generate(build_user_messages("Describe the picture.", [photos["coffee"]]), max_new_tokens=5,
-                            min_new_tokens=5)
-    assert isinstance(answer, str)
-    assert answer == expected.text
-    assert len(expected.token_ids) == 5
-    with_system = vlm.ask("Describe the picture.", images=[photos["coffee"]], system="Answer in French.",
-                          max_new_tokens=5, min_new_tokens=5, sampling=GREEDY)
-    system_messages = build_user_messages("Describe the picture.", [photos["coffee"]], system="Answer in French.")
-    assert system_messages[0]["role"] == "system"
-    assert with_system == vlm.generate(system_messages, GREEDY, max_new_tokens=5, min_new_tokens=5).text
+    inputs = hf_processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                              return_tensors="pt")
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(tokens) == new_tokens
+    return vlm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_ask(vlm, hf_model, hf_processor):
+    """`ask` (one user turn: images then text, an optional system turn, greedy by default) against
+    transformers' greedy answer to the same conversation written out by hand. The picture and prompt are ones
+    the tiny random model answers in readable words (most give U+FFFD runs, which many answers share)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "astronaut.jpg")
+    turn = _user({"type": "image", "path": path}, _text("Describe."))
+    answer = vlm.ask("Describe.", images=[path], max_new_tokens=5, min_new_tokens=5)
+    assert isinstance(answer, str) and "\ufffd" not in answer
+    assert answer == _transformers_answer(hf_model, hf_processor, vlm, turn, 5)
+    with_system = vlm.ask("Describe.", images=[path], system="Answer in French.", max_new_tokens=5,
+                          min_new_tokens=5, sampling=GREEDY)
+    system = [{"role": "system", "content": [_text("Answer in French.")]}]
+    assert with_system == _transformers_answer(hf_model, hf_processor, vlm, system + turn, 5)
+    assert with_system != answer  # the system turn reached the prompt
 
 
 def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
@@ -153,7 +166,7 @@ def test_dump_inputs_shapes(vlm, qwen_export, photos, tmp_path, capsys):
     image_token_id = manifest["special_tokens"]["image_token_id"]
     assert int((arrays["input_ids"] == image_token_id).sum()) == n_patches // merge ** 2 == result["image_tokens"]
     # The CLI feeds the model exactly what the API prepares for the same request.
-    from vlm_core.runtime.chat import build_user_messages
+    from vlm_core.runtime.chat.messages import build_user_messages
 
     prompt = vlm.prepare(build_user_messages("Compare.", images))
     for name, array in prompt.dump().items():
@@ -168,7 +181,7 @@ def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
     TypeError; the API raises a UserError that says which part of `messages` holds one."""
     import pytest
 
-    from vlm_core.runtime.errors import UserError
+    from vlm_core.errors import UserError
 
     cases = {
         "messages[0].content[1].text": _user(_text("fine"), _text("caf\udce9")),
@@ -188,7 +201,7 @@ def test_text_with_lone_surrogates_is_a_user_error_naming_the_parameter(vlm):
 def test_empty_messages_is_a_user_error(vlm):
     import pytest
 
-    from vlm_core.runtime.errors import UserError
+    from vlm_core.errors import UserError
 
     for call in (lambda: vlm.generate([], GREEDY, max_new_tokens=2), lambda: vlm.prepare([]),
                  lambda: list(vlm.stream_generate([], GREEDY, max_new_tokens=2))):
@@ -200,7 +213,7 @@ def test_token_limits_and_stop_are_checked_naming_the_parameter(vlm):
     """max_new_tokens=-1 used to return an empty answer; now every entry point refuses it by name."""
     import pytest
 
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
 
     messages = _user(_text("hi"))
     prompt = vlm.prepare(messages)
@@ -278,7 +291,9 @@ def test_data_url_image_parts_are_decoded(vlm, photos):
         prompt = vlm.prepare(_user(part, _text("Describe.")))
         np.testing.assert_array_equal(prompt.input_ids, reference.input_ids, err_msg=name)
         np.testing.assert_array_equal(prompt.pixel_values, reference.pixel_values, err_msg=name)
-    from vlm_core.kernels.image import load_image  # what every family's preprocessing calls
+    from vlm_core.kernels.image import (
+        load_image,  # what every family's preprocessing calls
+    )
 
     np.testing.assert_array_equal(np.asarray(load_image(url)), np.asarray(load_image(path)))
 
@@ -312,7 +327,7 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
     import pytest
 
     from vlm_core.kernels.image import ImageError
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     folder = os.path.dirname(photos["coffee"])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
@@ -337,7 +352,7 @@ def test_remote_image_urls_are_fetched_only_when_allowed(qwen_export, vlm, photo
 
 
 def test_context_error_names_the_api_parameter(vlm):
-    from vlm_core.runtime.errors import ContextLengthError
+    from vlm_core.errors import ContextLengthError
 
     with pytest.raises(ContextLengthError) as info:
         vlm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=vlm.max_context * 2)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from batching_helpers import alone, make_sequence, run_schedule
 from PIL import Image
 
-from batching_helpers import alone, make_sequence, run_schedule
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.runtime.batch_engine import BatchEngine
+from vlm_core.runtime.engine.step_loop import BatchEngine
 
 
 def _requests(photos) -> list:
@@ -50,20 +50,20 @@ def test_batched_equals_alone_fp32(vlm, photos):
 
 
 def test_batched_equals_alone_int4(qwen_export_int4, photos):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     _check_batched_equals_alone(VisionLanguageModel(qwen_export_int4, threads=2), _requests(photos))
 
 
 def test_batched_equals_alone_int8(qwen_export_int8, photos):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     _check_batched_equals_alone(VisionLanguageModel(qwen_export_int8, threads=2), _requests(photos))
 
 
 def test_parallel_limit_and_threaded_generate_batch(vlm, photos):
     """generate_batch through the engine thread with parallel=2: everything answered, same tokens as alone."""
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     requests = [dict(r, max_new_tokens=30, min_new_tokens=6) for r in _requests(photos)]
     expected = alone(vlm, requests, prefill_chunk=16, cache_mb=0)
@@ -91,7 +91,7 @@ def test_cancel_frees_the_row(vlm, photos):
 # --- prefix and image-feature caches ---------------------------------------------------------------
 
 def _fresh(vlm, **options):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(vlm.folder, threads=2, **options)
 

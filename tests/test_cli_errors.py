@@ -192,7 +192,7 @@ def test_good_input_still_answers(qwen_export, photos):
 def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypatch, capsys):
     """An over-long request is refused before the vision graph or the decoder runs."""
     from vlm_core.runtime import generate
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     calls = []
 
@@ -215,7 +215,7 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
                                    ["--repetition-penalty", "0"], ["--min-new-tokens", "3", "--max-new-tokens", "2"]])
 def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos, monkeypatch, capsys):
     from vlm_core.runtime import generate
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     def no_load(self, *args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
@@ -232,7 +232,7 @@ def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos
                                    ["-p", "@/no/such/prompt.txt"], ["--prompt-file", "/no/such/prompt.txt"]])
 def test_bad_text_flags_are_refused_before_the_model_loads(flags, qwen_export, monkeypatch, capsys):
     from vlm_core.runtime import generate
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     def no_load(self, *args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
@@ -280,7 +280,7 @@ def test_prompt_argument_forms(tmp_path, monkeypatch):
     text that starts with @."""
     import io
 
-    from vlm_core.runtime.errors import UserError
+    from vlm_core.errors import UserError
     from vlm_core.runtime.generate import prompt_from_args
 
     path = tmp_path / "p.txt"

@@ -1,4 +1,4 @@
-"""The decoder call of format_version 2 (runtime/decoder_call.py) on a one-layer graph made of ONNX Runtime's
+"""The decoder call of format_version 2 (runtime/engine/decoder_call.py) on a one-layer graph made of ONNX Runtime's
 GroupQueryAttention op alone: the cache buffers are written in place at each row's own length, and the op
 computes what export/group_query_attention.py's eager twin says it does (rows of different lengths, a
 multi-token chunk on a filled past, a float16 cache)."""
@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper
 
 from vlm_core.export.group_query_attention import group_query_attention
-from vlm_core.runtime.decoder_call import run_decoder
+from vlm_core.runtime.engine.decoder_call import run_decoder
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
@@ -96,7 +96,7 @@ def test_an_export_of_format_version_1_is_refused_with_the_fix(tmp_path):
     """Its decoder takes an attention mask and returns only new entries: the runtime says to re-export."""
     import json
 
-    from vlm_core.runtime.errors import ModelFolderError
+    from vlm_core.errors import ModelFolderError
     from vlm_core.runtime.manifest import load_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "family": "qwen3_vl"}))

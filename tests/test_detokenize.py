@@ -1,4 +1,4 @@
-"""Tests for runtime/detokenize.py on the real Qwen2 byte-level BPE vocabulary
+"""Tests for runtime/output/detokenize.py on the real Qwen2 byte-level BPE vocabulary
 (tests/qwen_vocab.py), plus checks that that vocabulary encodes like Qwen2."""
 
 from __future__ import annotations
@@ -9,10 +9,14 @@ import unicodedata
 import numpy as np
 import pytest
 
-from vlm_core.runtime.detokenize import StopStringMatcher, StreamingDetokenizer
-
-from vlm_core.export.qwen_vocab import (PRETOKENIZE_REGEX, QWEN2_SPECIAL_TOKENS, build_qwen_tokenizer, bytes_to_unicode,
-                               load_qwen_ranks)
+from vlm_core.export.qwen_vocab import (
+    PRETOKENIZE_REGEX,
+    QWEN2_SPECIAL_TOKENS,
+    build_qwen_tokenizer,
+    bytes_to_unicode,
+    load_qwen_ranks,
+)
+from vlm_core.runtime.output.detokenize import StopStringMatcher, StreamingDetokenizer
 
 CHINESE = "你好，世界！今天天气很好，我们去公园散步吧。量子力学与鳄鱼、饕餮、龘。"
 EMOJI = "Party 🎉🎉 thumbs 👍🏽, family 👨‍👩‍👧‍👦, flag 🇯🇵, 🫠 melting."

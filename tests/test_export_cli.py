@@ -101,8 +101,8 @@ def test_nonempty_out_is_refused_without_force(qwen_checkpoint, tmp_path):
 
 def test_force_replaces_a_nonempty_out(qwen_checkpoint, tmp_path, capsys, copied_graphs):
     from vlm_core.export.cli import main
-    from vlm_core.runtime.engine import VisionLanguageModel
     from vlm_core.runtime.manifest import list_files, load_manifest
+    from vlm_core.runtime.model import VisionLanguageModel
 
     out = _occupied(tmp_path / "model")
     assert main([qwen_checkpoint, "-o", out, "--force", "--parity-tokens", "2"]) == 0

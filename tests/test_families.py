@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from family_cases import CASES
 
 from vlm_core.export.parity import relative_error
-from family_cases import CASES
 from vlm_core.kernels.sampling import SamplingParams
 
 NEW_TOKENS = 24
@@ -40,7 +40,7 @@ def _messages(paths, question):
 @pytest.fixture(scope="module")
 def runs(request):
     """Per family: (our model, transformers' reference fixture value), loaded once per module."""
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     loaded = {}
 

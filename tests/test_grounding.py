@@ -10,12 +10,18 @@ from dataclasses import asdict
 import pytest
 from PIL import Image
 
-from vlm_core.kernels.grounding import (draw_grounding, grounding_boxes, image_size_as_seen, label_colors, parse_grounding,
-                               to_pixels)
+from vlm_core.kernels.grounding import (
+    draw_grounding,
+    grounding_boxes,
+    image_size_as_seen,
+    label_colors,
+    parse_grounding,
+    to_pixels,
+)
 from vlm_core.kernels.image import open_image
 from vlm_core.models import get_family
 from vlm_core.runtime.generate import draw_answer_boxes, main
-from vlm_core.runtime.grounding import GroundingImage, grounded_image_index
+from vlm_core.runtime.output.grounding import GroundingImage, grounded_image_index
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "grounding_cases.json"), encoding="utf-8") as f:
@@ -137,7 +143,7 @@ def test_cli_refuses_draw_boxes_for_a_family_without_grounding(tmp_path, capsys,
         def __init__(self, folder, threads=None):
             self.family, self.manifest = get_family("minigpt4").Family, {"family": "minigpt4"}
 
-    monkeypatch.setattr("vlm_core.runtime.engine.VisionLanguageModel", MiniGPT4Model)
+    monkeypatch.setattr("vlm_core.runtime.model.VisionLanguageModel", MiniGPT4Model)
     image = _exif_jpeg(tmp_path / "a.jpg", 1)
     out = str(tmp_path / "o.png")
     assert main(["-m", str(tmp_path), "--image", image, "-p", "Locate it.", "--draw-boxes", out]) == 2
@@ -168,7 +174,7 @@ class _Answer:
     """A finished Sequence stand-in holding a given answer (the random-weight model writes no boxes)."""
 
     def __init__(self, prompt, text: str):
-        from vlm_core.runtime.sequence import GenerationChunk
+        from vlm_core.runtime.engine.sequence import GenerationChunk
 
         self.prompt, self.timings, self.cached_tokens, self.logprobs = prompt, {}, 0, None
         self._chunks = [GenerationChunk(text, 1), GenerationChunk("", 2, "stop")]
@@ -207,8 +213,8 @@ def test_result_boxes_are_in_pixels_of_the_picture_sent_whatever_max_pixels(vlm,
 
 
 def test_cli_draw_boxes_and_json(qwen_export, tmp_path, capsys, monkeypatch):
-    from vlm_core.runtime.engine import VisionLanguageModel
-    from vlm_core.runtime.sequence import GenerationChunk
+    from vlm_core.runtime.engine.sequence import GenerationChunk
+    from vlm_core.runtime.model import VisionLanguageModel
 
     image = _exif_jpeg(tmp_path / "rotated.jpg", 6)
     out = tmp_path / "boxes.png"

@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+
 import pytest
 from PIL import Image
 
-from vlm_core.kernels.grounding import grounding_boxes, image_size_as_seen, parse_grounding
+from vlm_core.kernels.grounding import (
+    grounding_boxes,
+    image_size_as_seen,
+    parse_grounding,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATIC = os.path.join(ROOT, "vlm_core", "runtime", "server", "static")

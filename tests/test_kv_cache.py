@@ -3,8 +3,8 @@ rows join by one copy, leave by moving one row, and are handed to the decoder as
 that writes into them in place is tested in tests/test_decoder_call.py.)"""
 import numpy as np
 
-from vlm_core.runtime.batch_cache import BatchKVCache
-from vlm_core.runtime.kv_cache import CAPACITY_ALIGN, KVCache
+from vlm_core.runtime.engine.kv_buffer import CAPACITY_ALIGN, KVCache
+from vlm_core.runtime.engine.kv_slots import BatchKVCache
 
 
 def _write(cache: KVCache, new: int, value: float) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 
-import minigpt4_helpers as helpers
 from bench.accuracy import teacher_forced
 from vlm_core.export.parity import FLOAT16_KV_LOGITS_RTOL
-from vlm_core.runtime.engine import VisionLanguageModel
+from vlm_core.runtime.model import VisionLanguageModel
 
 STEPS = 24
 NEAR_TIE = 1e-3  # top-2 logit gap under which float16 rounding may pick the other token

@@ -87,7 +87,7 @@ def test_logprobs_are_taken_before_the_grammar_mask(vlm):
 
 
 def test_no_logprobs_unless_asked_and_bad_values_refused(vlm):
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
 
     messages = [{"role": "user", "content": "Hello"}]
     result = vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=3)

@@ -3,18 +3,20 @@ runtime against transformers' eager Blip2ForConditionalGeneration; prompt layout
 preprocessing against transformers' BlipImageProcessor (PIL backend) on real photos."""
 from __future__ import annotations
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 import torch
 
-import minigpt4_helpers as helpers
 from vlm_core.export.parity import relative_error
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.models.minigpt4.prompt import DEFAULT_SYSTEM, build_prompt, chat_template, tokenize_segments
-from vlm_core.runtime.chat import render_chat
+from minigpt4_helpers import build_prompt
+from vlm_core.models.minigpt4.prompt import DEFAULT_SYSTEM, chat_template, tokenize_segments
+from vlm_core.runtime.chat.template import render_chat
 
 NEW_TOKENS = 24
 LOGITS_RTOL = 1e-4
+FEATURES_RTOL = 1e-4  # export/parity.py's, restated: loosening it there fails here
 QUESTION = "What is unusual about this picture?"
 
 
@@ -108,7 +110,10 @@ def test_manifest_records_family_and_parity(mg_export):
 
     with open(os.path.join(mg_export, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["family"] == "minigpt4" and manifest["parity"]["passed"] is True
+    assert manifest["family"] == "minigpt4"
+    parity = manifest["parity"]  # checked on the 4 tokens the fixture asked for, and on the vision graph's output
+    assert parity["greedy_tokens"] == 4 and parity["kv_dtype"] == "float32"
+    assert parity["first_logits_rel_err"] < LOGITS_RTOL and parity["image_embeds_rel_err"] <= FEATURES_RTOL
     assert manifest["prompt"] == {"template": "vicuna_v0", "image_placeholder": "<ImageHere>", "stop_strings": ["###"]}
     assert manifest["vision_config"]["num_query_tokens"] == 32
     assert [g["name"] for g in manifest["graphs"]["vision"]["outputs"]] == ["image_embeds"]

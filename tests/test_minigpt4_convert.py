@@ -9,12 +9,12 @@ import math
 import os
 import shutil
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import minigpt4_helpers as helpers
 from vlm_core.export.minigpt4_convert import ConversionError, convert
 from vlm_core.export.parity import relative_error
 
@@ -126,7 +126,7 @@ def original(tmp_path_factory, smol_folder):
 
 def test_convert_export_and_match_original_model(original, tmp_path):
     from vlm_core.export.cli import main
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     p = original["paths"]
     out = str(tmp_path / "minigpt4-onnx")

@@ -59,7 +59,7 @@ def test_cli_answers_without_torch(qwen_export, photos):
 
 
 def test_serve_modules_import_without_torch():
-    code = ("import vlm_core, vlm_core.runtime.engine, vlm_core.runtime.generate, vlm_core.kernels.image, "
+    code = ("import vlm_core, vlm_core.runtime.model, vlm_core.runtime.generate, vlm_core.kernels.image, "
             "vlm_core.kernels.sampling, vlm_core.models.qwen3_vl; import sys; "
             "assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))")
@@ -69,8 +69,8 @@ def test_serve_modules_import_without_torch():
 
 def test_serve_modules_import_with_torch_blocked():
     code = BLOCKER + "from vlm_core import VisionLanguageModel, SamplingParams\n" \
-                     "import vlm_core.runtime, vlm_core.runtime.engine, vlm_core.runtime.generate, vlm_core.runtime.chat, " \
-                     "vlm_core.runtime.detokenize, vlm_core.runtime.manifest, vlm_core.runtime.sessions, " \
+                     "import vlm_core.runtime, vlm_core.runtime.model, vlm_core.runtime.generate, vlm_core.runtime.chat.template, " \
+                     "vlm_core.runtime.output.detokenize, vlm_core.runtime.manifest, vlm_core.runtime.engine.onnx_sessions, " \
                      "vlm_core.kernels.image, vlm_core.kernels.sampling, vlm_core.models, vlm_core.models.qwen3_vl\n"
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,11 @@ import pytest
 from PIL import Image
 
 from vlm_core.kernels.image import ImageError, load_image, smart_resize
-from vlm_core.models.qwen3_vl.preprocess import ImageProcessorParams, num_image_tokens, preprocess_images
+from vlm_core.models.qwen3_vl.preprocess import (
+    ImageProcessorParams,
+    num_image_tokens,
+    preprocess_images,
+)
 
 transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
@@ -263,7 +267,9 @@ def test_patch_layout_is_spatial_merge_blocks():
 
 
 def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as ref_smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        smart_resize as ref_smart_resize,
+    )
 
     sizes = [1, 2, 5, 7, 15, 16, 17, 31, 32, 33, 47, 48, 49, 100, 255, 256, 300, 451, 640, 1000, 1023, 3333, 5000]
     for factor, min_pixels, max_pixels in [(28, 3136, 1003520), (32, 65536, 16777216), (32, 200_000, 250_000)]:

@@ -1,4 +1,4 @@
-"""Prompt building (runtime/chat.py + models/qwen3_vl/prompt.py) against transformers.
+"""Prompt building (runtime/chat/template.py + models/qwen3_vl/prompt.py) against transformers.
 
 Oracle: a real ``Qwen3VLProcessor`` (transformers 5.x) assembled offline in a temp dir from
 * the real Qwen2/Qwen3 BPE vocabulary (tests/qwen_vocab.py) + Qwen3-VL's added tokens, saved as
@@ -30,12 +30,15 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from vlm_core.models.qwen3_vl.prompt import IMAGE_PAD, expand_image_pads, num_image_tokens, tokenize_prompt  # noqa: E402
-from vlm_core.runtime.chat import (  # noqa: E402
-    build_user_messages,
+from vlm_core.models.qwen3_vl.prompt import (  # noqa: E402
+    IMAGE_PAD,
+    expand_image_pads,
+    num_image_tokens,
+    tokenize_prompt,
+)
+from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages  # noqa: E402
+from vlm_core.runtime.chat.template import (  # noqa: E402
     compile_chat_template,
-    load_chat_template,
-    normalize_messages,
     render_chat,
     special_tokens_from_config,
 )
@@ -63,8 +66,9 @@ def template() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from vlm_core.export.qwen_vocab import build_qwen_tokenizer
     from tokenizers import AddedToken, Tokenizer
+
+    from vlm_core.export.qwen_vocab import build_qwen_tokenizer
 
     tok = Tokenizer.from_str(build_qwen_tokenizer(with_tool_tokens=True).to_str())  # private copy
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN3_EXTRA_TOKENS])
@@ -106,7 +110,9 @@ def tokenizer_config(tokenizer) -> dict:
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory, tokenizer, tokenizer_config, template):
     transformers = pytest.importorskip("transformers")
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     d = tmp_path_factory.mktemp("qwen3vl_processor")
     tokenizer.save(str(d / "tokenizer.json"))
@@ -208,18 +214,10 @@ def test_template_file_is_the_qwen3_vl_instruct_template(template):
     assert template.startswith("{%- if tools %}\n    {{- '<|im_start|>system\\n' }}")
     assert template.endswith("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
     assert len(template) == 5292
-    # loading the same text back from a chat_template.json
-    assert load_chat_template(str(TEMPLATE_PATH)) == template
     compile_chat_template(template)
     assert compile_chat_template(template) is compile_chat_template(template)  # cached
 
 
-def test_load_chat_template_json(tmp_path, template):
-    p = tmp_path / "chat_template.json"
-    p.write_text(json.dumps({"chat_template": template}), encoding="utf-8")
-    assert load_chat_template(str(p)) == template
-    p.write_text(json.dumps({"chat_template": [{"name": "default", "template": template}]}), encoding="utf-8")
-    assert load_chat_template(str(p)) == template
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from bench.accuracy import cosine, greedy_without_eos, kl_divergence, teacher_forced
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.runtime.engine import VisionLanguageModel
+from vlm_core.runtime.model import VisionLanguageModel
 
 POSITIONS = 48
 FLOORS = {"int8": {"cosine": 0.998, "top1": 0.95, "vision_cosine": 0.999},

@@ -43,7 +43,7 @@ def test_float32_export_matches_eager_on_real_weights(exports):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_top1_agreement_on_real_prose(exports, method):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     folders = exports[0]
     fp32 = VisionLanguageModel(folders["none"], threads=2)
@@ -70,7 +70,11 @@ SMOLVLM_NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def smolvlm_export(tmp_path_factory):
-    from bench.real_smolvlm import TEST_IMAGE_PROCESSOR, TEST_VISION, write_smolvlm_checkpoint
+    from bench.real_smolvlm import (
+        TEST_IMAGE_PROCESSOR,
+        TEST_VISION,
+        write_smolvlm_checkpoint,
+    )
     from vlm_core.export.pipeline import Progress, run_export
 
     root = tmp_path_factory.mktemp("smolvlm-smollm2")
@@ -91,7 +95,7 @@ def test_smolvlm_chat_greedy_equals_transformers_on_real_weights(smolvlm_export)
     """Chat-templated text prompts through our runtime: the greedy tokens are transformers' eager greedy
     tokens on the same prompt ids (SmolVLMForConditionalGeneration.generate)."""
     from bench.real_smolvlm import CHAT_PROMPTS, chat, eager_greedy
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     checkpoint, folder, _ = smolvlm_export
     vlm = VisionLanguageModel(folder, threads=2)

@@ -153,7 +153,7 @@ def smolvlm_text(smolvlm_checkpoint, smolvlm_weights, smolvlm_hf) -> TextFamily:
 
 @pytest.fixture(scope="module")
 def smolvlm_vlm(smolvlm_export):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(smolvlm_export, threads=2)
 

@@ -12,7 +12,6 @@ import pytest
 from vlm_core.kernels.sampling import (
     SamplingParamError,
     SamplingParams,
-    apply_logits_processors,
     apply_min_p,
     apply_temperature,
     apply_top_k,
@@ -28,6 +27,14 @@ from vlm_core.kernels.sampling import (
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS).astype(np.float32)
+
+
+def apply_logits_processors(processors, tokens, logits):
+    """Run `processors` left to right on logits [vocab] (what the engine's Sequence does each step)."""
+    out = np.asarray(logits, dtype=np.float32)
+    for proc in processors:
+        out = proc(tokens, out)
+    return out
 
 
 def draw(params: SamplingParams, logits: np.ndarray, n: int) -> np.ndarray:

@@ -36,7 +36,7 @@ def unsplit_export(smolvlm_export, tmp_path_factory) -> str:
 # Tiled images, two images and text only run in the shared runner (tests/test_families.py); here what only
 # SmolVLM has: a checkpoint that does not split images (rows = cols = 0, the single-tile prompt string).
 def test_unsplit_image_matches_transformers(photos, unsplit_export, smolvlm_hf):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     model, processor = smolvlm_hf
     messages = [{"role": "user", "content": [{"type": "image", "path": photos["astronaut"]},
@@ -77,9 +77,9 @@ def test_manifest_records_family_prompt_and_parity(smolvlm_export):
 def test_tiles_encoded_piece_by_piece_give_the_same_features(photos, smolvlm_export, monkeypatch):
     """With one tile per vision call (the limit a 512-pixel tile reaches), the features and the answer are those
     of one call for all of an image's tiles."""
-    import vlm_core.runtime.batch_engine as batch_engine
-    import vlm_core.runtime.engine as engine
-    from vlm_core.runtime.engine import VisionLanguageModel
+    import vlm_core.runtime.engine.step_loop as batch_engine
+    import vlm_core.runtime.model as engine
+    from vlm_core.runtime.model import VisionLanguageModel
 
     vlm = VisionLanguageModel(smolvlm_export, threads=2)
     messages = [{"role": "user", "content": [{"type": "image", "path": photos["noise"]},

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 
+import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 
-import minigpt4_helpers as helpers
 from vlm_core.export import memory_plan, output, quantize_step
 from vlm_core.export.pipeline import ExportError, Progress, run_export
 
@@ -48,7 +48,7 @@ def test_streamed_minigpt4_fp32_matches_eager(mg_ckpt, tmp_path, equal_placehold
 
 
 def _first_logits(folder):
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     model = VisionLanguageModel(folder, threads=2)
     image = helpers.rng_images(0)[0]
@@ -150,7 +150,7 @@ def test_int4_block_size_flag(mg_ckpt, tmp_path):
     import json
 
     from vlm_core.export.cli import main
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     out = tmp_path / "b64"
     assert main([mg_ckpt, "-o", str(out), "--quantize", "int4", "--int4-block-size", "64",

@@ -129,7 +129,7 @@ def test_a_lark_grammar_and_text_format(vlm):
 
 
 def test_api_refuses_bad_formats_naming_the_parameter(vlm):
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
 
     bad = [
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}, "Invalid type"),
@@ -147,8 +147,8 @@ def test_api_refuses_bad_formats_naming_the_parameter(vlm):
 
 
 def test_missing_llguidance_names_the_extra(monkeypatch):
-    from vlm_core.runtime.constraint import GrammarCompiler
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
+    from vlm_core.runtime.output.constraint import GrammarCompiler
 
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
     compiler = GrammarCompiler("unused.json", 10, [])

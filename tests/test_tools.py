@@ -1,4 +1,4 @@
-"""Tool calls (runtime/tools.py): tools rendered by the chat template exactly as transformers renders them,
+"""Tool calls (runtime/chat/tools.py): tools rendered by the chat template exactly as transformers renders them,
 the model's <tool_call> blocks parsed into OpenAI tool_calls (streamed and not), "required" and named choices
 constrained so that the random-weight model's call always parses and fits the function's parameters, a tool
 round trip through the official openai client, and bad tools / tool_choice refused naming the field."""
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from vlm_core.kernels.sampling import SamplingParams
-from vlm_core.runtime.tools import ToolCallParser, parse_tool_calls
+from vlm_core.runtime.chat.tools import ToolCallParser
 
 pytest.importorskip("llguidance", reason="constrained tool calls need the 'structured' extra (llguidance)")
 jsonschema = pytest.importorskip("jsonschema", reason="the arguments are validated with jsonschema (test extra)")
@@ -50,7 +50,9 @@ def check_call(name: str, arguments: str) -> None:
     ("ends with <tool_ca", "ends with <tool_ca", []),
 ])
 def test_tool_call_blocks_split_the_same_streamed_and_whole(text, content, calls):
-    whole = parse_tool_calls(text, make_id=lambda: "call_1")
+    parser = ToolCallParser(make_id=lambda: "call_1")  # the whole answer in one delta
+    content_whole, calls_whole = parser.feed(text)
+    whole = (content_whole + parser.close()[0], calls_whole)
     assert (whole[0], [(c.name, c.arguments) for c in whole[1]]) == (content, calls)
     parser, pieces, streamed = ToolCallParser(make_id=lambda: "call_1"), [], []
     for character in text:  # one character per delta: every split point
@@ -124,7 +126,7 @@ def test_chat_session_keeps_calls_in_the_history(vlm):
 
 
 def test_bad_tools_are_refused_naming_the_field(vlm):
-    from vlm_core.runtime.errors import ParameterError
+    from vlm_core.errors import ParameterError
 
     messages = [{"role": "user", "content": "Hi"}]
     for kwargs, param in [({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

@@ -270,12 +270,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_remote_video_with_the_old_flag_name(qwen_export, vlm, clip):
-    """--allow-remote-images (now --allow-remote-media) lets a request name an http(s) video URL."""
+def test_remote_video_with_allow_remote_media(qwen_export, vlm, clip):
+    """--allow-remote-media lets a request name an http(s) video URL, fetched by the server."""
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                             functools.partial(_QuietHandler, directory=os.path.dirname(clip)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
-    srv = Server(qwen_export, "--allow-remote-images")
+    srv = Server(qwen_export, "--allow-remote-media")
     try:
         url = f"http://127.0.0.1:{files.server_address[1]}/{os.path.basename(clip)}"
         status, _, answer = ask(srv, video_messages({"type": "video_url", "video_url": {"url": url}}))

@@ -7,7 +7,7 @@ The embedding API, where people look for it first (as ``from vllm import LLM, Sa
 Subpackages keep their roles: ``vlm_core.export`` (checkpoint -> ONNX, needs the ``export`` extra and torch),
 ``vlm_core.runtime`` (serving: numpy + onnxruntime + tokenizers + pillow + jinja2, never torch),
 ``vlm_core.kernels`` (torch-free numerics: images, sampling, video) and ``vlm_core.models`` (one folder per family).
-Inside the package every import is absolute (``from vlm_core.runtime.engine import ...``).
+Inside the package every import is absolute (``from vlm_core.runtime.model import ...``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # Imported on first use, so that `import vlm_core.export` or `python -m vlm_core.export --help` does not load
 # the runtime (onnxruntime, tokenizers) first.
 _EXPORTS = {
-    "VisionLanguageModel": "vlm_core.runtime.engine",
+    "VisionLanguageModel": "vlm_core.runtime.model",
     "SamplingParams": "vlm_core.kernels.sampling",
 }
 

@@ -79,7 +79,7 @@ def copy_assets(folder: str, staging: str) -> dict:
             f.write(template)
     preprocessing = read_json(os.path.join(folder, "preprocessor_config.json"))
     config = read_json(os.path.join(folder, "config.json"))
-    from vlm_core.runtime.chat import special_tokens_from_config
+    from vlm_core.runtime.chat.template import special_tokens_from_config
 
     template_tokens = special_tokens_from_config(read_json(os.path.join(folder, "tokenizer_config.json")))
     return {"tokenizer": TOKENIZER_FILE, "chat_template": TEMPLATE_FILE if template is not None else None,

@@ -84,7 +84,12 @@ def main(argv=None) -> int:
               f"pip install 'vlm-core[export]' torch==2.13.0", file=sys.stderr)
         return 2
     from vlm_core.export.errors import ExportError
-    from vlm_core.export.pipeline import ExportOptions, Progress, count_steps, export_checkpoint
+    from vlm_core.export.pipeline import (
+        ExportOptions,
+        Progress,
+        count_steps,
+        export_checkpoint,
+    )
 
     try:
         options = ExportOptions(quantize=args.quantize, kv_dtype=args.kv_dtype, parity_tokens=args.parity_tokens,

@@ -3,6 +3,7 @@ KV-cache contract. It belongs to no family: MiniGPT-4 and SmolVLM both export th
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vlm_core.export.fused_ops import rotary, rotary_tables, skip_rms_norm
@@ -94,3 +95,17 @@ def llama_text_config(text) -> dict:
             "head_dim": head_dim, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
             "max_context": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
             "rope_parameters": dict(getattr(text, "rope_parameters", None) or {})}
+
+
+def random_pixels(model, count: int, seed: int) -> torch.Tensor:
+    """`count` random square images at the vision tower's size (tracing and parity inputs), seeded."""
+    size = model.config.vision_config.image_size
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def export_llama_decoder(model, graph: LlamaDecoderGraph, path: str) -> list[str]:
+    """Trace and write the LLaMA decoder `graph` of a spliced-vision family (MiniGPT-4, SmolVLM) to `path`."""
+    from vlm_core.export.onnx_io import export_graph
+
+    args, dynamic = llama_decoder_example(graph, model.config.text_config.hidden_size)
+    return export_graph(graph, args, path, dynamic)

@@ -12,10 +12,9 @@ import json
 import os
 import sys
 
-from vlm_core.runtime.manifest import FORMAT_VERSION, MANIFEST
-
 from vlm_core.export import assets
 from vlm_core.export.errors import ExportError
+from vlm_core.runtime.manifest import FORMAT_VERSION, MANIFEST
 
 
 def manifest_head(family, family_name: str, model, kv_dtype: str) -> dict:

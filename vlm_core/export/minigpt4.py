@@ -10,15 +10,20 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from vlm_core.models.minigpt4.prompt import TEMPLATES, chat_template
-
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import video_preprocessing_params  # noqa: F401  (no video: the contract's default)
 from vlm_core.export.kv_dtype import rounding_cache
-from vlm_core.export.llama_graph import LlamaDecoderGraph, llama_decoder_example, llama_text_config
+from vlm_core.export.llama_graph import (
+    LlamaDecoderGraph,
+    export_llama_decoder,
+    llama_decoder_example,
+    llama_text_config,
+    random_pixels,
+)
 from vlm_core.export.minigpt4_graphs import MiniGPT4VisionGraph
 from vlm_core.export.onnx_io import export_graph
 from vlm_core.export.streamed import empty_model
+from vlm_core.models.minigpt4.prompt import TEMPLATES, chat_template
 
 FAMILY = "minigpt4"
 PROMPT_FILE = "minigpt4_prompt.json"  # optional sidecar in a checkpoint folder: {"template": "vicuna_v0" | "llama2"}
@@ -58,15 +63,10 @@ def manifest_sections(model) -> dict:
     }
 
 
-def _pixels(model, n_images: int, seed: int) -> torch.Tensor:
-    size = model.config.vision_config.image_size
-    return torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
 def export_vision(model, path: str) -> list[str]:
     """EVA ViT + ln_vision + Q-Former + projection -> image_embeds [n_images, 32, llm_hidden]."""
     graph = MiniGPT4VisionGraph(model).eval()
-    return export_graph(graph, (_pixels(model, 2, 0),), path, ({0: Dim("images")},))
+    return export_graph(graph, (random_pixels(model, 2, 0),), path, ({0: Dim("images")},))
 
 
 def decoder_graph(model, kv_dtype: str = "float32") -> LlamaDecoderGraph:
@@ -74,9 +74,7 @@ def decoder_graph(model, kv_dtype: str = "float32") -> LlamaDecoderGraph:
 
 
 def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
-    graph = decoder_graph(model, kv_dtype)
-    args, dynamic = decoder_example(model, graph)
-    return export_graph(graph, args, path, dynamic)
+    return export_llama_decoder(model, decoder_graph(model, kv_dtype), path)
 
 
 def decoder_example(model, graph) -> tuple[tuple, tuple]:
@@ -92,7 +90,7 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
     """Two images in one MiniGPT-4-style prompt: BOS, text, 32 query slots, text, 32 slots, text (the KV cache
     rounded to `kv_dtype`, as the graphs round it)."""
     config = model.config
-    pixel_values = _pixels(model, 2, 1)
+    pixel_values = random_pixels(model, 2, 1)
     placeholder, queries = int(config.image_token_index), config.num_query_tokens
     rng = np.random.default_rng(0)
     vocab = config.text_config.vocab_size

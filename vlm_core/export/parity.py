@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_core.runtime.engine import VisionLanguageModel
+from vlm_core.runtime.model import VisionLanguageModel
 
 LOGITS_RTOL = 1e-4
 FEATURES_RTOL = 1e-4

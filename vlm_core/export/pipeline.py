@@ -15,9 +15,8 @@ import json
 import os
 import shutil
 
-from vlm_core.models import family_for_model_type
-
 from vlm_core.export import parity
+from vlm_core.export.assets import read_json
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import export_family
 from vlm_core.export.manifest_build import add_assets, add_provenance, write_manifest
@@ -27,6 +26,7 @@ from vlm_core.export.output import prepare_output, publish
 from vlm_core.export.progress import Progress
 from vlm_core.export.quantize_step import plausible, quantize_and_measure
 from vlm_core.export.torch_stage import TORCH_STAGE_STEPS, run_torch_stage
+from vlm_core.models import family_for_model_type
 
 __all__ = ["ExportError", "ExportOptions", "Progress", "count_steps", "export_checkpoint", "run_export"]
 
@@ -124,8 +124,7 @@ def _read_config(source: str) -> dict:
             raise ExportError(f"{source!r} has no config.json: pass a Hugging Face checkpoint folder "
                               f"(config.json, *.safetensors, tokenizer.json, ...)")
         try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json(path)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ExportError(f"{path} cannot be read as JSON ({e}); pass a valid Hugging Face checkpoint "
                               f"folder") from None

@@ -119,10 +119,10 @@ def quantize_int8(path: str, out_path: str) -> list[str]:
 def quantize_int4(path: str, out_path: str, block_size: int = INT4_BLOCK_SIZE,
                   accuracy_level: int = INT4_ACCURACY_LEVEL) -> list[str]:
     """4-bit MatMulNBits (symmetric, `block_size`, `accuracy_level`) for every constant-weight MatMul."""
+    import contextlib
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    import contextlib
 
     # External tensors stay on disk: the quantizer reads one weight at a time (relative to the working
     # folder, hence the chdir), so a decoder bigger than memory can be quantized.

@@ -6,14 +6,13 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from vlm_core.models.qwen3_vl import positions
-
 from vlm_core.export.family_defaults import extra_assets  # noqa: F401  (no files of its own: the contract's default)
 from vlm_core.export.group_query_attention import example_lengths
 from vlm_core.export.kv_dtype import rounding_cache
 from vlm_core.export.onnx_io import export_graph
 from vlm_core.export.qwen3_vl_graphs import Qwen3VLDecoderGraph, Qwen3VLVisionGraph
 from vlm_core.export.streamed import empty_model
+from vlm_core.models.qwen3_vl import positions
 
 FAMILY = "qwen3_vl"
 # Two images of different aspect ratios (and so different grids) for tracing and for parity.

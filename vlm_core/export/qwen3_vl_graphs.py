@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from vlm_core.export.fused_ops import rotary, rotary_tables, skip_rms_norm
-from vlm_core.export.graph_layers import apply_rotary, decoder_input_names, fuse_linears, kv_names, rms_norm
+from vlm_core.export.graph_layers import (
+    apply_rotary,
+    decoder_input_names,
+    fuse_linears,
+    kv_names,
+    rms_norm,
+)
 from vlm_core.export.group_query_attention import group_query_attention
 from vlm_core.export.kv_dtype import torch_dtype
 

@@ -9,15 +9,20 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from vlm_core.models.smolvlm.preprocess import tile_count
-
 from vlm_core.export.assets import read_json
 from vlm_core.export.errors import ExportError
 from vlm_core.export.family_defaults import video_preprocessing_params  # noqa: F401  (SmolVLM2's video is not served: no video section)
 from vlm_core.export.kv_dtype import rounding_cache
-from vlm_core.export.llama_graph import LlamaDecoderGraph, llama_decoder_example, llama_text_config
+from vlm_core.export.llama_graph import (
+    LlamaDecoderGraph,
+    export_llama_decoder,
+    llama_decoder_example,
+    llama_text_config,
+    random_pixels,
+)
 from vlm_core.export.onnx_io import export_graph
 from vlm_core.export.smolvlm_graphs import SmolVLMVisionGraph
+from vlm_core.models.smolvlm.preprocess import tile_count
 
 FAMILY = "smolvlm"
 # The strings transformers' SmolVLMProcessor writes around image tokens (its defaults; a checkpoint's
@@ -30,7 +35,11 @@ PARITY_ROWS_COLS = np.array([[1, 2], [0, 0]], dtype=np.int64)
 
 
 def _model_class(folder: str):
-    from transformers import AutoConfig, Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        Idefics3ForConditionalGeneration,
+        SmolVLMForConditionalGeneration,
+    )
 
     model_type = AutoConfig.from_pretrained(folder).model_type
     return Idefics3ForConditionalGeneration if model_type == "idefics3" else SmolVLMForConditionalGeneration
@@ -74,15 +83,10 @@ def manifest_sections(model) -> dict:
     }
 
 
-def _pixels(model, tiles: int, seed: int) -> torch.Tensor:
-    size = model.config.vision_config.image_size
-    return torch.randn(tiles, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
 def export_vision(model, path: str) -> list[str]:
     """SigLIP + connector -> image_embeds [n_tiles, tokens_per_tile, text_hidden]."""
     graph = SmolVLMVisionGraph(model).eval()
-    return export_graph(graph, (_pixels(model, 2, 0),), path, ({0: Dim("tiles")},))
+    return export_graph(graph, (random_pixels(model, 2, 0),), path, ({0: Dim("tiles")},))
 
 
 def decoder_graph(model, kv_dtype: str = "float32") -> LlamaDecoderGraph:
@@ -90,9 +94,7 @@ def decoder_graph(model, kv_dtype: str = "float32") -> LlamaDecoderGraph:
 
 
 def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
-    graph = decoder_graph(model, kv_dtype)
-    args, dynamic = decoder_example(model, graph)
-    return export_graph(graph, args, path, dynamic)
+    return export_llama_decoder(model, decoder_graph(model, kv_dtype), path)
 
 
 def decoder_example(model, graph) -> tuple[tuple, tuple]:
@@ -110,7 +112,7 @@ def reference_case(model, new_tokens: int = 8, kv_dtype: str = "float32") -> dic
     model: image features, first-step logits and greedy tokens (KV cache rounded to `kv_dtype`)."""
     config = model.config
     per_tile = tokens_per_tile(config)
-    pixel_values = _pixels(model, sum(tile_count(r, c) for r, c in PARITY_ROWS_COLS.tolist()), 1)
+    pixel_values = random_pixels(model, sum(tile_count(r, c) for r, c in PARITY_ROWS_COLS.tolist()), 1)
     image = int(config.image_token_id)
     rng = np.random.default_rng(0)
     vocab = config.text_config.vocab_size

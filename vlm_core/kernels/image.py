@@ -27,11 +27,15 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from vlm_core.errors import ParameterError
+
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, Image.Image]
 
 
-class ImageError(ValueError):
+class ImageError(ParameterError):
     """An image could not be read or is unusable; the message names the image and the problem."""
+
+    code = "invalid_image"
 
 
 def describe_source(src: ImageSource) -> str:
@@ -73,6 +77,8 @@ def _finish_decode(image: Image.Image, name: str) -> Image.Image:
 
 class ImageTooLarge(ImageError):
     """The image has more pixels than the caller allows (found from its header, before decoding)."""
+
+    code = "image_too_large"
 
 
 # Common raster formats (Pillow plugin names): what a caller holding untrusted bytes may restrict opening to,
@@ -141,7 +147,9 @@ def open_image(src: ImageSource) -> Image.Image:
     Raises:
         ImageError: missing file, not an image, truncated/corrupt data, bad data: URL, unsupported type.
     """
-    from vlm_core.kernels.image_url import resolve_image_url  # (image_url imports ImageError from this module)
+    from vlm_core.kernels.image_url import (
+        resolve_image_url,  # (image_url imports ImageError from this module)
+    )
 
     name = describe_source(src)
     if isinstance(src, Image.Image):

@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from vlm_core.errors import ParameterError
+
 __all__ = [
     "SamplingParams",
     "SamplingParamError",
@@ -34,7 +36,6 @@ __all__ = [
     "Sampler",
     "make_sampler",
     "make_logits_processors",
-    "apply_logits_processors",
     "repetition_penalty_processor",
     "min_new_tokens_processor",
     "apply_temperature",
@@ -69,7 +70,7 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
-class SamplingParamError(ValueError):
+class SamplingParamError(ParameterError):
     """A sampling option out of its range.
 
     `param` is the SamplingParams field (``top_p``), which the message names; `flag` is the CLI flag
@@ -78,7 +79,7 @@ class SamplingParamError(ValueError):
 
     def __init__(self, param: str, requirement: str, value):
         self.param, self.requirement, self.value = param, requirement, value
-        super().__init__(self.naming(param))
+        super().__init__(self.naming(param), param)
 
     @property
     def flag(self) -> str:
@@ -230,16 +231,6 @@ def make_logits_processors(
     if min_new_tokens > 0 and eos:
         procs.append(min_new_tokens_processor(eos, min_new_tokens, prompt_len))
     return procs
-
-
-def apply_logits_processors(
-    processors: Sequence[LogitsProcessor], tokens: Sequence[int], logits: np.ndarray
-) -> np.ndarray:
-    """Run `processors` left to right on ``logits [vocab]``."""
-    out = _as_logits(logits)
-    for proc in processors:
-        out = proc(tokens, out)
-    return out
 
 
 # ----------------------------------------------------------------------------- warpers

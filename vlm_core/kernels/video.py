@@ -34,7 +34,13 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageSequence
 
-from vlm_core.kernels.image import ImageError, convert_to_rgb, describe_source, load_image
+from vlm_core.errors import ParameterError
+from vlm_core.kernels.image import (
+    ImageError,
+    convert_to_rgb,
+    describe_source,
+    load_image,
+)
 
 VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, np.ndarray, Sequence[Any]]
 
@@ -44,8 +50,10 @@ PYAV_MISSING = ("video files need PyAV: pip install 'vlm-core[video]' (or pip in
                 "animated GIF/WebP and frame folders work without it")
 
 
-class VideoError(ValueError):
+class VideoError(ParameterError):
     """A video could not be read or is unusable; the one-line message names the source and what to do."""
+
+    code = "invalid_video"
 
 
 class VideoTooLong(VideoError):

@@ -1,7 +1,7 @@
 """The serve-time contract between the runtime and a model family, written down.
 
-Every family's `Family(manifest)` subclasses `FamilyBase`: the runtime (runtime/engine.py,
-runtime/batch_engine.py, the server and the CLI) calls only what is declared here, and reads the
+Every family's `Family(manifest)` subclasses `FamilyBase`: the runtime (runtime/model.py,
+runtime/engine/step_loop.py, the server and the CLI) calls only what is declared here, and reads the
 attributes without `getattr` fallbacks, so the defaults below are where "this family has nothing to
 say" lives. Torch-free.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlm_core.models.config import TextConfig
 from vlm_core.models.media import MediaInputs
 
 
@@ -42,7 +43,11 @@ class FamilyBase:
     image_token_id: int = -1  # the placeholder token the vision features replace
 
     def __init__(self, manifest: dict):
+        """What every family reads from the manifest: the text config, the special tokens, the image token."""
         self.manifest = manifest
+        self.text_config = TextConfig.from_dict(manifest["text_config"])
+        self.tokens = manifest["special_tokens"]
+        self.image_token_id = int(self.tokens["image_token_id"])
 
     # --- required -------------------------------------------------------------------------------
     def preprocess(self, sources, min_pixels=None, max_pixels=None, video=None, token_limit=None) -> MediaInputs:

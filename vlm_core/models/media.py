@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from vlm_core.errors import ParameterError
+
 
 @dataclass(frozen=True)
 class VideoPart:
@@ -46,7 +48,7 @@ class VideoOptions:
                 raise ValueError(f"{names[key]} must be {kind}, got {value!r}")
 
 
-class UnsupportedMedia(ValueError):
+class UnsupportedMedia(ParameterError):
     """The model's family cannot read this kind of input (e.g. video for MiniGPT-4)."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_core.runtime.errors import ParameterError
+from vlm_core.errors import ParameterError
 
 
 def _is_int(value) -> bool:
@@ -39,18 +39,18 @@ def check_text(text: str, name: str, param: str | None = None) -> None:
         return
     code = ord(text[index])
     byte = f" (the byte 0x{code - 0xDC00:02x}, which is not UTF-8)" if 0xDC80 <= code <= 0xDCFF else ""
-    raise ParameterError(param or name, f"{name} is not valid text: a lone surrogate U+{code:04X} at character "
-                                        f"{index}{byte}; give UTF-8 text")
+    raise ParameterError(f"{name} is not valid text: a lone surrogate U+{code:04X} at character "
+                                        f"{index}{byte}; give UTF-8 text", param or name)
 
 
 def check_token_limits(max_new_tokens, min_new_tokens, max_name: str = "max_new_tokens",
                        min_name: str = "min_new_tokens") -> None:
     """Refuse a `max_new_tokens` below 1 or a `min_new_tokens` outside [0, max_new_tokens] (integers only)."""
     if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
-        raise ParameterError(max_name, f"{max_name} must be an integer >= 1, got {max_new_tokens!r}")
+        raise ParameterError(f"{max_name} must be an integer >= 1, got {max_new_tokens!r}", max_name)
     if not (_is_int(min_new_tokens) and 0 <= min_new_tokens <= max_new_tokens):
-        raise ParameterError(min_name, f"{min_name} must be an integer between 0 and {max_name} "
-                                       f"({max_new_tokens}), got {min_new_tokens!r}")
+        raise ParameterError(f"{min_name} must be an integer between 0 and {max_name} "
+                                       f"({max_new_tokens}), got {min_new_tokens!r}", min_name)
 
 
 def check_stop_strings(stop, name: str = "stop") -> list[str]:
@@ -62,14 +62,14 @@ def check_stop_strings(stop, name: str = "stop") -> list[str]:
         return []
     texts = [stop] if isinstance(stop, str) else stop
     if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
-        raise ParameterError(name, f"{name} must be a string or a list of strings, got {stop!r:.80}")
+        raise ParameterError(f"{name} must be a string or a list of strings, got {stop!r:.80}", name)
     if any(text == "" for text in texts):
-        raise ParameterError(name, f"{name} must be non-empty text (an empty stop text matches at once), got ''")
+        raise ParameterError(f"{name} must be non-empty text (an empty stop text matches at once), got ''", name)
     return list(texts)
 
 
 def check_logprobs(logprobs, name: str = "logprobs") -> None:
     """Refuse a `logprobs` count other than None (off) or an integer in [0, 20] (OpenAI's top_logprobs range)."""
     if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= 20):
-        raise ParameterError(name, f"{name} must be an integer from 0 to 20 (how many of the most likely tokens "
-                                   f"to report beside each chosen one), got {logprobs!r}")
+        raise ParameterError(f"{name} must be an integer from 0 to 20 (how many of the most likely tokens "
+                                   f"to report beside each chosen one), got {logprobs!r}", name)

@@ -6,20 +6,25 @@ Serve-time only: numpy, onnxruntime, tokenizers, pillow, jinja2. Never imports t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
 import sys
 
+from vlm_core.command_name import command_name
+from vlm_core.errors import UserError
+from vlm_core.kernels.grounding import GROUNDING_SCALE
 from vlm_core.kernels.image import ImageError
 from vlm_core.kernels.sampling import SamplingParamError, SamplingParams
+from vlm_core.runtime.checks import check_text
+from vlm_core.runtime.output.grounding import answer_boxes
+from vlm_core.runtime.output.result import ResultAccumulator, summarize_timings
+from vlm_core.runtime.request import GenerationOptions, check_options, compile_grammar
 
-from vlm_core.kernels.grounding import GROUNDING_SCALE
-
-from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_text
-from vlm_core.runtime.errors import UserError
-from vlm_core.runtime.grounding import answer_boxes
-from vlm_core.command_name import command_name
+# The generation parameters as this command's user writes them (errors name the flags).
+CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens", "stop": "--stop",
+             "logprobs": "--logprobs", "batch_invariant": "--batch-invariant"}
 
 # The video budget flags, by VideoOptions field (models/media.py): errors name the flag.
 VIDEO_FLAGS = {"fps": "--video-fps", "max_frames": "--video-max-frames", "max_pixels": "--video-max-pixels"}
@@ -61,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, help="CTRL-style repetition penalty (1 = off)")
     p.add_argument("--seed", type=int, help="sampler seed, for reproducible sampling")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="decode as a batch-invariant request does: the tokens are those the prompt gives in any batch "
+                        "(int4 pads a lone row to the batched kernel; slower), e.g. to match a server's answer")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text; repeatable")
     p.add_argument("--min-pixels", type=int, help="smallest image area in pixels after resizing (token budget)")
     p.add_argument("--max-pixels", type=int, help="largest image area in pixels after resizing (token budget)")
@@ -149,11 +157,6 @@ def sampling_from_args(args, defaults: dict) -> SamplingParams:
 
 def check_args(args) -> None:
     """Refuse, before the model loads, flags that cannot work; each error names its flag."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
-        raise UserError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
-                        f"got {args.min_new_tokens}")
     for flag in ("min_pixels", "max_pixels", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -166,16 +169,21 @@ def check_args(args) -> None:
     check_videos(args)
     if args.system is not None:
         check_text(args.system, "--system")
-    check_stop_strings(args.stop, "--stop")
     if args.dump_inputs and os.path.exists(args.dump_inputs) and not os.path.isdir(args.dump_inputs):
         raise UserError(f"--dump-inputs {args.dump_inputs!r} is a file, not a folder; give a folder "
                         f"(it is created if missing)")
     if args.draw_boxes is not None:
         check_draw_boxes(args.draw_boxes, args.image)
-    check_logprobs(args.logprobs, "--logprobs")
     if args.logprobs is not None and not args.json:
         raise UserError("--logprobs adds the log-probabilities to the --json output; add --json")
-    sampling_from_args(args, {})  # the explicit sampling flags, checked before a model is loaded
+    options_from_args(args, {})  # every generation flag, checked before a model is loaded
+
+
+def options_from_args(args, defaults: dict) -> GenerationOptions:
+    """The generation flags -> GenerationOptions, checked once (errors name the flags); sampling over the model's
+    generation_config `defaults`. The response format is compiled later, by the loaded model."""
+    return check_options(sampling_from_args(args, defaults), args.max_new_tokens, args.min_new_tokens, args.stop,
+                         args.logprobs, batch_invariant=args.batch_invariant or None, names=CLI_NAMES)
 
 
 def video_options_from_args(args):
@@ -218,7 +226,7 @@ def check_videos(args) -> None:
 def media_messages(prompt: str, media: list, system: str | None) -> list:
     """The CLI's messages: `build_user_messages`' (optional system message, then one user turn) with the --image /
     --video parts first, in the order given on the command line, then the text."""
-    from vlm_core.runtime.chat import build_user_messages
+    from vlm_core.runtime.chat.messages import build_user_messages
 
     messages = build_user_messages(prompt, [], system)
     messages[-1]["content"][:0] = [{"type": kind, kind: path} for kind, path in media]
@@ -285,7 +293,7 @@ def draw_answer_boxes(answer: str, image: str, out: str, scale: float = GROUNDIN
 def response_format_from_args(args) -> tuple[dict | None, str]:
     """(the response_format that --json-schema / --json-object / --grammar asks for or None, the flag as errors
     name it). Files are read and checked here, before the model loads; each error names its flag."""
-    from vlm_core.runtime.constraint import check_grammar
+    from vlm_core.runtime.output.constraint import check_grammar
 
     if args.json_object:
         response_format, flag = {"type": "json_object"}, "--json-object"
@@ -329,49 +337,39 @@ def run(args) -> int:
     check_args(args)
     response_format, format_flag = response_format_from_args(args)
     video = video_options_from_args(args)
-    from vlm_core.runtime.engine import VisionLanguageModel
+    from vlm_core.runtime.model import VisionLanguageModel
 
     model = VisionLanguageModel(args.model, threads=args.threads)
     scale = model.family.grounding_scale
     if args.draw_boxes is not None and not scale:
         raise UserError(f"--draw-boxes: {model.manifest['family']} models write no boxes or points "
                         f"(grounding is a Qwen3-VL output)")
-    sampling = sampling_from_args(args, model.generation_defaults)
-    grammar = model.grammars.compile(response_format, format_flag) if response_format else None
+    options = options_from_args(args, model.generation_defaults)
+    options = compile_grammar(dataclasses.replace(options, response_format=response_format), model.grammars,
+                              model.tokenizer, names={"response_format": format_flag or "--json-schema"})
     messages = media_messages(prompt_text, args.media, args.system)
     prompt = prepare_prompt(model, messages, args, video)
     if args.dump_inputs:
         dump_inputs(args.dump_inputs, prompt)
     model.check_context(len(prompt.input_ids), args.max_new_tokens,
                         names={"max_new_tokens": "--max-new-tokens", "max_pixels": "--max-pixels"})
-    timings, pieces, token_ids, logprobs, finish = {}, [], [], [], "length"
-    for chunk in model.stream_generate(prompt, sampling, args.max_new_tokens, args.min_new_tokens, args.stop, timings,
-                                       response_format=grammar, logprobs=args.logprobs):
+    timings, accumulated = {}, ResultAccumulator()
+    for chunk in model.stream_generate(prompt, timings=timings, options=options):
         if not args.json and chunk.text:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-        pieces.append(chunk.text)
-        if chunk.token_id is not None:
-            token_ids.append(chunk.token_id)
-            if chunk.logprobs is not None:
-                logprobs.append(chunk.logprobs.to_dict())
-        finish = chunk.finish_reason or finish
-    from vlm_core.runtime.engine import summarize_timings
-
-    answer = "".join(pieces)
+        accumulated.add(chunk)
+    answer = accumulated.text
     if not args.json:
         sys.stdout.write("\n")
     if args.draw_boxes is not None:
         boxes = draw_answer_boxes(answer, args.image[0], args.draw_boxes, scale)
-    else:  # one user turn: its first image is the one the boxes refer to (runtime/grounding.py)
+    else:  # one user turn: its first image is the one the boxes refer to (runtime/output/grounding.py)
         boxes = answer_boxes(answer, getattr(prompt, "grounding_image", None), scale)
     if args.json:
-        result = {"text": answer, "token_ids": token_ids, "prompt_tokens": int(len(prompt.input_ids)),
-                  "image_tokens": prompt.image_tokens, "finish_reason": finish, "boxes": boxes,
-                  "timings": summarize_timings(timings, model.load_s), "peak_rss_mb": round(peak_rss_mb(), 1)}
-        result.update(result["timings"])
-        if args.logprobs is not None:
-            result["logprobs"] = logprobs  # one per token id, OpenAI's shape (runtime/logprobs.py)
+        result = accumulated.result(prompt, summarize_timings(timings, model.load_s), int(timings.get("cached_tokens", 0)),
+                                    boxes, logprobs_requested=args.logprobs is not None).to_dict()
+        result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         print(json.dumps(result, ensure_ascii=False))
     return 0
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import os
 
-from vlm_core.runtime.errors import ModelFolderError
+from vlm_core.errors import ModelFolderError
 
 # 2: the decoder's attention is ONNX Runtime's GroupQueryAttention, with seqlens_k / total_sequence_length
-#    inputs and the KV cache written in place (runtime/decoder_call.py); 1 took an attention_mask and
+#    inputs and the KV cache written in place (runtime/engine/decoder_call.py); 1 took an attention_mask and
 #    returned only the new entries.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

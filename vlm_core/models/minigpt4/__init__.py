@@ -2,18 +2,17 @@
 projection into Vicuna / LLaMA. Each image becomes `num_query_tokens` (32) embeddings placed where
 MiniGPT-4 puts them: between the prompt segments around ``<ImageHere>``.
 
-Torch-free. The runtime talks to a family only through `Family`; see runtime/engine.py.
+Torch-free. The runtime talks to a family only through `Family`; see runtime/model.py.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from vlm_core.models.config import TextConfig
-from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 from vlm_core.models.media import MediaInputs, UnsupportedMedia, VideoPart
 from vlm_core.models.minigpt4.config import MiniGPT4VisionConfig
 from vlm_core.models.minigpt4.preprocess import BlipImageParams, preprocess_images
 from vlm_core.models.minigpt4.prompt import TEMPLATES, tokenize_segments
+from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 
 NAME = "minigpt4"
 
@@ -25,13 +24,10 @@ class Family(SplicedFamily):
     reads_video = False  # single images only: a video part is refused (UnsupportedMedia)
 
     def __init__(self, manifest: dict):
-        self.manifest = manifest
+        super().__init__(manifest)
         self.vision_config = MiniGPT4VisionConfig.from_dict(manifest["vision_config"])
-        self.text_config = TextConfig.from_dict(manifest["text_config"])
-        self.tokens = manifest["special_tokens"]
         self.image_params = BlipImageParams.from_dict(manifest["preprocessing"])
         self.num_query_tokens = int(self.vision_config.num_query_tokens)
-        self.image_token_id = int(self.tokens["image_token_id"])
         self.template = manifest.get("prompt", {}).get("template", "vicuna_v0")
         # Text that ends an answer (the engine adds these to the caller's stop strings): "###" for Vicuna v0.
         self.stop_strings = list(manifest.get("prompt", {}).get("stop_strings", TEMPLATES[self.template]["stop"]))

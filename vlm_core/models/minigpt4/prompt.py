@@ -74,18 +74,6 @@ def chat_template(name: str) -> str:
     )
 
 
-def build_prompt(question: str, n_images: int = 1, template: str = "vicuna_v0", system: str | None = None) -> str:
-    """One user message (images then question) + the open assistant turn, as MiniGPT-4's Chat renders it
-    (`upload_img` per image, `ask`, `answer`): written out in Python, the reference for `chat_template`."""
-    t = TEMPLATES[template]
-    user, assistant = t["roles"]
-    text = (DEFAULT_SYSTEM if system is None else system) + t["sep"]
-    text += "".join(user + IMAGE_MESSAGE + t["sep"] for _ in range(n_images - 1))
-    last = IMAGE_MESSAGE if n_images else ""
-    last += " " + question if n_images and question else question
-    return text + user + last + t["sep"] + assistant
-
-
 def tokenize_segments(tokenizer, text: str, n_images: int, num_query_tokens: int, placeholder_id: int) -> np.ndarray:
     """Prompt text -> int64 ids: segments split at <ImageHere>, special tokens (BOS) on the first only,
     `num_query_tokens` copies of `placeholder_id` where each image's query embeddings go.

@@ -1,6 +1,6 @@
 """Qwen3-VL (2B/4B/8B): prompt layout, image inputs, M-RoPE positions and deepstack splicing.
 
-Torch-free. The runtime talks to a family only through `Family`; see runtime/engine.py.
+Torch-free. The runtime talks to a family only through `Family`; see runtime/model.py.
 """
 from __future__ import annotations
 
@@ -9,17 +9,26 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm_core.kernels.grounding import GROUNDING_SCALE
-from vlm_core.kernels.video import VideoError, VideoTooLong, describe_video, load_video, probe_video
-
-from vlm_core.models.config import TextConfig
+from vlm_core.kernels.video import (
+    VideoError,
+    VideoTooLong,
+    describe_video,
+    load_video,
+    probe_video,
+)
 from vlm_core.models.contract import FamilyBase
 from vlm_core.models.media import MediaInputs, VideoOptions, VideoPart
 from vlm_core.models.qwen3_vl import positions
 from vlm_core.models.qwen3_vl.config import Qwen3VLVisionConfig
 from vlm_core.models.qwen3_vl.preprocess import ImageProcessorParams, preprocess_images
 from vlm_core.models.qwen3_vl.prompt import expand_media_pads, tokenize_prompt
-from vlm_core.models.qwen3_vl.video import (VideoProcessorParams, frame_timestamps, preprocess_video, sample_frame_indices,
-                    video_grid)
+from vlm_core.models.qwen3_vl.video import (
+    VideoProcessorParams,
+    frame_timestamps,
+    preprocess_video,
+    sample_frame_indices,
+    video_grid,
+)
 
 NAME = "qwen3_vl"
 
@@ -69,13 +78,10 @@ class Family(FamilyBase):
     reads_video = True  # video parts (models.media.VideoPart) become clips
 
     def __init__(self, manifest: dict):
-        self.manifest = manifest
+        super().__init__(manifest)
         self.vision_config = Qwen3VLVisionConfig.from_dict(manifest["vision_config"])
-        self.text_config = TextConfig.from_dict(manifest["text_config"])
-        self.tokens = manifest["special_tokens"]
         self.image_params = ImageProcessorParams.from_dict(manifest["preprocessing"])
         self.merge_size = int(self.vision_config.spatial_merge_size)
-        self.image_token_id = int(self.tokens["image_token_id"])
         self.video_token_id = int(self.tokens["video_token_id"])
         # The clip preprocessing (the checkpoint's video_preprocessor_config.json); an export made before video
         # support gets what transformers falls back to without one: the image config's size, mean and std

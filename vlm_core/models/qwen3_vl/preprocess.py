@@ -56,7 +56,17 @@ def channel_list(value) -> list[float]:
 
 
 @dataclass
-class ImageProcessorParams:
+class PixelSteps:
+    """Which of the processor's steps run (the same switches in the image and the video processor)."""
+
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+
+@dataclass
+class ImageProcessorParams(PixelSteps):
     """The image fields of a Qwen2/3-VL `preprocessor_config.json`."""
 
     patch_size: int = 14
@@ -68,10 +78,6 @@ class ImageProcessorParams:
     max_pixels: int = 28 * 28 * 1280
     resample: int = 3  # PIL.Image.Resampling.BICUBIC
     rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ImageProcessorParams:

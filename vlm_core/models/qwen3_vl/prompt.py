@@ -105,6 +105,11 @@ def expand_media_pads(text: str, media: Any, merge_size: int) -> str:
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     images = [i for i, kind in enumerate(media.kinds) if kind == "image"]
     videos = [i for i, kind in enumerate(media.kinds) if kind == "video"]
+    if videos:
+        # The chat template wraps each video pad in vision_start/vision_end, and every frame group brings its own
+        # pair: the processor collapses the template's outer pair (transformers >= 5.x,
+        # Qwen3VLProcessor.get_text_with_replacements), so the prompt has no extra start/end around all frames.
+        text = text.replace(VISION_START + VIDEO_PAD + VISION_END, VIDEO_PAD)
     pieces = re.split(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})", text)
     n_image_pads, n_video_pads = pieces[1::2].count(IMAGE_PAD), pieces[1::2].count(VIDEO_PAD)
     if (n_image_pads, n_video_pads) != (len(images), len(videos)):

@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from vlm_core.kernels.video import VideoError, VideoInfo, resize_frames
-
-from vlm_core.models.qwen3_vl.preprocess import channel_list
+from vlm_core.models.qwen3_vl.preprocess import PixelSteps, channel_list
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
@@ -35,7 +34,7 @@ UNKNOWN_FPS = 24  # what transformers assumes for a source without a frame rate
 
 
 @dataclass
-class VideoProcessorParams:
+class VideoProcessorParams(PixelSteps):
     """The fields of a Qwen3-VL `video_preprocessor_config.json`; defaults are transformers'
     `Qwen3VLVideoProcessor` class defaults (what an empty config gives)."""
 
@@ -53,10 +52,6 @@ class VideoProcessorParams:
     resample: int = 3  # BICUBIC (the only filter implemented)
     cap_pixels_per_frame: bool = False  # transformers' None (the default until v5.22) means False
     max_video_tokens: int = 768
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
     do_sample_frames: bool = True
 
     @classmethod

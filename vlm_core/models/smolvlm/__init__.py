@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_core.models.config import TextConfig
 from vlm_core.models.media import MediaInputs, UnsupportedMedia, VideoPart
-from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 from vlm_core.models.smolvlm.config import SmolVLMVisionConfig
-from vlm_core.models.smolvlm.preprocess import SmolVLMImageParams, preprocess_images, tile_count
-from vlm_core.models.smolvlm.prompt import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, expand_images
+from vlm_core.models.smolvlm.preprocess import (
+    SmolVLMImageParams,
+    preprocess_images,
+    tile_count,
+)
+from vlm_core.models.smolvlm.prompt import (
+    FAKE_IMAGE_TOKEN,
+    GLOBAL_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    expand_images,
+)
+from vlm_core.models.spliced import PreparedPrompt, SplicedFamily
 
 NAME = "smolvlm"
 
@@ -27,11 +35,8 @@ class Family(SplicedFamily):
     reads_video = False  # SmolVLM2's video input is not served (yet): a video part is refused
 
     def __init__(self, manifest: dict):
-        self.manifest = manifest
+        super().__init__(manifest)
         self.vision_config = SmolVLMVisionConfig.from_dict(manifest["vision_config"])
-        self.text_config = TextConfig.from_dict(manifest["text_config"])
-        self.tokens = manifest["special_tokens"]
-        self.image_token_id = int(self.tokens["image_token_id"])
         self.image_params = SmolVLMImageParams.from_dict(manifest["preprocessing"])
         prompt = manifest.get("prompt", {})
         self.image_seq_len = int(prompt.get("image_seq_len", self.vision_config.tokens_per_tile))

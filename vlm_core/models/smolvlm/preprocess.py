@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vlm_core.kernels.image import ImageError, describe_source, load_image, normalize, rescale, to_chw
+from vlm_core.kernels.image import (
+    ImageError,
+    describe_source,
+    load_image,
+    normalize,
+    rescale,
+    to_chw,
+)
 
 MAX_IMAGE_SIZE = 4096  # transformers' absolute limit on an edge after the longest-edge resize
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -147,18 +154,6 @@ def vision_encoder_size(height: int, width: int, tile: int) -> tuple[int, int]:
         width = int(height * aspect_ratio)
         width = math.ceil(width / tile) * tile
     return height, width
-
-
-def image_rows_cols(height: int, width: int, params: SmolVLMImageParams) -> tuple[int, int]:
-    """(rows, cols) of the tile grid an image of this size gets, without decoding it; (0, 0) when it is one
-    tile. Tiles = rows * cols + 1 when split, else 1. Follows the actual preprocessing arithmetic (transformers'
-    `get_number_of_image_patches` takes a shortcut that can differ by one row/column)."""
-    if not params.do_image_splitting:
-        return 0, 0
-    height, width = vision_encoder_size(*resized_size(height, width, params), params.tile)
-    if height > params.tile or width > params.tile:
-        return (height - params.tile) // params.tile + 1, (width - params.tile) // params.tile + 1
-    return 0, 0
 
 
 def tile_count(rows: int, cols: int) -> int:

@@ -28,11 +28,25 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from vlm_core.runtime.errors import ParameterError
+from vlm_core.errors import (
+    AuthError,
+    MethodNotAllowed,
+    NotFound,
+    ParameterError,
+    PayloadTooLarge,
+    UserError,
+)
+from vlm_core.runtime.request import compile_grammar
 from vlm_core.runtime.server import images, schema, videos, worker
 from vlm_core.runtime.server.config import ServeConfig
-from vlm_core.runtime.server.errors import AuthError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestError
-from vlm_core.runtime.server.scheduler import Cancelled, GenerationTimeout, QueueFull, QueueTimeout, Scheduler, Ticket
+from vlm_core.runtime.server.scheduler import (
+    Cancelled,
+    GenerationTimeout,
+    QueueFull,
+    QueueTimeout,
+    Scheduler,
+    Ticket,
+)
 
 log = logging.getLogger("vlm_core.runtime.server")
 
@@ -51,7 +65,7 @@ class HTTPError:
 
 # Error type -> how it is answered; the most specific class in an error's MRO wins.
 ERRORS = {
-    RequestError: HTTPError(400, "invalid_request_error"),
+    UserError: HTTPError(400, "invalid_request_error"),
     AuthError: HTTPError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     NotFound: HTTPError(404, "invalid_request_error"),
     MethodNotAllowed: HTTPError(405, "invalid_request_error"),
@@ -71,7 +85,7 @@ def error_answer(error: BaseException) -> tuple[HTTPError, dict]:
         log.error("unhandled error:\n%s", "".join(traceback.format_exception(error)))
         message = f"internal server error: {type(error).__name__}: {error}"
         return INTERNAL, {"error": {"message": message, "type": INTERNAL.type, "param": None, "code": None}}
-    return kind, {"error": {"message": getattr(error, "message", str(error)), "type": kind.type,
+    return kind, {"error": {"message": str(error), "type": kind.type,
                             "param": getattr(error, "param", None), "code": getattr(error, "code", None) or kind.code}}
 
 
@@ -107,7 +121,7 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
-            raise RequestError("invalid Content-Length header")
+            raise UserError("invalid Content-Length header")
         if int(length) > limit:
             raise PayloadTooLarge(f"request body is {int(length)} bytes, over this server's limit of {limit} bytes "
                                   f"(--max-body-mb {limit_mb:g})")
@@ -161,23 +175,22 @@ class ChatServer:
             body = await asyncio.to_thread(schema.parse_json, body)
         else:
             body = schema.parse_json(body)
-        chat = schema.parse_chat_request(body, self.config.max_images, self.config.max_videos)
+        chat = schema.parse_chat_request(body, self.config.max_images, self.config.max_videos,
+                                         self.vlm.generation_defaults)
         del body  # the request's JSON, video data: URLs included, is not kept while the answer is generated
         if chat.model is not None and chat.model != self.model_name:
             raise NotFound(f"model {chat.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         if chat.videos and not worker.reads_video(self.vlm):
-            raise RequestError(f"{chat.videos[0].param}: this model ({self.vlm.manifest['family']}) reads images "
+            raise ParameterError(f"{chat.videos[0].param}: this model ({self.vlm.manifest['family']}) reads images "
                                f"only, not video; send frames as image_url parts, or use a Qwen3-VL model",
                                param=chat.videos[0].param, code="unsupported_media")
         encoded = [await self.fetch_image(image) for image in chat.images]
         clips = [await self.fetch_video(video) for video in chat.videos]
-        schema.make_sampling(chat.sampling, self.vlm.generation_defaults)  # sampling errors before queueing
-        if chat.response_format is not None:  # schema errors before queueing too; compiled off the event loop
-            chat = dataclasses.replace(chat, response_format=await asyncio.to_thread(self.compile_format,
-                                                                                     chat.response_format))
-        if chat.tools:  # a tool grammar ("required", a named function) compiles (and is cached) before queueing
-            await asyncio.to_thread(self.compile_tools, chat)
+        if chat.options.response_format is not None or chat.options.tool_use is not None:
+            # a schema, grammar or forced tool call compiles (cached by its text) before queueing, off the event loop
+            chat = dataclasses.replace(chat, options=await asyncio.to_thread(
+                compile_grammar, chat.options, self.vlm.grammars, self.vlm.tokenizer, schema.SERVER_NAMES))
         video = dataclasses.replace(self.config.video_options, **chat.video) if clips else None
         events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens,
                             clips, video)
@@ -188,35 +201,12 @@ class ChatServer:
             if chat.stream:
                 return DisconnectAwareStreamingResponse(
                     self.sse_events(ticket, request, completion_id, prepared.prompt_tokens, chat.include_usage,
-                                    chat.logprobs),
+                                    chat.options.logprobs),
                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await self.whole_answer(ticket, request, completion_id, prepared.prompt_tokens, chat.logprobs)
+            return await self.whole_answer(ticket, request, completion_id, prepared.prompt_tokens, chat.options.logprobs)
         except BaseException:
             ticket.cancel()  # an error, or the handler was cancelled (client gone, server stopping)
             raise
-
-    def compile_format(self, response_format):
-        """A response_format -> the model's compiled Grammar (cached by its text); a 400 naming the field when
-        the schema or grammar does not compile."""
-        try:
-            return self.vlm.grammars.compile(response_format)
-        except ParameterError as e:
-            raise RequestError(str(e), param="response_format") from None
-
-    def compile_tools(self, chat: schema.ChatRequest) -> None:
-        """Compile the grammar of a "required" or named tool_choice: a 400 naming `tools` when a function's
-        parameters schema does not compile."""
-        from vlm_core.runtime.tools import TOOL_CALL_END, TOOL_CALL_START, tool_use
-
-        use = tool_use(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
-        if not use.constrained:
-            return
-        tokenizer = self.vlm.tokenizer
-        try:
-            self.vlm.grammars.compile(use.response_format(tokenizer.token_to_id(TOOL_CALL_START),
-                                                          tokenizer.token_to_id(TOOL_CALL_END)), "tools")
-        except ParameterError as e:
-            raise RequestError(str(e), param="tools") from None
 
     def logprobs_content(self, chunk) -> list:
         """OpenAI's logprobs.content entries for one streamed chunk: none for EOS, which is not in the text."""
@@ -351,7 +341,7 @@ class ChatServer:
 def create_app(config: ServeConfig, vlm=None) -> Starlette:
     """The Starlette app for `config`; loads the model unless `vlm` is given."""
     if vlm is None:
-        from vlm_core.runtime.engine import VisionLanguageModel
+        from vlm_core.runtime.model import VisionLanguageModel
 
         vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
                                   prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,

@@ -7,11 +7,23 @@ import logging
 import os
 import sys
 
-from vlm_core.kernels.image import ImageError
-
-from vlm_core.runtime.errors import UserError
-from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
 from vlm_core.command_name import command_name
+from vlm_core.errors import UserError
+from vlm_core.kernels.image import ImageError
+from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
+
+
+# The per-request limits: (flag, type, help with the default's place); defaults come from ServeConfig.
+REQUEST_LIMITS = (
+    ("--max-queue", int, "requests that may wait for a worker (default {}); more get 429"),
+    ("--timeout", float, "seconds a request may take, queueing included (default {:g})"),
+    ("--max-body-mb", float, "largest request body in MiB (default {:g}: a video sent as a data: URL takes 4/3 of "
+                             "its file size), and the most fetched for one remote image or video"),
+    ("--max-images", int, "most images in one request (default {})"),
+    ("--max-videos", int, "most videos in one request (default {})"),
+    ("--max-image-pixels", int, "most pixels (width x height) of an uploaded image or video frame, checked before "
+                                "decoding (default {:,})"),
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -27,14 +39,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $VLM_API_KEY, else none)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without --api-key (anyone who reaches the port can use it)")
-    p.add_argument("--allow-remote-media", "--allow-remote-images", dest="allow_remote_media", action="store_true",
-                   help="let requests name http(s) image and video URLs, fetched by the server (off: data: URLs "
-                        "only); --allow-remote-images is the older name")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests name http(s) image and video URLs, fetched by the server (off: data: URLs only)")
     p.add_argument("--model-name", default=default("model_name"),
                    help="the model id clients use (default: the folder's name)")
     p.add_argument("--threads", type=int, default=default("threads"),
                    help="ONNX Runtime threads per generation (default: all cores)")
-    p.add_argument("--parallel", "--workers", type=int, default=default("parallel"), dest="parallel",
+    p.add_argument("--parallel", type=int, default=default("parallel"),
                    help=f"sequences decoded together in one batch (default {default('parallel')}); more requests "
                         f"wait in the queue")
     p.add_argument("--prefill-chunk", type=int, default=default("prefill_chunk"),
@@ -43,24 +54,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=default("cache_mb"),
                    help=f"memory for the prefix-KV and image-feature caches, least recently used evicted "
                         f"(default {default('cache_mb'):g}; 0 turns them off)")
-    p.add_argument("--no-batch-invariance", dest="batch_invariant", action="store_false",
-                   help="let a lone 4-bit sequence use ONNX Runtime's one-row kernel and int8 rows share calls "
-                        "(faster on some hosts; a request's tokens may then differ at float rounding level "
-                        "between running alone and in a batch)")
-    p.add_argument("--max-queue", type=int, default=default("max_queue"),
-                   help=f"requests that may wait for a worker (default {default('max_queue')}); more get 429")
-    p.add_argument("--timeout", type=float, default=default("timeout"),
-                   help=f"seconds a request may take, queueing included (default {default('timeout'):g})")
-    p.add_argument("--max-body-mb", type=float, default=default("max_body_mb"),
-                   help=f"largest request body in MiB (default {default('max_body_mb'):g}: a video sent as a data: "
-                        f"URL takes 4/3 of its file size), and the most fetched for one remote image or video")
-    p.add_argument("--max-images", type=int, default=default("max_images"),
-                   help=f"most images in one request (default {default('max_images')})")
-    p.add_argument("--max-videos", type=int, default=default("max_videos"),
-                   help=f"most videos in one request (default {default('max_videos')})")
-    p.add_argument("--max-image-pixels", type=int, default=default("max_image_pixels"),
-                   help=f"most pixels (width x height) of an uploaded image or video frame, checked before decoding "
-                        f"(default {default('max_image_pixels'):,})")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="make every request batch-invariant by default: its tokens are exactly those it gives alone, "
+                        "whatever is decoded beside it (slower on int4/int8 models). Off by default; a request can "
+                        "ask for it with the body field \"batch_invariant\": true")
+    for flag, kind, text in REQUEST_LIMITS:
+        field = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=kind, default=default(field), help=text.format(default(field)))
     p.add_argument("--video-fps", type=float, default=default("video_fps"), metavar="FPS",
                    help="frames sampled per second of video when a request gives no video_fps (default: the "
                         "model's video_preprocessor_config.json)")

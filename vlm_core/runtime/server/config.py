@@ -5,7 +5,7 @@ import dataclasses
 import ipaddress
 import os
 
-from vlm_core.runtime.errors import UserError
+from vlm_core.errors import UserError
 
 
 @dataclasses.dataclass
@@ -21,7 +21,7 @@ class ServeConfig:
     parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
     prefill_chunk: int = 128
     cache_mb: float = 256.0
-    batch_invariant: bool = True
+    batch_invariant: bool = False
     max_queue: int = 8
     timeout: float = 600.0
     max_body_mb: float = 64.0  # a video as a data: URL is 4/3 of its file: clips of up to ~48 MB

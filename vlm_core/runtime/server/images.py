@@ -5,7 +5,7 @@ Images (and videos: `image_bytes(..., kind="video")`, see videos.py) come only f
 (``--allow-remote-media``; size cap, timeout, redirects only to http(s)); every other string (a local path,
 ``file://``) is refused, so no path from a request is ever opened.
 Opening is `kernels.image`'s: restricted to raster formats, the pixel limit checked from the header
-before any pixel is decoded. This module turns its ImageError into a RequestError naming the field.
+before any pixel is decoded. This module turns its ImageError into a ParameterError naming the field.
 """
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ import contextlib
 import dataclasses
 import urllib.parse
 
-from vlm_core.kernels.image import RASTER_FORMATS, ImageError, ImageTooLarge, decode_bytes_checked, open_bytes_checked
+from vlm_core.errors import ParameterError, PayloadTooLarge
+from vlm_core.kernels.image import (
+    RASTER_FORMATS,
+    ImageError,
+    ImageTooLarge,
+    decode_bytes_checked,
+    open_bytes_checked,
+)
 from vlm_core.kernels.image_url import decode_data_url
 from vlm_core.kernels.image_url import fetch_remote_image as fetch_url
-
-from vlm_core.runtime.server.errors import PayloadTooLarge, RequestError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,19 +45,19 @@ def parse_data_url(url: str, param: str, kind: str = "image") -> bytes:
     header, sep, _ = url.partition(",")
     example = "data:image/png;base64,..." if kind == "image" else "data:video/mp4;base64,..."
     if not sep:
-        raise RequestError("malformed data URL: no ',' after the media type", param=param,
+        raise ParameterError("malformed data URL: no ',' after the media type", param=param,
                            code=f"invalid_{kind}_url")
     meta = header[len("data:"):].split(";")
     if "base64" not in [m.strip().lower() for m in meta[1:]]:
-        raise RequestError(f"data URL must be base64-encoded ({example})", param=param, code=f"invalid_{kind}_url")
+        raise ParameterError(f"data URL must be base64-encoded ({example})", param=param, code=f"invalid_{kind}_url")
     media = meta[0].strip().lower()
     if media and not (media.startswith(DATA_URL_TYPES[kind]) or media == "application/octet-stream"):
-        raise RequestError(f"data URL media type {media!r} is not {'an image' if kind == 'image' else 'a video'} "
+        raise ParameterError(f"data URL media type {media!r} is not {'an image' if kind == 'image' else 'a video'} "
                            f"type", param=param, code=f"invalid_{kind}")
     try:
         return decode_data_url(url)
     except ImageError as e:
-        raise RequestError(str(e), param=param, code=f"invalid_{kind}_url") from None
+        raise ParameterError(str(e), param=param, code=f"invalid_{kind}_url") from None
 
 
 def fetch_remote_image(url: str, max_bytes: int, timeout: float, param: str, kind: str = "image") -> bytes:
@@ -63,7 +68,7 @@ def fetch_remote_image(url: str, max_bytes: int, timeout: float, param: str, kin
         raise PayloadTooLarge(f"the {kind} at the URL is larger than {max_bytes} bytes (--max-body-mb)", param=param,
                               code=f"{kind}_too_large") from None
     except ImageError as e:
-        raise RequestError(f"could not fetch the {kind} URL: {e}", param=param, code=f"invalid_{kind}_url") from None
+        raise ParameterError(f"could not fetch the {kind} URL: {e}", param=param, code=f"invalid_{kind}_url") from None
 
 
 def image_bytes(url: str, param: str, allow_remote: bool, max_bytes: int, timeout: float,
@@ -76,11 +81,11 @@ def image_bytes(url: str, param: str, allow_remote: bool, max_bytes: int, timeou
         return parse_data_url(url, param, kind)
     if scheme in ("http", "https"):
         if not allow_remote:
-            raise RequestError(f"remote {kind} URLs are disabled on this server (start it with "
+            raise ParameterError(f"remote {kind} URLs are disabled on this server (start it with "
                                f"--allow-remote-media); send the {kind} inline as a data: URL ({example})",
                                param=param, code=f"remote_{kind}s_disabled")
         return fetch_remote_image(url, max_bytes, timeout, param, kind)
-    raise RequestError(f"{'image_url' if kind == 'image' else 'a video URL'} must be a data: URL ({example})"
+    raise ParameterError(f"{'image_url' if kind == 'image' else 'a video URL'} must be a data: URL ({example})"
                        + (" or an http(s) URL" if allow_remote else "")
                        + "; file paths and other schemes are never read", param=param, code=f"invalid_{kind}_url")
 
@@ -100,11 +105,11 @@ def decode_image(image: EncodedImage, max_pixels: int):
 
 @contextlib.contextmanager
 def _as_request_error(param: str):
-    """kernels.image's ImageError -> RequestError for the field `param`."""
+    """kernels.image's ImageError -> ParameterError for the field `param`."""
     try:
         yield
     except ImageTooLarge as e:
-        raise RequestError(f"{e} (--max-image-pixels); send a smaller image", param=param,
+        raise ParameterError(f"{e} (--max-image-pixels); send a smaller image", param=param,
                            code="image_too_large") from None
     except ImageError as e:
-        raise RequestError(str(e), param=param, code="invalid_image") from None
+        raise ParameterError(str(e), param=param, code="invalid_image") from None

@@ -1,6 +1,6 @@
 """The chat-completions request schema: a JSON body -> a typed ChatRequest, in one place.
 
-Every refusal is a RequestError whose `param` names the JSON field at fault, as a path
+Every refusal is a ParameterError whose `param` names the JSON field at fault, as a path
 (``messages[0].content[1].image_url``), so the client sees what to fix. Nothing here touches HTTP,
 images' bytes or the model, except `make_sampling`, which merges the request's sampling fields over
 the model's generation_config defaults.
@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 
-from vlm_core.runtime.server.errors import RequestError
+from vlm_core.errors import ParameterError, UserError
 
 MAX_STOP_STRINGS = 4
 MAX_JSON_DEPTH = 64  # a chat request needs 6; a response_format JSON schema a few more per nesting level
@@ -45,7 +45,7 @@ VIDEO_FIELDS = {"video_fps": "fps", "video_max_frames": "max_frames", "video_max
 
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
-    """A validated chat-completions request.
+    """A validated chat-completions request: the media to fetch, the messages, and the API's GenerationOptions.
 
     `messages` are in the engine's format (``{"role", "content": str | [parts]}``) with each image (video)
     part holding the index of its entry in `images` (`videos`) until `engine_messages` puts them in place.
@@ -59,18 +59,10 @@ class ChatRequest:
     video: dict = dataclasses.field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
-    max_tokens: int | None = None  # None: the server's default, within the context
-    min_tokens: int = 0
-    stop: list = dataclasses.field(default_factory=list)
-    sampling: dict = dataclasses.field(default_factory=dict)  # only the fields the request gave
     model: str | None = None
-    # constrained decoding: the response_format object (None: free text); the app puts the compiled Grammar here
-    response_format: object = None
-    logprobs: int | None = None  # None: off; else how many top alternatives per token (top_logprobs, 0-20)
-    # function tools (checked, as given: the chat template renders them) and how they may be used (runtime/tools.py)
-    tools: list | None = None
-    tool_choice: object = None
-    parallel_tool_calls: bool = True
+    # the generation options, checked (runtime/request.py); max_new_tokens None: the server's default within the
+    # context. The app compiles their grammar before queueing.
+    options: object = None
 
     def engine_messages(self, images: list, videos: list = ()) -> list:
         """The messages with image indices replaced by `images` (decoded, in `self.images` order) and video
@@ -91,15 +83,15 @@ def parse_json(body: bytes):
 
     Bytes that are not UTF-8 are decoded as lone surrogates (``surrogateescape``) so that, like a JSON
     escape of a lone surrogate (``"\\ud800"``), they are refused by the field they are in rather than
-    reaching the tokenizer. Raises RequestError (a 400) for all of it, never RecursionError.
+    reaching the tokenizer. Raises ParameterError (a 400) for all of it, never RecursionError.
     """
     text = body.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RequestError(f"the request body is not valid JSON ({e})") from None
+        raise UserError(f"the request body is not valid JSON ({e})") from None
     except RecursionError:  # the C decoder recurses once per level
-        raise RequestError(f"the request body's JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+        raise UserError(f"the request body's JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
                            code="json_too_deep") from None
     check_json(value)
     return value
@@ -118,7 +110,7 @@ def check_json(value) -> None:
         if not isinstance(value, (dict, list)):
             continue
         if depth >= MAX_JSON_DEPTH:
-            raise RequestError(f"the request body's JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels, "
+            raise ParameterError(f"the request body's JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels, "
                                f"at {path or 'the top'})", param=path or None, code="json_too_deep")
         if isinstance(value, list):
             stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
@@ -126,7 +118,7 @@ def check_json(value) -> None:
         for key, item in value.items():
             field = f"{path}.{key}" if path else key
             if not _is_unicode(key):
-                raise RequestError(f"a key in {path or 'the request body'} is not valid UTF-8 text (invalid "
+                raise ParameterError(f"a key in {path or 'the request body'} is not valid UTF-8 text (invalid "
                                    f"bytes or a lone surrogate); send UTF-8", param=path or None,
                                    code="invalid_text")
             stack.append((item, field, depth + 1))
@@ -146,7 +138,7 @@ def _is_unicode(text: str) -> bool:
 def _check_text(text: str, param: str) -> None:
     if not _is_unicode(text):
         at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
-        raise RequestError(f"{param or 'the request body'} is not valid UTF-8 text: invalid bytes or a lone "
+        raise ParameterError(f"{param or 'the request body'} is not valid UTF-8 text: invalid bytes or a lone "
                            f"surrogate (such as \\ud800) at character {at}; send UTF-8 text", param=param or None,
                            code="invalid_text")
 
@@ -164,27 +156,27 @@ def _get(body: dict, name: str, check, expected: str, default=None):
     if value is None:
         return default
     if not check(value):
-        raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", param=name)
+        raise ParameterError(f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", param=name)
     return value
 
 
 def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, list, list]:
     """OpenAI messages -> (engine messages with image and video indices, [ImageURL], [VideoURL])."""
     if not isinstance(raw, list) or not raw:
-        raise RequestError("'messages' must be a non-empty list of message objects", param="messages")
+        raise ParameterError("'messages' must be a non-empty list of message objects", param="messages")
     messages, images, videos = [], [], []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise RequestError(f"{where} must be an object with 'role' and 'content'", param=where)
+            raise ParameterError(f"{where} must be an object with 'role' and 'content'", param=where)
         role = message.get("role")
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
-            raise RequestError(f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got "
+            raise ParameterError(f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', got "
                                f"{json.dumps(role)[:40]}", param=f"{where}.role")
         if message.get("function_call"):
-            raise RequestError(f"{where}.function_call (the deprecated form) is not supported; use 'tool_calls'",
+            raise ParameterError(f"{where}.function_call (the deprecated form) is not supported; use 'tool_calls'",
                                param=f"{where}.function_call", code="unsupported_parameter")
         extra = _tool_fields(message, role, where)
         content = message.get("content")
@@ -194,7 +186,7 @@ def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, lis
             messages.append({"role": role, "content": content, **extra})
             continue
         if not isinstance(content, list):
-            raise RequestError(f"{where}.content must be a string or a list of content parts",
+            raise ParameterError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
         parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images, videos, max_videos)
                  for j, part in enumerate(content)]
@@ -208,18 +200,18 @@ def _tool_fields(message: dict, role: str, where: str) -> dict:
     if role == "tool":
         call_id = message.get("tool_call_id")
         if call_id is not None and not isinstance(call_id, str):
-            raise RequestError(f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id")
+            raise ParameterError(f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id")
         return {} if call_id is None else {"tool_call_id": call_id}
     calls = message.get("tool_calls")
     if not calls:
         return {}
     if role != "assistant" or not isinstance(calls, list):
-        raise RequestError(f"{where}.tool_calls must be a list, in an assistant message", param=f"{where}.tool_calls")
+        raise ParameterError(f"{where}.tool_calls must be a list, in an assistant message", param=f"{where}.tool_calls")
     for k, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not (isinstance(function, dict) and isinstance(function.get("name"), str)
                 and isinstance(function.get("arguments"), (str, dict))):
-            raise RequestError(f"{where}.tool_calls[{k}] must be {{\"id\", \"type\": \"function\", \"function\": "
+            raise ParameterError(f"{where}.tool_calls[{k}] must be {{\"id\", \"type\": \"function\", \"function\": "
                                f"{{\"name\", \"arguments\"}}}}", param=f"{where}.tool_calls[{k}]")
     return {"tool_calls": calls}
 
@@ -228,33 +220,33 @@ def _parse_part(part, where: str, role: str, images: list, max_images: int, vide
     """One content part -> the engine's part; an image (video) part is appended to `images` (`videos`) and refers
     to it by index."""
     if not isinstance(part, dict):
-        raise RequestError(f"{where} must be an object with a 'type'", param=where)
+        raise ParameterError(f"{where} must be an object with a 'type'", param=where)
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
-            raise RequestError(f"{where}.text must be a string", param=f"{where}.text")
+            raise ParameterError(f"{where}.text must be a string", param=f"{where}.text")
         return {"type": "text", "text": part["text"]}
     if kind == "image_url":
         if role != "user":
-            raise RequestError(f"{where}: images are only accepted in user messages", param=where)
+            raise ParameterError(f"{where}: images are only accepted in user messages", param=where)
         info = part.get("image_url")
         url = info.get("url") if isinstance(info, dict) else info
         if not isinstance(url, str) or not url:
-            raise RequestError(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url")
+            raise ParameterError(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url")
         images.append(ImageURL(url, f"{where}.image_url"))
         if len(images) > max_images:
-            raise RequestError(f"too many images: at most {max_images} per request (--max-images)",
+            raise ParameterError(f"too many images: at most {max_images} per request (--max-images)",
                                param="messages", code="too_many_images")
         return {"type": "image", "image": len(images) - 1}
     if kind in ("video_url", "video"):
         if role != "user":
-            raise RequestError(f"{where}: videos are only accepted in user messages", param=where)
+            raise ParameterError(f"{where}: videos are only accepted in user messages", param=where)
         videos.append(_video_url(part, kind, where))
         if len(videos) > max_videos:
-            raise RequestError(f"too many videos: at most {max_videos} per request (--max-videos)",
+            raise ParameterError(f"too many videos: at most {max_videos} per request (--max-videos)",
                                param="messages", code="too_many_videos")
         return {"type": "video", "video": len(videos) - 1}
-    raise RequestError(f"{where}.type must be 'text', 'image_url', 'video_url' or 'video', got "
+    raise ParameterError(f"{where}.type must be 'text', 'image_url', 'video_url' or 'video', got "
                        f"{json.dumps(kind)[:40]}", param=f"{where}.type")
 
 
@@ -268,60 +260,52 @@ def _video_url(part: dict, kind: str, where: str) -> VideoURL:
     else:
         keys = [k for k in ("video", "url", "path") if k in part]
         if keys == ["path"]:
-            raise RequestError(f"{where}.path: file paths are never read; send the video inline as a data: URL "
+            raise ParameterError(f"{where}.path: file paths are never read; send the video inline as a data: URL "
                                f"(data:video/mp4;base64,...)", param=f"{where}.path", code="invalid_video_url")
         if len(keys) != 1:
-            raise RequestError(f"{where} must hold the video's URL in 'video' (or 'url')", param=where)
+            raise ParameterError(f"{where} must hold the video's URL in 'video' (or 'url')", param=where)
         url, field = part[keys[0]], keys[0]
     if not isinstance(url, str) or not url:
         expected = "video_url.url" if kind == "video_url" else field
-        raise RequestError(f"{where}.{expected} must be a non-empty string: a data: URL (data:video/mp4;base64,...)",
+        raise ParameterError(f"{where}.{expected} must be a non-empty string: a data: URL (data:video/mp4;base64,...)",
                            param=f"{where}.{field}")
     return VideoURL(url, f"{where}.{field}")
 
 
-def parse_chat_request(body, max_images: int, max_videos: int = 4) -> ChatRequest:
-    """A parsed JSON body -> ChatRequest; refuses unsupported OpenAI fields by name."""
+# The generation parameters by their JSON fields (errors name what the client sent).
+SERVER_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop": "stop",
+                "logprobs": "top_logprobs", "response_format": "response_format", "tools": "tools",
+                "batch_invariant": "batch_invariant"}
+
+
+def parse_chat_request(body, max_images: int, max_videos: int = 4,
+                       generation_defaults: dict | None = None) -> ChatRequest:
+    """A parsed JSON body -> ChatRequest, checked once: its `options` are the API's GenerationOptions (sampling
+    over the model's generation_config `generation_defaults`), so nothing downstream checks them again; only
+    the grammar is compiled later, by the app (it needs the model). Refuses unsupported OpenAI fields by name."""
+    from vlm_core.runtime.request import check_options
+
     if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
+        raise UserError("the request body must be a JSON object")
     messages, images, videos = parse_messages(body.get("messages"), max_images, max_videos)
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
-    options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    stream_options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer", None)
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", _is_int, "an integer", None)
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
-    min_tokens = _get(body, "min_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
-    if max_tokens is not None and min_tokens > max_tokens:
-        raise RequestError(f"'min_tokens' ({min_tokens}) is larger than 'max_tokens' ({max_tokens})",
-                           param="min_tokens")
-    stop = _parse_stop(body.get("stop"))
+    min_tokens = _get(body, "min_tokens", _is_int, "an integer", 0)
     _refuse_unsupported(body)
+    # an extension field: this request's tokens must not depend on its batch (None: the server's --batch-invariant)
+    invariant = _get(body, "batch_invariant", lambda v: isinstance(v, bool), "true or false", None)
+    options = check_options(
+        make_sampling(_parse_sampling(body), generation_defaults or {}), max_tokens, min_tokens,
+        _parse_stop(body.get("stop")), _parse_logprobs(body), body.get("response_format"), body.get("tools"),
+        body.get("tool_choice"),
+        _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True),
+        batch_invariant=invariant, names=SERVER_NAMES)
     return ChatRequest(messages=messages, images=images, videos=videos, video=_parse_video_budget(body),
-                       stream=stream, include_usage=bool(options.get("include_usage", False)), max_tokens=max_tokens,
-                       min_tokens=min_tokens, stop=stop, sampling=_parse_sampling(body),
-                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None),
-                       response_format=_parse_response_format(body.get("response_format")),
-                       logprobs=_parse_logprobs(body), **_parse_tools(body))
-
-
-def _parse_tools(body: dict) -> dict:
-    """tools, tool_choice and parallel_tool_calls, checked together (runtime/tools.py's rules)."""
-    from vlm_core.runtime.errors import ParameterError
-    from vlm_core.runtime.tools import tool_use
-
-    try:
-        use = tool_use(body.get("tools"), body.get("tool_choice"),
-                       _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True))
-    except ParameterError as e:
-        raise RequestError(str(e), param=e.param) from None
-    if use is None:
-        return {}
-    if use.constrained and body.get("response_format") not in (None, {"type": "text"}):
-        raise RequestError(f"response_format cannot be combined with tool_choice {json.dumps(body['tool_choice'])[:60]}, "
-                           f"which constrains the answer to a tool call", param="response_format")
-    return {"tools": use.tools, "tool_choice": body.get("tool_choice"), "parallel_tool_calls": use.parallel}
+                       stream=stream, include_usage=bool(stream_options.get("include_usage", False)),
+                       model=_get(body, "model", lambda v: isinstance(v, str), "a string", None), options=options)
 
 
 def _parse_video_budget(body: dict) -> dict:
@@ -337,44 +321,24 @@ def _parse_video_budget(body: dict) -> dict:
         try:
             VideoOptions(**{field: value}).check({field: f"'{name}'"})
         except ValueError as e:
-            raise RequestError(str(e), param=name) from None
+            raise ParameterError(str(e), param=name) from None
         budget[field] = value if field == "fps" else int(value)
     return budget
-
-
-def _parse_response_format(value):
-    """The response_format object, its structure checked (the schema itself is compiled by the app), or None
-    for free text."""
-    from vlm_core.runtime.constraint import grammar_source
-    from vlm_core.runtime.errors import ParameterError
-
-    if value is None:
-        return None
-    try:
-        return None if grammar_source(value, "response_format") is None else value
-    except ParameterError as e:
-        raise RequestError(str(e), param="response_format") from None
 
 
 def _parse_logprobs(body: dict) -> int | None:
     """logprobs (true/false) and top_logprobs (0-20, only with logprobs) -> the top count, or None when off."""
     logprobs = _get(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False)
-    top = _get(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
-               f"an integer from 0 to {MAX_TOP_LOGPROBS}", None)
+    top = _get(body, "top_logprobs", _is_int, f"an integer from 0 to {MAX_TOP_LOGPROBS}", None)
     if top is not None and not logprobs:
-        raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        raise ParameterError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return (top or 0) if logprobs else None
 
 
-def _parse_stop(stop) -> list:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise RequestError("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise RequestError(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+def _parse_stop(stop):
+    """`stop` as given, its count bounded (the texts themselves are checked with the other options)."""
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        raise ParameterError(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", param="stop")
     return stop
 
 
@@ -383,18 +347,18 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         value = _get(body, name, _is_number, "a number", 0)
         if value != 0:
-            raise RequestError(f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' "
+            raise ParameterError(f"'{name}' is not supported by this server (only 0); use 'repetition_penalty' "
                                f"(> 1 discourages repeats) instead", param=name, code="unsupported_parameter")
     n = _get(body, "n", _is_int, "an integer", 1)
     if n != 1:
-        raise RequestError(f"'n' must be 1 (one answer per request), got {n}", param="n",
+        raise ParameterError(f"'n' must be 1 (one answer per request), got {n}", param="n",
                            code="unsupported_parameter")
     if body.get("functions") or body.get("function_call"):
         name = "functions" if body.get("functions") else "function_call"
-        raise RequestError(f"'{name}' (the deprecated form of function calling) is not supported; use 'tools' and "
+        raise ParameterError(f"'{name}' (the deprecated form of function calling) is not supported; use 'tools' and "
                            f"'tool_choice'", param=name, code="unsupported_parameter")
     if body.get("logit_bias"):
-        raise RequestError("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
+        raise ParameterError("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
 
 
 SAMPLING_FIELDS = {
@@ -422,7 +386,7 @@ def _parse_sampling(body: dict) -> dict:
 def make_sampling(explicit: dict, defaults: dict):
     """Request fields over the model's generation_config defaults, as the CLI does; temperature 0 is greedy.
 
-    Returns: a validated kernels.sampling.SamplingParams. Raises RequestError naming the field out of range.
+    Returns: a validated kernels.sampling.SamplingParams. Raises ParameterError naming the field out of range.
     """
     from vlm_core.kernels.sampling import SamplingParams
 
@@ -439,4 +403,4 @@ def make_sampling(explicit: dict, defaults: dict):
         return SamplingParams(greedy=greedy, seed=seed, **values).validate()
     except ValueError as e:  # names the field, as a SamplingParams field or a CLI flag ("--top-p ...")
         param = getattr(e, "param", None) or str(e).split(" ", 1)[0].lstrip("-").replace("-", "_")
-        raise RequestError(str(e).replace("--", "", 1), param=param) from None
+        raise ParameterError(str(e).replace("--", "", 1), param=param) from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from vlm_core.runtime.server.errors import RequestError
+from vlm_core.errors import ParameterError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ def check_video(data: bytes, max_frame_pixels: int, param: str) -> EncodedVideo:
 
 @contextlib.contextmanager
 def as_request_error(videos: list):
-    """kernels.video's VideoError -> a RequestError naming the field of the video it is about: the one whose
+    """kernels.video's VideoError -> a ParameterError naming the field of the video it is about: the one whose
     source name (``<N bytes of video>``) begins the message, else the only video, else ``messages``."""
     from vlm_core.kernels.video import VideoError, VideoTooLong, describe_video
 
@@ -52,4 +52,4 @@ def as_request_error(videos: list):
             video = (named or videos)[0]
             message, param = message.removeprefix(describe_video(video.data) + ": "), video.param
             message = f"{param}: {message}"
-        raise RequestError(message, param=param, code="invalid_video") from None
+        raise ParameterError(message, param=param, code="invalid_video") from None

@@ -15,14 +15,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from vlm_core.kernels.image import ImageError
-
+from vlm_core.errors import ContextLengthError, ParameterError, UserError
 from vlm_core.models.media import UnsupportedMedia
-
-from vlm_core.runtime.errors import ContextLengthError, UserError
-from vlm_core.runtime.server.errors import RequestError
+from vlm_core.runtime.output.result import ResultAccumulator, summarize_timings
 from vlm_core.runtime.server.images import EncodedImage, decode_image
-from vlm_core.runtime.server.schema import ChatRequest, make_sampling
+from vlm_core.runtime.server.schema import ChatRequest
 from vlm_core.runtime.server.videos import EncodedVideo, as_request_error
 
 
@@ -58,7 +55,8 @@ def run(vlm, request: ChatRequest, images: list[EncodedImage], max_image_pixels:
 
 def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, videos: list[EncodedVideo] = (),
              video=None) -> Iterator:
-    """Prepare the prompt, check it fits, and stream the answer.
+    """Prepare the prompt, fit max_tokens to it, and stream the answer. The request's options were checked by
+    the schema and their grammar compiled by the app: nothing here checks them again.
 
     Args:
         vlm: the loaded VisionLanguageModel.
@@ -70,40 +68,33 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
     Yields:
         Prepared, then GenerationChunk (the engine's text deltas), then Finished.
     Raises:
-        RequestError: the prompt cannot be built or does not fit the context; a video error names the
+        ParameterError: the prompt cannot be built or does not fit the context; a video error names the
             video's field when it can tell which (code invalid_video).
     """
-    from vlm_core.runtime.engine import summarize_timings
-
     try:
         prompt = _prepare(vlm, request, images, videos, video)
     except UnsupportedMedia as e:  # the app refuses video for a family without it first; this is the backstop
-        raise RequestError(str(e), param=request.videos[0].param if request.videos else "messages",
-                           code="unsupported_media") from None
-    except (ImageError, ValueError, UserError) as e:
-        raise RequestError(str(e), param="messages") from None
+        raise ParameterError(str(e), param=request.videos[0].param if request.videos else "messages",
+                             code="unsupported_media") from None
+    except (UserError, ValueError) as e:  # an image the family cannot take, a template error: about the messages
+        param = getattr(e, "param", None)
+        raise ParameterError(str(e), param=param if param and param.startswith("messages") else "messages",
+                             code=getattr(e, "code", None)) from None
     prompt_tokens = int(len(prompt.input_ids))
-    max_tokens = _max_tokens(vlm, request, prompt_tokens, default_max_tokens)
-    sampling = make_sampling(request.sampling, vlm.generation_defaults)
+    options = dataclasses.replace(request.options, max_new_tokens=_max_tokens(vlm, request, prompt_tokens,
+                                                                               default_max_tokens))
     yield Prepared(prompt_tokens)
 
-    timings: dict = {}
-    completion_tokens, finish = 0, "length"
-    chunks = vlm.stream_generate(prompt, sampling, max_tokens, request.min_tokens, request.stop, timings,
-                                 response_format=request.response_format, logprobs=request.logprobs,
-                                 tools=request.tools, tool_choice=request.tool_choice,
-                                 parallel_tool_calls=request.parallel_tool_calls)
+    answer, sequence = ResultAccumulator(), vlm.submit(prompt, options)
     try:
-        for chunk in chunks:
-            if chunk.token_id is not None:
-                completion_tokens += 1
-            finish = chunk.finish_reason or finish
+        for chunk in sequence.chunks():  # the engine's outbox, read here directly
+            answer.add(chunk)
             yield chunk
     finally:
-        chunks.close()  # stopped early (cancel, timeout): the engine drops its KV cache now
-    summary = summarize_timings(timings, 0.0)
+        sequence.cancel()  # closed early (client gone, timeout): the engine frees the row at its next step
+    summary = summarize_timings(sequence.timings, 0.0)
     summary.pop("load_s", None)
-    yield Finished(finish, completion_tokens, summary, int(timings.get("cached_tokens", 0)))
+    yield Finished(answer.finish_reason, answer.completion_tokens, summary, sequence.cached_tokens)
 
 
 def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo], video):
@@ -111,28 +102,29 @@ def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo]
     `video` and clips that cannot fit the context with max_tokens (or one token, when the server picks
     max_tokens) are refused before decoding."""
     messages = request.engine_messages(images, [v.data for v in videos])
+    tools = request.options.tools
     if not videos:
-        return vlm.prepare(messages, tools=request.tools)
+        return vlm.prepare(messages, tools=tools)
     with as_request_error(list(videos)):
-        return vlm.prepare(messages, tools=request.tools, video=video,
-                           max_new_tokens=request.max_tokens or max(request.min_tokens, 1))
+        return vlm.prepare(messages, tools=tools, video=video,
+                           max_new_tokens=request.options.max_new_tokens or max(request.options.min_new_tokens, 1))
 
 
 def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_tokens: int) -> int:
     """The request's max_tokens (or the default, within the context); refuses what cannot fit."""
-    max_tokens = request.max_tokens
+    max_tokens = request.options.max_new_tokens
     if max_tokens is None:
         max_tokens = min(default_max_tokens, vlm.max_context - prompt_tokens)
         if max_tokens < 1:
             max_tokens = default_max_tokens  # let check_context explain
-    if request.min_tokens > max_tokens:
-        raise RequestError(f"'min_tokens' ({request.min_tokens}) is larger than max_tokens ({max_tokens})",
-                           param="min_tokens")
+    if request.options.min_new_tokens > max_tokens:  # only when the server picked max_tokens
+        raise ParameterError(f"'min_tokens' ({request.options.min_new_tokens}) is larger than max_tokens "
+                             f"({max_tokens})", param="min_tokens")
     try:
         vlm.check_context(prompt_tokens, max_tokens)
     except ContextLengthError:
         media = " or shorter videos (video_fps, video_max_frames, video_max_pixels)" if request.videos else ""
-        raise RequestError(
+        raise ParameterError(
             f"this model's context is {vlm.max_context} tokens; the messages take {prompt_tokens} tokens and "
             f"max_tokens is {max_tokens}: together {prompt_tokens + max_tokens}. Shorten the messages, send "
             f"fewer or smaller images{media}, or lower max_tokens", param="messages",

@@ -98,7 +98,7 @@ function groundingToPixels(items, width, height, scale = GROUNDING_SCALE) {
 }
 
 // The image an answer's boxes refer to: the first image of the last user message holding images (as
-// runtime/grounding.py chooses it), from the conversation the page sends.
+// runtime/output/grounding.py chooses it), from the conversation the page sends.
 function groundedImageUrl(history) {
   for (let i = history.length - 1; i >= 0; i--) {
     const message = history[i];

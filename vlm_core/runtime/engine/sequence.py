@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlm_core.kernels.sampling import SamplingParams, make_sampler, min_new_tokens_processor, repetition_penalty_processor
-
-from vlm_core.runtime.detokenize import StopStringMatcher, StreamingDetokenizer
-from vlm_core.runtime.logprobs import TokenLogprob, TokenTable, token_logprob
+from vlm_core.kernels.sampling import (
+    SamplingParams,
+    make_sampler,
+    min_new_tokens_processor,
+    repetition_penalty_processor,
+)
+from vlm_core.runtime.output.detokenize import StopStringMatcher, StreamingDetokenizer
+from vlm_core.runtime.output.logprobs import TokenLogprob, TokenTable, token_logprob
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
@@ -29,7 +33,7 @@ class GenerationChunk:
     token_id: int | None
     finish_reason: str | None = None
     logprobs: TokenLogprob | None = None  # the token's, when the request asked for them
-    tool_calls: list | None = None  # ToolCalls completed by this chunk (requests with tools; runtime/tools.py)
+    tool_calls: list | None = None  # ToolCalls completed by this chunk (requests with tools; runtime/chat/tools.py)
 
 
 class Sequence:
@@ -54,9 +58,9 @@ class Sequence:
 
     def __init__(self, prompt, sampling: SamplingParams | None, max_new_tokens: int, min_new_tokens: int,
                  stop_strings, eos_token_ids, tokenizer, constraint=None, logprobs: int | None = None,
-                 token_table: TokenTable | None = None, tool_parser=None):
+                 token_table: TokenTable | None = None, tool_parser=None, batch_invariant: bool = False):
         self.prompt = prompt
-        self.sampling = (sampling or SamplingParams(greedy=True)).validate()
+        self.sampling = sampling or SamplingParams(greedy=True)  # checked by the caller (runtime/request.py)
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
         self.eos_token_ids = set(int(t) for t in eos_token_ids)
         self.prompt_len = len(prompt.input_ids)
@@ -71,6 +75,8 @@ class Sequence:
         self.constraint = constraint
         self.logprobs = logprobs
         self.tool_parser = tool_parser
+        # the tokens must equal this request's alone, whatever is decoded beside it (the engine plans for it)
+        self.batch_invariant = bool(batch_invariant)
         self.token_table = token_table or (TokenTable(tokenizer) if logprobs is not None else None)
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.stopper = StopStringMatcher(list(stop_strings or []))

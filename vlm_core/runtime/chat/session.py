@@ -10,7 +10,7 @@ assistant message's `tool_calls`; send each result back with
 """
 from __future__ import annotations
 
-from vlm_core.runtime.chat import build_user_messages
+from vlm_core.runtime.chat.messages import build_user_messages
 
 
 class ChatSession:

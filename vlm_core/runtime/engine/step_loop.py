@@ -12,7 +12,7 @@ Each `step()`:
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
 A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
-a row's own filled slots (GroupQueryAttention, runtime/decoder_call.py); ONNX Runtime's 4-bit
+a row's own filled slots (GroupQueryAttention, runtime/engine/decoder_call.py); ONNX Runtime's 4-bit
 MatMulNBits computes a lone row (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
 rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
 input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
@@ -25,11 +25,11 @@ import traceback
 
 import numpy as np
 
-from vlm_core.runtime.batch_cache import BatchKVCache
-from vlm_core.runtime.decoder_call import run_decoder
-from vlm_core.runtime.kv_cache import KVCache
-from vlm_core.runtime.prefix_cache import EngineCache, image_hash, image_key_id
-from vlm_core.runtime.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
+from vlm_core.runtime.engine.decoder_call import run_decoder
+from vlm_core.runtime.engine.kv_buffer import KVCache
+from vlm_core.runtime.engine.kv_slots import BatchKVCache
+from vlm_core.runtime.engine.prefix_cache import EngineCache, image_hash, image_key_id
+from vlm_core.runtime.engine.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 
 DEFAULT_PARALLEL = 4
 DEFAULT_PREFILL_CHUNK = 128
@@ -75,7 +75,8 @@ class BatchEngine:
         self.waiting: list[Sequence] = []
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
-        self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0}
+        self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0,
+                         "admitted": 0}  # admitted: sequences taken from `waiting` into a slot (read by tests)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -149,6 +150,7 @@ class BatchEngine:
                 sequence = self.waiting.pop(0)
             try:
                 self._start(sequence)
+                self.counters["admitted"] += 1
             except Exception as e:
                 sequence.finish(error=e)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_core.runtime.kv_cache import KVCache, aligned
+from vlm_core.runtime.engine.kv_buffer import KVCache, aligned
 
 
 class BatchKVCache:

@@ -2,7 +2,7 @@
 
 Layered like mlx-lm: `generate_step` yields token ids from prepared inputs, `stream_generate`
 yields text deltas with timings, `generate` joins them. Every request becomes a Sequence in the
-model's BatchEngine (runtime/batch_engine.py), so requests from several threads are decoded
+model's BatchEngine (runtime/engine/step_loop.py), so requests from several threads are decoded
 together and share the prefix and image-feature caches; `generate_batch` submits many at once and
 `chat()` keeps a conversation whose turns reuse the cache. Never imports torch or transformers.
 """
@@ -11,70 +11,40 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from vlm_core.errors import ContextLengthError, ModelFolderError, ParameterError
 from vlm_core.kernels.image_url import fetch_remote_image, is_remote_url
 from vlm_core.kernels.sampling import SamplingParams
 from vlm_core.models import get_family
 from vlm_core.models.config import TextConfig
 from vlm_core.models.media import VideoOptions, VideoPart
-
-from vlm_core.runtime.batch_engine import (DEFAULT_CACHE_MB, DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, VISION_PATCHES_PER_CALL,
-                           BatchEngine, join_vision)
-from vlm_core.runtime.chat import build_user_messages, normalize_messages, render_chat
-from vlm_core.runtime.checks import check_logprobs, check_stop_strings, check_token_limits
-from vlm_core.runtime.constraint import GrammarCompiler
-from vlm_core.runtime.sequence import GenerationChunk, Sequence
-from vlm_core.runtime.errors import ContextLengthError, ModelFolderError, ParameterError, UserError
-from vlm_core.runtime.grounding import answer_boxes, grounding_image
-from vlm_core.runtime import decoder_call
-from vlm_core.runtime.kv_cache import KVCache
-from vlm_core.runtime.logprobs import TokenTable
+from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages
+from vlm_core.runtime.chat.template import render_chat
+from vlm_core.runtime.chat.tools import ToolCallParser
+from vlm_core.runtime.engine import decoder_call
+from vlm_core.runtime.engine.kv_buffer import KVCache
+from vlm_core.runtime.engine.onnx_sessions import create_session
+from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
+from vlm_core.runtime.engine.step_loop import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_PARALLEL,
+    DEFAULT_PREFILL_CHUNK,
+    VISION_PATCHES_PER_CALL,
+    BatchEngine,
+    join_vision,
+)
 from vlm_core.runtime.manifest import load_manifest
-from vlm_core.runtime.sessions import create_session
-from vlm_core.runtime.tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallParser, tool_use
-
-
-@dataclass
-class GenerationResult:
-    """A whole answer with its statistics (what `--json` prints)."""
-
-    text: str
-    token_ids: list
-    prompt_tokens: int
-    image_tokens: int
-    finish_reason: str
-    timings: dict = field(default_factory=dict)
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    # the answer's boxes and points in pixels of the image they refer to (runtime/grounding.py); [] without images
-    boxes: list = field(default_factory=list)
-    logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
-    # with tools: the calls the model made ([ToolCall]); `text` is then the content outside the call blocks
-    tool_calls: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        result = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                  "image_tokens": self.image_tokens, "cached_tokens": self.cached_tokens,
-                  "finish_reason": self.finish_reason, "boxes": self.boxes, "timings": self.timings, **self.timings}
-        if self.logprobs is not None:
-            result["logprobs"] = [entry.to_dict() for entry in self.logprobs]
-        if self.tool_calls:
-            result["tool_calls"] = [call.to_dict() for call in self.tool_calls]
-        return result
-
-
-def video_options(video) -> VideoOptions | None:
-    """VideoOptions from None, a VideoOptions or a dict of its fields (ParameterError naming `video` otherwise)."""
-    if video is None or isinstance(video, VideoOptions):
-        return video
-    if isinstance(video, dict):
-        unknown = set(video) - {"fps", "max_frames", "max_pixels"}
-        if not unknown:
-            return VideoOptions(**video)
-        raise ParameterError("video", f"video has unknown keys {sorted(unknown)}; use fps, max_frames, max_pixels")
-    raise ParameterError("video", f"video must be a dict or VideoOptions, got {type(video).__name__}")
+from vlm_core.runtime.output.constraint import GrammarCompiler
+from vlm_core.runtime.output.grounding import answer_boxes, grounding_image
+from vlm_core.runtime.output.logprobs import TokenTable
+from vlm_core.runtime.output.result import (
+    GenerationResult,
+    ResultAccumulator,
+    summarize_timings,
+)
+from vlm_core.runtime.request import GenerationOptions, check_options, compile_grammar
 
 
 def _fetch_if_remote(source):
@@ -94,26 +64,29 @@ class VisionLanguageModel:
         parallel: sequences decoded together at most (more requests wait their turn).
         prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
         cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
-        batch_invariant: a request's tokens never depend on what is batched with it (default); False trades
-            that for the one-row 4-bit kernel when a sequence decodes alone (see runtime/batch_engine.py).
+        batch_invariant: the default for requests that do not say: True makes a request's tokens independent
+            of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/step_loop.py);
+            False (default) lets the engine pick the fastest kernels. A request's own `batch_invariant` wins.
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
     """
 
     def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
-                 batch_invariant: bool = True,
-                 allow_remote_images: bool = False):
+                 batch_invariant: bool = False, allow_remote_images: bool = False):
         start = time.perf_counter()
         self.folder = folder
         self.allow_remote_images = allow_remote_images
+        self.batch_invariant = bool(batch_invariant)
         self.manifest = manifest = load_manifest(folder)
         try:
             self.text_config = TextConfig.from_dict(manifest["text_config"])
             self.family = get_family(manifest["family"]).Family(manifest)
         except (KeyError, ValueError) as e:  # an unknown family, a config section lacking a field
             raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
-        from tokenizers import Tokenizer  # serve-time dependency, imported here to keep `import runtime` light
+        from tokenizers import (
+            Tokenizer,  # serve-time dependency, imported here to keep `import runtime` light
+        )
 
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
@@ -176,11 +149,6 @@ class VisionLanguageModel:
         each clip. Clips are probed before any frame is decoded: ones that cannot fit the context with
         `max_new_tokens` are refused then (VideoError)."""
         text, sources = self.render(messages, tools)
-        if video is not None:
-            try:
-                video.check()
-            except ValueError as e:
-                raise ParameterError("video", str(e)) from None
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
             sources = [_fetch_if_remote(source) for source in sources]
         media = None
@@ -245,57 +213,67 @@ class VisionLanguageModel:
                 f"shorten the prompt, use fewer or smaller images ({names['max_pixels']}), or lower "
                 f"{names['max_new_tokens']}")
 
-    def submit(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-               min_new_tokens: int = 0, stop: list | None = None, response_format=None,
-               logprobs: int | None = None, tools: list | None = None, tool_choice=None,
-               parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None) -> Sequence:
-        """Queue one prompt (a PreparedPrompt or chat messages) in the engine; read `sequence.chunks()`.
+    def options(self, sampling: SamplingParams | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                stop=None, response_format=None, logprobs: int | None = None, tools: list | None = None,
+                tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None,
+                batch_invariant: bool | None = None) -> GenerationOptions:
+        """The generation arguments, checked once and their grammar compiled -> GenerationOptions.
 
         Args:
+            sampling: SamplingParams (default: greedy).
+            max_new_tokens / min_new_tokens: length limits (EOS is suppressed until the minimum).
+            stop: a stop text or a list of them (the family's own are always added).
             response_format: constrain the answer (needs the `structured` extra, llguidance):
                 ``{"type": "json_object"}`` (any JSON object), ``{"type": "json_schema", "json_schema":
                 {"name": ..., "schema": {...}}}``, ``{"type": "grammar", "grammar": LARK}``, ``{"type":
                 "text"}`` / None (free text), or a Grammar from ``self.grammars.compile``. The answer ends
                 ("stop") when the grammar is complete.
             logprobs: report each token's log-probability and its this many (0-20) most likely
-                alternatives (on each chunk; see runtime/logprobs.py); None: not computed.
+                alternatives (on each chunk; see runtime/output/logprobs.py); None: not computed.
             tools: OpenAI function tools (``{"type": "function", "function": {"name", "description",
-                "parameters"}}``), rendered by the chat template when `prompt` is messages; the model's
+                "parameters"}}``), rendered by the chat template when the prompt is messages; the model's
                 ``<tool_call>`` blocks become `chunk.tool_calls` (the chunk text is the content outside them).
             tool_choice: "auto" (default), "none" (tools rendered, no calls parsed), "required" or
                 ``{"type": "function", "function": {"name": ...}}`` (decoding constrained to a call of one
-                of the tools, or of the named one, whose arguments fit its parameters; see runtime/tools.py).
+                of the tools, or of the named one, whose arguments fit its parameters; see runtime/chat/tools.py).
             parallel_tool_calls: with "required", allow several calls in one answer.
-            video: the clips' budget when `prompt` is messages: VideoOptions or a dict with ``fps`` (frames
+            video: the clips' budget when the prompt is messages: VideoOptions or a dict with ``fps`` (frames
                 sampled per second), ``max_frames``, ``max_pixels`` (over all of a clip's frames); None: the
                 model's video_preprocessor_config.json.
+            batch_invariant: True: this request's tokens are exactly what it gives alone, whatever is decoded
+                beside it (greedy and seeded sampling; costs speed on int4 and int8 graphs); None: the model's
+                default (the `batch_invariant` it was loaded with).
 
-        The family's own stop strings are added to `stop`. Errors in the arguments are raised here (a bad
-        schema or grammar: ParameterError naming response_format)."""
-        check_token_limits(max_new_tokens, min_new_tokens)
-        stop = check_stop_strings(stop)
-        check_logprobs(logprobs)
-        use = tool_use(tools, tool_choice, parallel_tool_calls)
-        grammar = self.grammars.compile(response_format)
-        if use is not None and use.constrained:
-            if grammar is not None:
-                raise ParameterError("response_format", f"response_format cannot be combined with tool_choice "
-                                                        f"{use.choice!r}, which constrains the answer to a tool call")
-            grammar = self.grammars.compile(use.response_format(self.tokenizer.token_to_id(TOOL_CALL_START),
-                                                                self.tokenizer.token_to_id(TOOL_CALL_END)), "tools")
+        Raises ParameterError naming the parameter (a bad schema or grammar: response_format)."""
+        options = check_options(sampling, max_new_tokens, min_new_tokens, stop, logprobs, response_format, tools,
+                                tool_choice, parallel_tool_calls, video, batch_invariant)
+        return compile_grammar(options, self.grammars, self.tokenizer)
+
+    def submit(self, prompt, options: GenerationOptions, family_stops: bool = True) -> Sequence:
+        """Queue one prompt (a PreparedPrompt or chat messages) with checked `options` (from `options()`, or a
+        front end's `check_options` + `compile_grammar`) in the engine; read `sequence.chunks()`.
+
+        Messages are prepared here (their tools rendered, clips that cannot fit the context refused before any
+        frame is decoded); a prompt that does not fit the context with max_new_tokens is refused
+        (ContextLengthError). Nothing in `options` is checked again. `family_stops=False`: the family's own stop
+        strings do not end the answer (token ids only, as `generate_step` yields them)."""
         if isinstance(prompt, list):
-            prompt = self.prepare(prompt, tools=use.tools if use is not None else None,
-                                  video=video_options(video), max_new_tokens=max_new_tokens)
-        self.check_context(len(prompt.input_ids), max_new_tokens)
-        stops = list(stop or []) + list(self.family.stop_strings)
-        sequence = Sequence(prompt, sampling, max_new_tokens, min_new_tokens, stops, self.eos_token_ids,
-                            self.tokenizer, constraint=self.grammars.constraint(grammar) if grammar else None,
-                            logprobs=logprobs, token_table=self.token_table,
-                            tool_parser=ToolCallParser() if use is not None and use.parses_calls else None)
+            prompt = self.prepare(prompt, tools=options.tools, video=options.video,
+                                  max_new_tokens=options.max_new_tokens)
+        self.check_context(len(prompt.input_ids), options.max_new_tokens)
+        use = options.tool_use
+        invariant = self.batch_invariant if options.batch_invariant is None else options.batch_invariant
+        sequence = Sequence(prompt, options.sampling, options.max_new_tokens, options.min_new_tokens,
+                            list(options.stop) + (list(self.family.stop_strings) if family_stops else []),
+                            self.eos_token_ids, self.tokenizer,
+                            constraint=self.grammars.constraint(options.grammar) if options.grammar else None,
+                            logprobs=options.logprobs, token_table=self.token_table,
+                            tool_parser=ToolCallParser() if use is not None and use.parses_calls else None,
+                            batch_invariant=invariant)
         return self.engine.submit(sequence)
 
     def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                      min_new_tokens: int = 0, timings: dict | None = None):
+                      min_new_tokens: int = 0, timings: dict | None = None, batch_invariant: bool | None = None):
         """Yield generated token ids one at a time (EOS included, then stop); no stop strings.
 
         Args:
@@ -303,10 +281,8 @@ class VisionLanguageModel:
             sampling: SamplingParams (default: greedy).
             timings: a dict filled with vision_s, prefill_s, ttft_s, decode_s when the answer ends.
         """
-        check_token_limits(max_new_tokens, min_new_tokens)
-        self.check_context(len(prompt.input_ids), max_new_tokens)
-        sequence = self.engine.submit(Sequence(prompt, sampling, max_new_tokens, min_new_tokens, [],
-                                               self.eos_token_ids, self.tokenizer))
+        options = check_options(sampling, max_new_tokens, min_new_tokens, batch_invariant=batch_invariant)
+        sequence = self.submit(prompt, options, family_stops=False)
         try:
             for chunk in sequence.chunks():
                 if chunk.token_id is not None:
@@ -319,15 +295,19 @@ class VisionLanguageModel:
     def stream_generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                         min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None,
                         response_format=None, logprobs: int | None = None, tools: list | None = None,
-                        tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None):
+                        tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None,
+                        batch_invariant: bool | None = None, options: GenerationOptions | None = None):
         """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
 
-        `prompt` is a PreparedPrompt or a list of chat messages. Closing the generator early cancels
-        the request (its decoder row is freed at the engine's next step). `response_format` and
-        `logprobs` as in `submit` (a chunk carrying a token has its `logprobs`); with `tools`, chunk text is
-        the content and a chunk completing a call carries it in `tool_calls`; `video` as in `submit`."""
-        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
-                               tools, tool_choice, parallel_tool_calls, video)
+        `prompt` is a PreparedPrompt or a list of chat messages; the other arguments as in `options()`, or
+        `options` already made by it (the arguments are then ignored). Closing the generator early cancels
+        the request (its decoder row is freed at the engine's next step). A chunk carrying a token has its
+        `logprobs` when asked for; with `tools`, chunk text is the content and a chunk completing a call
+        carries it in `tool_calls`."""
+        if options is None:
+            options = self.options(sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
+                                   tools, tool_choice, parallel_tool_calls, video, batch_invariant)
+        sequence = self.submit(prompt, options)
         try:
             yield from sequence.chunks()
         finally:
@@ -336,61 +316,59 @@ class VisionLanguageModel:
                 timings.update(sequence.timings, cached_tokens=sequence.cached_tokens)
 
     def _result(self, sequence: Sequence) -> GenerationResult:
-        pieces, token_ids, logprobs, tool_calls, finish = [], [], [], [], "length"
+        answer = ResultAccumulator()
         for chunk in sequence.chunks():
-            pieces.append(chunk.text)
-            tool_calls += chunk.tool_calls or []
-            if chunk.token_id is not None:
-                token_ids.append(chunk.token_id)
-                logprobs.append(chunk.logprobs)
-            finish = chunk.finish_reason or finish
-        prompt, text = sequence.prompt, "".join(pieces)
-        scale = self.family.grounding_scale
-        boxes = answer_boxes(text, getattr(prompt, "grounding_image", None), scale)
-        return GenerationResult(text, token_ids, len(prompt.input_ids), prompt.image_tokens, finish,
-                                summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens, boxes=boxes,
-                                logprobs=logprobs if sequence.logprobs is not None else None, tool_calls=tool_calls)
+            answer.add(chunk)
+        prompt = sequence.prompt
+        boxes = answer_boxes(answer.text, getattr(prompt, "grounding_image", None), self.family.grounding_scale)
+        return answer.result(prompt, summarize_timings(sequence.timings, self.load_s), sequence.cached_tokens,
+                             boxes, logprobs_requested=sequence.logprobs is not None)
 
     def generate(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                  min_new_tokens: int = 0, stop: list | None = None, response_format=None,
                  logprobs: int | None = None, tools: list | None = None, tool_choice=None,
-                 parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None) -> GenerationResult:
+                 parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None,
+                 batch_invariant: bool | None = None, options: GenerationOptions | None = None) -> GenerationResult:
         """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult.
 
-        `response_format` constrains it (e.g. ``{"type": "json_object"}``) and `logprobs=N` fills
-        `result.logprobs`; with `tools`, `result.tool_calls` holds the calls and `result.text` the content
-        outside them (see `submit`, also for `video`)."""
-        sequence = self.submit(prompt, sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
-                               tools, tool_choice, parallel_tool_calls, video)
+        The arguments as in `options()` (or `options` already made by it). `response_format` constrains the
+        answer (e.g. ``{"type": "json_object"}``) and `logprobs=N` fills `result.logprobs`; with `tools`,
+        `result.tool_calls` holds the calls and `result.text` the content outside them."""
+        if options is None:
+            options = self.options(sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
+                                   tools, tool_choice, parallel_tool_calls, video, batch_invariant)
+        sequence = self.submit(prompt, options)
         try:
             return self._result(sequence)
         finally:
             sequence.cancel()
 
     def generate_batch(self, prompts: list, sampling=None, max_new_tokens: int = 256, min_new_tokens: int = 0,
-                       stop: list | None = None, response_format=None, logprobs: int | None = None) -> list:
+                       stop: list | None = None, response_format=None, logprobs: int | None = None,
+                       batch_invariant: bool | None = None) -> list:
         """Answer many prompts at once (decoded together, `parallel` at a time): a GenerationResult each.
 
         Args:
             prompts: chat message lists or PreparedPrompts.
             sampling: one SamplingParams for all, or a list with one per prompt (each keeps its own seed).
-            response_format: one for all, or a list with one per prompt (None entries: free text); see `submit`.
+            response_format: one for all, or a list with one per prompt (None entries: free text); see `options`.
+        Every argument and every prompt is checked before any prompt is queued.
         """
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(samplings) != len(prompts):
-            raise ValueError(f"sampling has {len(samplings)} entries for {len(prompts)} prompts; give one per prompt")
+            raise ParameterError(f"sampling has {len(samplings)} entries for {len(prompts)} prompts; give one per "
+                                 f"prompt", "sampling")
         formats = (list(response_format) if isinstance(response_format, (list, tuple))
                    else [response_format] * len(prompts))
         if len(formats) != len(prompts):
-            raise ValueError(f"response_format has {len(formats)} entries for {len(prompts)} prompts; give one per "
-                             f"prompt")
-        check_logprobs(logprobs)
-        grammars = [self.grammars.compile(f) for f in formats]  # all errors before any work
+            raise ParameterError(f"response_format has {len(formats)} entries for {len(prompts)} prompts; give one "
+                                 f"per prompt", "response_format")
+        options = [self.options(s, max_new_tokens, min_new_tokens, stop, f, logprobs, batch_invariant=batch_invariant)
+                   for s, f in zip(samplings, formats)]  # all errors before any work
         prepared = [self.prepare(p) if isinstance(p, list) else p for p in prompts]
         for prompt in prepared:
             self.check_context(len(prompt.input_ids), max_new_tokens)
-        sequences = [self.submit(p, s, max_new_tokens, min_new_tokens, stop, g, logprobs)
-                     for p, s, g in zip(prepared, samplings, grammars)]
+        sequences = [self.submit(p, o) for p, o in zip(prepared, options)]
         try:
             return [self._result(sequence) for sequence in sequences]
         finally:
@@ -402,7 +380,7 @@ class VisionLanguageModel:
 
         `generation` holds defaults for every turn (sampling, max_new_tokens, min_new_tokens, stop,
         response_format, logprobs, tools, tool_choice)."""
-        from vlm_core.runtime.chat_session import ChatSession
+        from vlm_core.runtime.chat.session import ChatSession
 
         return ChatSession(self, system, **generation)
 
@@ -411,18 +389,4 @@ class VisionLanguageModel:
         return self.generate(build_user_messages(prompt, list(images), system), **kwargs).text
 
 
-def summarize_timings(timings: dict, load_s: float) -> dict:
-    """Seconds and tokens/s as `--json` reports them."""
-    steps = timings.get("decode_steps", 0)
-    decode_s = timings.get("decode_s", 0.0)
-    return {"load_s": round(load_s, 4), "vision_s": round(timings.get("vision_s", 0.0), 4),
-            "prefill_s": round(timings.get("prefill_s", 0.0), 4), "ttft_s": round(timings.get("ttft_s", 0.0), 4),
-            "decode_tokens_per_s": round(steps / decode_s, 3) if decode_s > 0 else 0.0}
-
-
-def load(folder: str, threads: int | None = None) -> VisionLanguageModel:
-    """Load an exported model folder (see VisionLanguageModel)."""
-    return VisionLanguageModel(folder, threads)
-
-
-__all__ = ["VisionLanguageModel", "GenerationChunk", "GenerationResult", "load", "UserError"]
+__all__ = ["VisionLanguageModel", "GenerationChunk", "GenerationResult"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from vlm_core.runtime.errors import ModelFolderError
+from vlm_core.errors import ModelFolderError
 
 
 def create_session(folder: str, graph: dict, threads: int | None = None, arena: bool = True, prepack: bool = True):

@@ -1,7 +1,7 @@
 """A KV cache the runtime owns: per-layer buffers that grow in steps, written in place.
 
 The decoder graph's GroupQueryAttention ops write the new entries into the buffer themselves (bound as
-both past and present: runtime/decoder_call.py) and read only the filled slots. Growth reallocates once
+both past and present: runtime/engine/decoder_call.py) and read only the filled slots. Growth reallocates once
 per `step` tokens (like mlx-lm's KVCache), so no decode step copies the cache. Capacities are multiples
 of `CAPACITY_ALIGN` slots, so growing a batch's buffer by a few slots never reallocates it.
 """
@@ -48,7 +48,7 @@ class KVCache:
         self.capacity = capacity
 
     def advance(self, new_tokens: int) -> None:
-        """Count `new_tokens` more slots as filled (the decoder call wrote them in place: runtime/decoder_call.py)."""
+        """Count `new_tokens` more slots as filled (the decoder call wrote them in place: runtime/engine/decoder_call.py)."""
         self.offset += new_tokens
 
     def load(self, keys: list, values: list) -> None:

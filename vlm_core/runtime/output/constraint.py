@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlm_core.runtime.errors import ParameterError
+from vlm_core.errors import ParameterError
 
 # llguidance's JSON options: compact, single-line JSON (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -40,8 +40,8 @@ def _llguidance(param: str = "response_format"):
         import llguidance
         import llguidance.numpy  # noqa: F401  (the mask helpers)
     except ImportError:
-        raise ParameterError(param, f"{param} needs the llguidance package, which is not installed: "
-                                    f"{INSTALL_HINT}") from None
+        raise ParameterError(f"{param} needs the llguidance package, which is not installed: "
+                                    f"{INSTALL_HINT}", param) from None
     return llguidance
 
 
@@ -51,12 +51,12 @@ def grammar_source(response_format, param: str = "response_format") -> str | Non
     Checks the structure only (no llguidance needed); `compile` checks the schema or grammar itself.
     Raises ParameterError naming `param` (and the part at fault in the message)."""
     if not isinstance(response_format, dict):
-        raise ParameterError(param, f"{param} must be an object like {{\"type\": \"json_object\"}}, got "
-                                    f"{json.dumps(response_format, default=repr)[:80]}")
+        raise ParameterError(f"{param} must be an object like {{\"type\": \"json_object\"}}, got "
+                                    f"{json.dumps(response_format, default=repr)[:80]}", param)
     kind = response_format.get("type")
     if kind not in FORMAT_TYPES:
-        raise ParameterError(param, f"{param}.type must be one of {', '.join(FORMAT_TYPES)}, got "
-                                    f"{json.dumps(kind, default=repr)[:40]}")
+        raise ParameterError(f"{param}.type must be one of {', '.join(FORMAT_TYPES)}, got "
+                                    f"{json.dumps(kind, default=repr)[:40]}", param)
     if kind == "text":
         return None
     if kind == "json_object":
@@ -64,19 +64,19 @@ def grammar_source(response_format, param: str = "response_format") -> str | Non
     if kind == "grammar":
         lark = response_format.get("grammar")
         if not isinstance(lark, str) or not lark.strip():
-            raise ParameterError(param, f"{param}.grammar must be a non-empty string holding a Lark grammar")
+            raise ParameterError(f"{param}.grammar must be a non-empty string holding a Lark grammar", param)
         return json.dumps({"grammars": [{"lark_grammar": lark}]})
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
-        raise ParameterError(param, f"{param}.json_schema must be an object with 'name' and 'schema'")
+        raise ParameterError(f"{param}.json_schema must be an object with 'name' and 'schema'", param)
     if "name" in spec and not isinstance(spec["name"], str):
-        raise ParameterError(param, f"{param}.json_schema.name must be a string")
+        raise ParameterError(f"{param}.json_schema.name must be a string", param)
     if "strict" in spec and not isinstance(spec["strict"], bool):
-        raise ParameterError(param, f"{param}.json_schema.strict must be true or false")
+        raise ParameterError(f"{param}.json_schema.strict must be true or false", param)
     schema = spec.get("schema")
     if not isinstance(schema, dict):
-        raise ParameterError(param, f"{param}.json_schema.schema must be a JSON schema (an object), got "
-                                    f"{json.dumps(schema, default=repr)[:80]}")
+        raise ParameterError(f"{param}.json_schema.schema must be a JSON schema (an object), got "
+                                    f"{json.dumps(schema, default=repr)[:80]}", param)
     return _json_grammar(schema)
 
 
@@ -187,10 +187,10 @@ class GrammarCompiler:
         tokenizer = self.tokenizer(param)
         error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
         if error:
-            raise ParameterError(param, f"{param} cannot be compiled: {_one_line(error)}")
+            raise ParameterError(f"{param} cannot be compiled: {_one_line(error)}", param)
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
         if matcher.is_error():
-            raise ParameterError(param, f"{param} cannot be compiled: {_one_line(matcher.get_error())}")
+            raise ParameterError(f"{param} cannot be compiled: {_one_line(matcher.get_error())}", param)
         grammar = Grammar(text, matcher)
         with self._lock:
             self._cache[text] = grammar
@@ -212,7 +212,7 @@ def check_grammar(response_format, param: str = "response_format") -> None:
         return
     is_error, messages = _llguidance(param).LLMatcher.validate_grammar_with_warnings(text)
     if is_error:
-        raise ParameterError(param, f"{param} cannot be compiled: {_one_line(messages[0])}")
+        raise ParameterError(f"{param} cannot be compiled: {_one_line(messages[0])}", param)
 
 
 def _one_line(message: str) -> str:

@@ -14,7 +14,7 @@ that may be the start of a block is held back). `tool_choice` decides what the m
 - ``"none"``: the tools are still rendered (as vLLM does, so the prompt and its cached prefix are the
   same as with "auto"), nothing is constrained and no calls are parsed: the answer is plain content.
 - ``"required"`` / ``{"type": "function", "function": {"name": ...}}``: decoding is constrained by a
-  grammar (runtime/constraint.py, llguidance) to one call (several with ``parallel_tool_calls``, for
+  grammar (runtime/output/constraint.py, llguidance) to one call (several with ``parallel_tool_calls``, for
   "required") of one of the tools (of the named one), its arguments valid against that tool's
   ``parameters`` schema; so the call always parses.
 
@@ -30,8 +30,8 @@ import json
 import re
 import uuid
 
-from vlm_core.runtime.constraint import JSON_OPTIONS
-from vlm_core.runtime.errors import ParameterError
+from vlm_core.errors import ParameterError
+from vlm_core.runtime.output.constraint import JSON_OPTIONS
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 TOOL_CHOICES = ("auto", "none", "required")
@@ -104,29 +104,29 @@ def check_tools(tools, param: str = "tools") -> list:
     if tools is None:
         return []
     if not isinstance(tools, (list, tuple)):
-        raise ParameterError(param, f"{param} must be a list of function tools like {{\"type\": \"function\", "
+        raise ParameterError(f"{param} must be a list of function tools like {{\"type\": \"function\", "
                                     f"\"function\": {{\"name\": ..., \"parameters\": {{...}}}}}}, got "
-                                    f"{json.dumps(tools, default=repr)[:80]}")
+                                    f"{json.dumps(tools, default=repr)[:80]}", param)
     names = set()
     for i, tool in enumerate(tools):
         where = f"{param}[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise ParameterError(param, f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+            raise ParameterError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
                                         f"\"parameters\": {{...}}}}}} (only function tools are supported), got "
-                                        f"{json.dumps(tool, default=repr)[:80]}")
+                                        f"{json.dumps(tool, default=repr)[:80]}", param)
         function = tool["function"]
         name = function.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ParameterError(param, f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got "
-                                        f"{json.dumps(name, default=repr)[:80]}")
+            raise ParameterError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got "
+                                        f"{json.dumps(name, default=repr)[:80]}", param)
         if name in names:
-            raise ParameterError(param, f"{where}.function.name {name!r} is given twice; tool names must be unique")
+            raise ParameterError(f"{where}.function.name {name!r} is given twice; tool names must be unique", param)
         names.add(name)
         if "description" in function and not isinstance(function["description"], str):
-            raise ParameterError(param, f"{where}.function.description must be a string")
+            raise ParameterError(f"{where}.function.description must be a string", param)
         if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-            raise ParameterError(param, f"{where}.function.parameters must be a JSON schema (an object), got "
-                                        f"{json.dumps(function['parameters'], default=repr)[:80]}")
+            raise ParameterError(f"{where}.function.parameters must be a JSON schema (an object), got "
+                                        f"{json.dumps(function['parameters'], default=repr)[:80]}", param)
     return list(tools)
 
 
@@ -137,31 +137,31 @@ def tool_use(tools, tool_choice=None, parallel_tool_calls: bool = True) -> ToolU
     unknown choice, or a named function that is not among the tools."""
     tools = check_tools(tools)
     if not isinstance(parallel_tool_calls, bool):
-        raise ParameterError("parallel_tool_calls", f"parallel_tool_calls must be true or false, got "
-                                                    f"{parallel_tool_calls!r:.40}")
+        raise ParameterError(f"parallel_tool_calls must be true or false, got "
+                                                    f"{parallel_tool_calls!r:.40}", "parallel_tool_calls")
     if not tools:
         if tool_choice is not None and tool_choice != "none":
-            raise ParameterError("tool_choice", f"tool_choice {json.dumps(tool_choice, default=repr)[:80]} needs "
-                                                f"tools; give the functions in 'tools'")
+            raise ParameterError(f"tool_choice {json.dumps(tool_choice, default=repr)[:80]} needs "
+                                                f"tools; give the functions in 'tools'", "tool_choice")
         return None
     if tool_choice is None:
         return ToolUse(tools, "auto", parallel=parallel_tool_calls)
     if isinstance(tool_choice, str):
         if tool_choice not in TOOL_CHOICES:
-            raise ParameterError("tool_choice", f"tool_choice must be 'auto', 'none', 'required' or "
+            raise ParameterError(f"tool_choice must be 'auto', 'none', 'required' or "
                                                 f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got "
-                                                f"{tool_choice!r:.40}")
+                                                f"{tool_choice!r:.40}", "tool_choice")
         return ToolUse(tools, tool_choice, parallel=parallel_tool_calls)
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(name, str)):
-        raise ParameterError("tool_choice", f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": "
+        raise ParameterError(f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": "
                                             f"\"function\", \"function\": {{\"name\": ...}}}}, got "
-                                            f"{json.dumps(tool_choice, default=repr)[:80]}")
+                                            f"{json.dumps(tool_choice, default=repr)[:80]}", "tool_choice")
     known = [t["function"]["name"] for t in tools]
     if name not in known:
-        raise ParameterError("tool_choice", f"tool_choice names the function {json.dumps(name)[:70]}, which is not "
-                                            f"among the tools ({', '.join(known)})")
+        raise ParameterError(f"tool_choice names the function {json.dumps(name)[:70]}, which is not "
+                                            f"among the tools ({', '.join(known)})", "tool_choice")
     return ToolUse(tools, "function", name, parallel=parallel_tool_calls)
 
 
@@ -268,13 +268,6 @@ class ToolCallParser:
         if not isinstance(arguments, dict):
             return None
         return ToolCall(self.make_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
-
-
-def parse_tool_calls(text: str, make_id=new_call_id) -> tuple[str, list]:
-    """A whole answer -> (content, [ToolCall]); the same split as streaming it through a ToolCallParser."""
-    parser = ToolCallParser(make_id)
-    content, calls = parser.feed(text)
-    return content + parser.close()[0], calls
 
 
 def _partial_prefix(text: str, marker: str) -> int:

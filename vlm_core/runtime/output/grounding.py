@@ -1,6 +1,6 @@
 """Which image an answer's boxes refer to, and the answer's boxes in that image's pixels.
 
-`GenerationResult.boxes` (runtime/engine.py) and the CLI's `--json` / `--draw-boxes` (runtime/generate.py) use
+`GenerationResult.boxes` (runtime/model.py) and the CLI's `--json` / `--draw-boxes` (runtime/generate.py) use
 these; the parsing and the 0..1000 convention are in kernels/grounding.py. A family that writes boxes says so
 with a `grounding_scale` attribute (Qwen3-VL: 1000); MiniGPT-4 has none, so its answers give no boxes.
 
@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vlm_core.kernels.grounding import grounding_boxes, image_size_as_seen
-
-from vlm_core.runtime.chat import normalize_messages
+from vlm_core.runtime.chat.messages import normalize_messages
 
 
 class GroundingImage(NamedTuple):

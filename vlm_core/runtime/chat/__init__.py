@@ -1,0 +1,1 @@
+"""Chats: messages normalised once, the chat template rendered without transformers, conversations, tools."""

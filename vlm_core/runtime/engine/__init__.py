@@ -1,0 +1,8 @@
+"""The engine: continuous batching of many sequences over one exported decoder.
+
+- step_loop.py: the step loop (admit, prefill a chunk or an image, one batched decode call, retire);
+- sequence.py: one request inside the engine (tokens, sampler, constraint, stop state);
+- kv_slots.py: the KV rows of the sequences decoded together; kv_buffer.py: one sequence's KV while it prefills;
+- prefix_cache.py: the KV of finished sequences and the vision features of seen images, in one budget;
+- decoder_call.py: one decoder call with the KV cache bound in place; onnx_sessions.py: ONNX Runtime sessions.
+"""
