@@ -493,7 +493,7 @@ def test_deeply_nested_json_is_a_400(server):
 
 
 def test_a_queued_request_whose_client_left_frees_its_place_at_once(qwen_export, photos):
-    srv = Server(qwen_export, "--workers", "1", "--max-queue", "1")
+    srv = Server(qwen_export, "--parallel", "1", "--max-queue", "1")
     conns = []
     try:
         body = {"messages": image_messages(photos["coffee"]), "stream": True, "temperature": 0, **LONG}
