@@ -25,7 +25,7 @@ from vlm_core.runtime.chat.template import render_chat
 from vlm_core.runtime.chat.tools import ToolCallParser
 from vlm_core.runtime.engine import decoder_call
 from vlm_core.runtime.engine.kv_buffer import KVCache
-from vlm_core.runtime.engine.onnx_sessions import create_session
+from vlm_core.runtime.engine.onnx_sessions import check_threads, create_session
 from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
 from vlm_core.runtime.engine.step_loop import (
     DEFAULT_CACHE_MB,
@@ -35,7 +35,12 @@ from vlm_core.runtime.engine.step_loop import (
     BatchEngine,
     join_vision,
 )
-from vlm_core.runtime.manifest import load_manifest
+from vlm_core.runtime.manifest import (
+    load_chat_template,
+    load_embeddings,
+    load_manifest,
+    load_tokenizer,
+)
 from vlm_core.runtime.output.constraint import GrammarCompiler
 from vlm_core.runtime.output.grounding import answer_boxes, grounding_image
 from vlm_core.runtime.output.logprobs import TokenTable
@@ -60,7 +65,7 @@ class VisionLanguageModel:
 
     Args:
         folder: the OUT folder written by `python -m vlm_core.export`.
-        threads: intra-op threads for ONNX Runtime (default: all cores).
+        threads: intra-op threads for ONNX Runtime, 1 to 4 per usable core (default: all cores).
         parallel: sequences decoded together at most (more requests wait their turn).
         prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
         cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
@@ -78,15 +83,20 @@ class VisionLanguageModel:
         self.folder = folder
         self.allow_remote_images = allow_remote_images
         self.batch_invariant = bool(batch_invariant)
+        check_threads(threads)
         self.manifest = manifest = load_manifest(folder)
         try:
             self.text_config = TextConfig.from_dict(manifest["text_config"])
-            self.family = get_family(manifest["family"]).Family(manifest)
-        except (KeyError, ValueError) as e:  # an unknown family, a config section lacking a field
+            family = get_family(manifest["family"])
+        except (KeyError, ValueError) as e:  # an unknown family
             raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
-        from tokenizers import (
-            Tokenizer,  # serve-time dependency, imported here to keep `import runtime` light
-        )
+        try:
+            self.family = family.Family(manifest)
+        except KeyError as e:  # a field the family reads (special_tokens.image_token_id, say) is missing
+            raise ModelFolderError(f"{folder!r}: manifest.json lacks {e.args[0]!r}, which the "
+                                   f"{manifest['family']} family reads; re-export the model") from None
+        except (ValueError, TypeError) as e:  # a family's config field missing, mistyped or out of range
+            raise ModelFolderError(f"{folder!r}: {e}") from None
 
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
@@ -94,13 +104,9 @@ class VisionLanguageModel:
         sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision",
                                       prepack=name != "vision")
                     for name, graph in manifest["graphs"].items()}
-        self.tokenizer = Tokenizer.from_file(os.path.join(folder, manifest["tokenizer"]))
-        template = manifest.get("chat_template")
-        self.chat_template = open(os.path.join(folder, template), encoding="utf-8").read() if template else None
-        table = manifest["embeddings"]
-        self.embeddings = np.load(os.path.join(folder, table["file"]), mmap_mode="r")
-        self.embedding_scale = (np.load(os.path.join(folder, table["scale_file"]), mmap_mode="r")
-                                if table.get("scale_file") else None)
+        self.tokenizer = load_tokenizer(folder, manifest)
+        self.chat_template = load_chat_template(folder, manifest)
+        self.embeddings, self.embedding_scale = load_embeddings(folder, manifest)
         self.sessions = {name: future.result() for name, future in sessions.items()}
         pool.shutdown()
         text = self.text_config
@@ -116,8 +122,7 @@ class VisionLanguageModel:
         for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb,
-                                  batch_invariant=batch_invariant)
+        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------
