@@ -1,14 +1,20 @@
-"""The batched engine: requests decoded together give exactly the tokens they give alone; continuous
-batching (join and leave mid-flight); prefix and image-feature caches; chat sessions; generate_batch."""
+"""The batched engine: requests that ask for batch invariance get exactly the tokens they give alone, and the
+others the same or a different token first at a near-tie; continuous batching (join and leave mid-flight);
+prefix and image-feature caches; chat sessions; generate_batch."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from batching_helpers import alone, make_sequence, run_schedule
+from batching_helpers import alone, make_sequence, run_schedule, schedule, tokens_of
 from PIL import Image
 
 from vlm_core.kernels.sampling import SamplingParams
+from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
 from vlm_core.runtime.engine.step_loop import BatchEngine
+
+# A request that did not ask for invariance may differ from its answer alone, first where its two most likely
+# tokens are this close in logits (issue 18): kernel choice changes the logits at float rounding level.
+NEAR_TIE = 1e-3
 
 
 def _requests(photos) -> list:
@@ -35,6 +41,10 @@ def _requests(photos) -> list:
 JOIN_STEPS = [0, 0, 4, 9, 15]  # staggered: later requests join while earlier ones decode; short ones leave early
 
 
+def _invariant(requests) -> list:
+    return [dict(r, batch_invariant=True) for r in requests]
+
+
 def _check_batched_equals_alone(vlm, requests, prefill_chunk=16):
     expected = alone(vlm, requests, prefill_chunk=prefill_chunk, cache_mb=0)
     got, engine, widest = run_schedule(vlm, requests, JOIN_STEPS, prefill_chunk=prefill_chunk, cache_mb=0, parallel=8)
@@ -46,19 +56,100 @@ def _check_batched_equals_alone(vlm, requests, prefill_chunk=16):
 
 
 def test_batched_equals_alone_fp32(vlm, photos):
-    _check_batched_equals_alone(vlm, _requests(photos))
+    _check_batched_equals_alone(vlm, _invariant(_requests(photos)))
 
 
 def test_batched_equals_alone_int4(qwen_export_int4, photos):
     from vlm_core.runtime.model import VisionLanguageModel
 
-    _check_batched_equals_alone(VisionLanguageModel(qwen_export_int4, threads=2), _requests(photos))
+    _check_batched_equals_alone(VisionLanguageModel(qwen_export_int4, threads=2), _invariant(_requests(photos)))
 
 
 def test_batched_equals_alone_int8(qwen_export_int8, photos):
     from vlm_core.runtime.model import VisionLanguageModel
 
-    _check_batched_equals_alone(VisionLanguageModel(qwen_export_int8, threads=2), _requests(photos))
+    _check_batched_equals_alone(VisionLanguageModel(qwen_export_int8, threads=2), _invariant(_requests(photos)))
+
+
+def _check_near_tie(alone_sequence, batched_sequence, name: str) -> None:
+    """Greedy tokens equal, or the first difference is where both runs' two best logits lie within NEAR_TIE
+    (the context before it is the same, so the logits there are comparable)."""
+    expected, got = tokens_of(alone_sequence), tokens_of(batched_sequence)
+    first = next((i for i, (e, g) in enumerate(zip(expected, got)) if e != g), None)
+    if first is None:
+        assert got == expected, name
+        return
+    for run, sequence in (("alone", alone_sequence), ("batched", batched_sequence)):
+        second, best = np.sort(sequence.seen_logits[first])[-2:]
+        assert best - second < NEAR_TIE, (f"{name}: batched tokens {got} differ from alone {expected} at {first}, "
+                                          f"where the {run} run's top-2 logit gap is {best - second:.2e}")
+
+
+def _greedy(requests) -> list:
+    """The requests with greedy sampling (their repetition penalty kept): the near-tie test needs the argmax."""
+    return [dict(r, sampling=SamplingParams(greedy=True, repetition_penalty=r["sampling"].repetition_penalty))
+            for r in requests]
+
+
+def _model(export):
+    from vlm_core.runtime.model import VisionLanguageModel
+
+    return VisionLanguageModel(export, threads=2)
+
+
+@pytest.mark.parametrize("export", ["qwen_export", "qwen_export_int4"])
+def test_default_requests_equal_alone_or_differ_at_a_near_tie(export, request, photos):
+    """Requests that did not ask for invariance take the fastest kernels (int4: a lone row by the one-row
+    kernel, no padding); int8 is left out: its rows share one quantization scale, a coupling above float level
+    (up to 0.13 in logits on this tiny model), which is why such requests may differ there."""
+    vlm = _model(request.getfixturevalue(export))
+    requests = [dict(r, keep_logits=True) for r in _greedy(_requests(photos))]
+    expected = [schedule(vlm, [r], [0], prefill_chunk=16, cache_mb=0)[0][0] for r in requests]
+    got, engine, widest = schedule(vlm, requests, JOIN_STEPS, prefill_chunk=16, cache_mb=0, parallel=8)
+    assert widest >= 3
+    for i, (e, g) in enumerate(zip(expected, got)):
+        _check_near_tie(e, g, f"request {i}")
+    assert engine.counters["padding_rows"] == 0
+
+
+@pytest.mark.parametrize("export", ["qwen_export", "qwen_export_int4", "qwen_export_int8"])
+def test_both_modes_in_one_batch(export, request, photos):
+    """Invariant and default requests decoded together, joining and leaving mid-flight (the engine keeps the
+    default ones' rows first: `schedule` checks it every step): the invariant ones give their tokens alone,
+    the default ones theirs or a near-tie (float weights and int4; int8's share one scale)."""
+    vlm = _model(request.getfixturevalue(export))
+    asked = (False, True, True, False, False)  # a default request joins after invariant ones: rows reordered
+    requests = [dict(r, batch_invariant=a, keep_logits=True) for a, r in zip(asked, _requests(photos))]
+    expected = [schedule(vlm, [r], [0], prefill_chunk=16, cache_mb=0)[0][0] for r in requests]
+    got, _, widest = schedule(vlm, requests, JOIN_STEPS, prefill_chunk=16, cache_mb=0, parallel=8)
+    assert widest >= 3
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if requests[i]["batch_invariant"]:
+            assert tokens_of(g) == tokens_of(e), f"request {i} asked for invariance"
+        elif export != "qwen_export_int8" and requests[i]["sampling"].greedy:
+            _check_near_tie(e, g, f"request {i}")
+
+
+def test_plan_pads_only_a_lone_invariant_int4_row_and_runs_int8_invariant_rows_apart():
+    assert plan_decode("int4", [False]) == [DecoderCall(0, 1, 1)]  # the one-row kernel: fastest
+    assert plan_decode("int4", [True]) == [DecoderCall(0, 1, 2)]  # never the one-row kernel for it
+    assert plan_decode("mixed", [False, True]) == [DecoderCall(0, 2, 2)]
+    assert plan_decode("none", [True]) == [DecoderCall(0, 1, 1)]
+    assert plan_decode("int8", [False, False, True, True]) == [DecoderCall(0, 2, 2), DecoderCall(2, 3, 1),
+                                                               DecoderCall(3, 4, 1)]
+    assert plan_decode("int8", [True]) == [DecoderCall(0, 1, 1)]
+    assert plan_decode("int8", [False, False]) == [DecoderCall(0, 2, 2)]  # one call, one scale: fastest
+    with pytest.raises(ValueError, match="must come last"):
+        plan_decode("int8", [True, False])
+
+
+def test_int4_pads_a_lone_row_only_when_it_asked(qwen_export_int4):
+    vlm = _model(qwen_export_int4)
+    for invariant in (False, True):
+        request = {"messages": [{"role": "user", "content": "Hi"}], "sampling": SamplingParams(greedy=True),
+                   "max_new_tokens": 5, "min_new_tokens": 5, "batch_invariant": invariant}
+        _, engine, _ = schedule(vlm, [request], [0], cache_mb=0)
+        assert engine.counters["padding_rows"] == (4 if invariant else 0)  # 4 decode steps after the prefill
 
 
 def test_parallel_limit_and_threaded_generate_batch(vlm, photos):

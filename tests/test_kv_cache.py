@@ -88,8 +88,9 @@ def test_batch_rows_join_take_views_and_leave_by_moving_one_row():
 
 
 def test_batch_grows_slots_and_rows_keeping_content():
-    batch = BatchKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096, step=64, min_rows=2)
+    batch = BatchKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096, step=64)
     batch.add(_prefilled(60, 1.0, layers=1))
+    batch.reserve(2, 61)  # a padding row for the next call (decode_plan.py)
     assert batch.allocated_rows == 2 and batch.capacity == 64
     batch.reserve(1, 200)
     assert batch.capacity == 256 and batch.capacity % CAPACITY_ALIGN == 0
@@ -99,3 +100,16 @@ def test_batch_grows_slots_and_rows_keeping_content():
     assert batch.rows == 4 and batch.allocated_rows == 4
     np.testing.assert_array_equal(batch.keys[0][0, 0, :60], 1.0)
     np.testing.assert_array_equal(batch.keys[0][3, 0, :10], 7.0)
+
+
+def test_batch_row_joins_at_a_chosen_row_moving_that_one_to_the_end():
+    batch = BatchKVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=4096)
+    for i, n in enumerate((3, 7)):
+        batch.add(_prefilled(n, 10.0 * (i + 1)))
+    assert batch.add(_prefilled(5, 30.0), at=1) == 1  # row 1 (7 slots of 20s) moves to row 2
+    assert batch.lengths == [3, 5, 7]
+    np.testing.assert_array_equal(batch.keys[1][1, 0, :5, 0], 32.0)  # layer i's keys: value + 2i
+    np.testing.assert_array_equal(batch.values[0][2, 0, :7, 0], 21.0)
+    batch.move(2, 0)
+    assert batch.lengths == [7, 5, 7]
+    np.testing.assert_array_equal(batch.keys[0][0, 0, :7, 0], 20.0)

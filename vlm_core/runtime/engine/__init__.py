@@ -1,6 +1,7 @@
 """The engine: continuous batching of many sequences over one exported decoder.
 
 - step_loop.py: the step loop (admit, prefill a chunk or an image, one batched decode call, retire);
+- decode_plan.py: a decode step's decoder calls, planned from the rows that asked for batch invariance;
 - sequence.py: one request inside the engine (tokens, sampler, constraint, stop state);
 - kv_slots.py: the KV rows of the sequences decoded together; kv_buffer.py: one sequence's KV while it prefills;
 - prefix_cache.py: the KV of finished sequences and the vision features of seen images, in one budget;

@@ -11,11 +11,10 @@ Each `step()`:
      their KV in the prefix cache.
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
-A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
-a row's own filled slots (GroupQueryAttention, runtime/engine/decoder_call.py); ONNX Runtime's 4-bit
-MatMulNBits computes a lone row (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
-rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
-input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
+A request that asks for it (`Sequence(batch_invariant=True)`) gets tokens that do not depend on the batch
+(tests check it token by token); the others get the fastest kernels. Each step's decoder calls are planned
+from the rows that asked (decode_plan.py), and the rows are kept in the order that plan reads: rows that did
+not ask first.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ import traceback
 
 import numpy as np
 
+from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
 from vlm_core.runtime.engine.decoder_call import run_decoder
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.kv_slots import BatchKVCache
@@ -55,28 +55,25 @@ class BatchEngine:
         parallel: sequences prefilled or decoded at once; more wait their turn.
         prefill_chunk: prompt tokens per prefill call.
         cache_mb: memory for the prefix and image-feature caches (0 turns both off).
-        batch_invariant: make a sequence's results independent of the batch (see the module docstring);
-            False runs a lone 4-bit row by ORT's one-row kernel (faster on hosts where a second row is
-            costly) and int8 rows together, at the price of float-level differences between alone and batched.
+    A sequence's own `batch_invariant` says whether its tokens must not depend on the batch (decode_plan.py).
     """
 
     def __init__(self, model, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cache_mb: float = DEFAULT_CACHE_MB, batch_invariant: bool = True):
+                 cache_mb: float = DEFAULT_CACHE_MB):
         self.model = model
         self.parallel, self.prefill_chunk = int(parallel), int(prefill_chunk)
         self.cache = EngineCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self.family = model.family
-        method = model.manifest.get("quantization", {}).get("method", "none")
-        self.rows_per_call = 1 if method == "int8" and batch_invariant else None  # int8: one scale per tensor
-        self.min_rows = 2 if method in ("int4", "mixed") and batch_invariant else 1  # MatMulNBits: M = 1 differs
+        self.quantization = model.manifest.get("quantization", {}).get("method", "none")  # read by plan_decode
         self.kv_dtype = model.kv_dtype
         self.batch = BatchKVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
-                                  dtype=self.kv_dtype, min_rows=self.min_rows)
+                                  dtype=self.kv_dtype)
         self.waiting: list[Sequence] = []
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
         self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0,
-                         "admitted": 0}  # admitted: sequences taken from `waiting` into a slot (read by tests)
+                         "admitted": 0,  # sequences taken from `waiting` into a slot (read by tests)
+                         "padding_rows": 0}  # decoder rows run only for a request's invariance (decode_plan.py)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -222,10 +219,7 @@ class BatchEngine:
             self._remember(sequence, sequence.cache, None)
             sequence.cache = None
             return
-        sequence.row = self.batch.add(sequence.cache)
-        sequence.cache = None
-        sequence.state = DECODE
-        self.decoding.append(sequence)
+        self._join(sequence)
 
     def _encode_one_image(self, sequence: Sequence) -> None:
         """One vision call: a whole image, or the next few frame groups of a clip (a long clip's patches in
@@ -261,17 +255,32 @@ class BatchEngine:
         return logits
 
     # --- decoding -------------------------------------------------------------------------
+    def _join(self, sequence: Sequence) -> None:
+        """Copy a prefilled sequence's KV into a batch row: after the rows whose request did not ask for
+        invariance if it did not either, else last (the order plan_decode reads)."""
+        free = self._free_rows()
+        at = free if not sequence.batch_invariant and free < len(self.decoding) else None
+        sequence.row = self.batch.add(sequence.cache, at)
+        if at is not None:  # the first row that asked moved to the end
+            self.decoding.append(self.decoding[at])
+            self.decoding[-1].row = len(self.decoding) - 1
+            self.decoding[at] = sequence
+        else:
+            self.decoding.append(sequence)
+        sequence.cache = None
+        sequence.state = DECODE
+
+    def _free_rows(self) -> int:
+        """How many rows (the first ones) hold sequences that did not ask for batch invariance."""
+        return sum(not s.batch_invariant for s in self.decoding)
+
     def _decode(self) -> None:
         batch = self.batch
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
-        batch.reserve(rows, max(batch.lengths) + 1)
-        per_call = self.rows_per_call or rows
-        logits = []
-        for start in range(0, rows, per_call):
-            stop = min(start + per_call, rows)
-            logits.append(self._decode_rows(start, stop))
-        logits = np.concatenate(logits)
+        calls = plan_decode(self.quantization, [s.batch_invariant for s in self.decoding])
+        batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1)
+        logits = np.concatenate([self._decode_rows(call) for call in calls])
         failed = []
         for sequence in list(self.decoding):
             try:
@@ -283,10 +292,10 @@ class BatchEngine:
         for sequence in [s for s in self.decoding if s.finished]:
             self._leave(sequence)
 
-    def _decode_rows(self, start: int, stop: int) -> np.ndarray:
-        """One decoder call for rows [start, stop) (plus padding rows up to min_rows)."""
+    def _decode_rows(self, call: DecoderCall) -> np.ndarray:
+        """One decoder call for rows [call.start, call.stop), padding rows included."""
         batch, model = self.batch, self.model
-        width = max(stop - start, self.min_rows)
+        start, stop, width = call.start, call.stop, call.width
         parts = []
         for r in range(start, start + width):
             sequence = self.decoding[min(r, stop - 1)]  # padding rows repeat the last real row's input
@@ -300,6 +309,7 @@ class BatchEngine:
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
         self.counters["decoder_calls"] += 1
+        self.counters["padding_rows"] += width - (stop - start)
         return logits[: stop - start]
 
     # --- leaving ------------------------------------------------------------------------------
@@ -311,15 +321,24 @@ class BatchEngine:
         elif sequence in self.decoding:
             if error is None:
                 self._remember(sequence, None, sequence.row)
-            moved = self.batch.remove(sequence.row)
-            self.decoding.remove(sequence)
-            if moved is not None:
-                for other in self.decoding:
-                    if other.row == moved:
-                        other.row = sequence.row
-            self.decoding.sort(key=lambda s: s.row)
+            self._free_row(sequence.row)
             sequence.row = None
         sequence.finish(error=error)
+
+    def _free_row(self, row: int) -> None:
+        """Drop a batch row, keeping rows that did not ask for invariance first: the last of those moves into
+        a freed one of theirs, then the last row into the hole (two rows copied at most)."""
+        last_free = self._free_rows() - 1
+        if not self.decoding[row].batch_invariant and row != last_free:
+            self.batch.move(last_free, row)
+            self.decoding[row] = self.decoding[last_free]
+            self.decoding[row].row = row
+            row = last_free
+        moved = self.batch.remove(row)
+        if moved is not None:
+            self.decoding[row] = self.decoding[moved]
+            self.decoding[row].row = row
+        self.decoding.pop()
 
     def _remember(self, sequence: Sequence, cache: KVCache | None, row: int | None) -> None:
         """Keep the KV of every token that went through the decoder (prompt + all but the last sampled)."""
