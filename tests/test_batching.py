@@ -242,3 +242,41 @@ def test_cache_stays_within_budget_while_evicting(vlm):
         measured = sum(v[1] for v in model.engine.cache._entries.values())
         assert measured == model.engine.cache.nbytes <= budget
     assert model.engine.cache.evictions > 0
+
+
+def _prefix(length: int, value: float = 1.0):
+    """Key ids 0..length-1 and one layer of KV for them (8 bytes a slot for keys and values each)."""
+    kv = [np.full((1, length, 2), value, np.float32)]
+    return np.arange(length, dtype=np.int64), kv, [kv[0].copy()]
+
+
+def test_a_prefix_over_budget_never_drops_the_entry_it_extends():
+    """A conversation whose KV outgrows the budget keeps its last usable prefix (issue 18: put_prefix dropped
+    the entries a new key extends before refusing the new one as too big)."""
+    from vlm_core.runtime.engine.prefix_cache import EngineCache, PrefixEntry
+
+    cache = EngineCache(budget_bytes=1000)  # a 40-slot entry takes 960 bytes: 16 per slot + its int64 key ids
+    assert PrefixEntry.size(40, 16) == 960  # what the engine checks before copying KV out
+    cache.put_prefix(*_prefix(40))
+    cache.put_prefix(*_prefix(60))  # 1440 bytes: not kept, and the 40-slot one stays
+    entry, length = cache.longest_prefix(np.arange(100, dtype=np.int64), 100)
+    assert entry is not None and length == 40 and cache.nbytes == 960 and cache.evictions == 0
+    # a longer one that fits covers the shorter: it replaces it
+    cache = EngineCache(budget_bytes=1500)
+    cache.put_prefix(*_prefix(40))
+    cache.put_prefix(*_prefix(60))
+    entry, length = cache.longest_prefix(np.arange(100, dtype=np.int64), 100)
+    assert length == 60 and cache.stats()["prefix_entries"] == 1 and cache.nbytes == 1440
+
+
+def test_a_conversation_past_the_budget_keeps_its_last_cached_turn(vlm):
+    """The engine's side of the bug above: a turn whose KV is over the whole budget is not kept (nor copied out),
+    and the turn before it still serves the next request that starts with it."""
+    model = _fresh(vlm, prefill_chunk=16, cache_mb=0.02)  # 20 KiB: a short turn (12 slots, 9 KiB), not a long one
+    chat = model.chat(sampling=SamplingParams(greedy=True), max_new_tokens=4)
+    chat.send({"role": "user", "content": "Hi"})
+    kept = model.engine.cache.nbytes
+    second = chat.send({"role": "user", "content": "tell me more. " * 20})
+    assert second.cached_tokens > 0 and model.engine.cache.nbytes == kept
+    again = model.generate(chat.messages[:-1], SamplingParams(greedy=True), max_new_tokens=4)
+    assert again.cached_tokens == second.cached_tokens and again.token_ids == second.token_ids

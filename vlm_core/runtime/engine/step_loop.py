@@ -28,7 +28,7 @@ from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
 from vlm_core.runtime.engine.decoder_call import run_decoder
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.kv_slots import BatchKVCache
-from vlm_core.runtime.engine.prefix_cache import EngineCache, image_hash, image_key_id
+from vlm_core.runtime.engine.prefix_cache import EngineCache, PrefixEntry, image_hash, image_key_id
 from vlm_core.runtime.engine.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 
 DEFAULT_PARALLEL = 4
@@ -345,8 +345,10 @@ class BatchEngine:
         if self.cache is None:
             return
         length = cache.offset if cache is not None else self.batch.lengths[row]
-        if length <= 0:
-            return
+        model = self.model
+        bytes_per_slot = 2 * model.num_layers * model.num_kv_heads * model.head_dim * self.kv_dtype.itemsize
+        if length <= 0 or not self.cache.fits(PrefixEntry.size(length, bytes_per_slot)):
+            return  # over the whole budget: no copy, and the prefix it extends stays cached
         key_ids = np.concatenate([sequence.key_ids, np.asarray(sequence.tokens[sequence.prompt_len:], np.int64)])
         keys, values = cache.copy_prefix(length) if cache is not None else self.batch.copy_prefix(row, length)
         self.cache.put_prefix(key_ids[:length], keys, values)
