@@ -193,8 +193,8 @@ class VisionLanguageModel:
     def new_cache(self, expected_length: int) -> KVCache:
         """An empty KV cache for a request of at most `expected_length` tokens (prompt + new tokens).
 
-        It stays empty until the prompt is written, so the prefill attends over no unused slots, then
-        grows in steps of 256 tokens (never past `expected_length`): decode steps read few unused slots."""
+        It stays empty until the prompt is written, then grows geometrically (runtime/engine/kv_buffer.py), never
+        past `expected_length`."""
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
                        expected_length=expected_length, dtype=self.kv_dtype)
 

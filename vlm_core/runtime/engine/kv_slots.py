@@ -5,22 +5,22 @@ Layout per layer: keys / values [rows, kv_heads, capacity, head_dim]. The active
 copy), whose GroupQueryAttention ops write each row's new key / value at that row's own length. A sequence
 that leaves is replaced by moving the last row into its place (one row copied, not the cache); a
 sequence that joins is copied in once from the cache its prompt was prefilled into. Growth (more rows,
-more slots) reallocates in steps, so no step's cost grows with the number of steps taken.
+more slots) at least doubles what it grows (kv_buffer.grown_capacity), copying only the filled slots, so the
+copying amortised over the steps stays constant however long the sequences get.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from vlm_core.runtime.engine.kv_buffer import KVCache, aligned
+from vlm_core.runtime.engine.kv_buffer import GROWTH, KVCache, aligned, grown_capacity
 
 
 class BatchKVCache:
     """Per-layer [rows, kv_heads, capacity, head_dim] buffers; `lengths[r]` slots of row r are filled."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int, dtype=np.float32,
-                 step: int = 256):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int, dtype=np.float32):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.max_length, self.dtype, self.step = aligned(max_length), dtype, step
+        self.max_length, self.dtype = aligned(max_length), dtype
         self.lengths: list[int] = []
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
@@ -45,34 +45,34 @@ class BatchKVCache:
         # One layer at a time, each old buffer dropped as soon as it is copied: growing costs one layer's
         # worth of extra memory, not a second copy of the whole cache.
         shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        filled = max(self.lengths, default=0)  # slots past every row's length hold nothing to keep
         for store in (self.keys, self.values):
             if not store:
                 store.extend(np.zeros(shape, self.dtype) for _ in range(self.num_layers))
                 continue
             for i, old in enumerate(store):
                 new = np.zeros(shape, self.dtype)
-                used = min(old.shape[2], capacity)
-                new[: self.rows, :, :used] = old[: self.rows, :, :used]
+                new[: self.rows, :, :filled] = old[: self.rows, :, :filled]
                 store[i] = new
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Room for `rows` rows (padding rows of a decoder call included: decode_plan.py) of `length` slots each
-        (rows double, slots grow in `step`s, aligned)."""
+    def reserve(self, rows: int, length: int, limit: int | None = None) -> None:
+        """Room for `rows` rows (padding rows of a decoder call included: decode_plan.py) of `length` slots each:
+        rows double, slots grow by `grown_capacity`, capped at `limit` (the most any row's request can use, when
+        the caller knows it) and the context."""
         new_rows = self.allocated_rows
         while new_rows < rows:
-            new_rows = max(1, new_rows * 2)
-        new_capacity = self.capacity
-        if length > new_capacity:
-            new_capacity = min(aligned(-(-length // self.step) * self.step), self.max_length)
-            new_capacity = max(new_capacity, aligned(length))
+            new_rows = max(1, new_rows * GROWTH)
+        limit = self.max_length if limit is None else min(limit, self.max_length)
+        new_capacity = grown_capacity(self.capacity, length, limit)
         if new_rows != self.allocated_rows or new_capacity != self.capacity:
             self._reallocate(new_rows, new_capacity)
 
-    def add(self, cache: KVCache, at: int | None = None) -> int:
+    def add(self, cache: KVCache, at: int | None = None, limit: int | None = None) -> int:
         """Copy a prefilled single-sequence cache into a new row, or into row `at` after moving the row there to
-        the end (the caller keeps its rows in an order of its choosing); returns the row index."""
+        the end (the caller keeps its rows in an order of its choosing); returns the row index. `limit` as in
+        `reserve`."""
         length = cache.offset
-        self.reserve(self.rows + 1, length + 1)
+        self.reserve(self.rows + 1, length + 1, limit)
         row = self.rows
         self.lengths.append(0)
         if at is not None and at < row:

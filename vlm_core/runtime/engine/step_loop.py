@@ -157,6 +157,7 @@ class BatchEngine:
         sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
         sequence.cache = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
                                  dtype=self.kv_dtype, expected_length=sequence.prompt_len)
+        sequence.cache.reserve(sequence.prompt_len)  # the whole prompt at once: its chunks never regrow it
         if self.cache is not None:
             # At least the last prompt token is always run: its logits give the first new token.
             entry, length = self.cache.longest_prefix(sequence.key_ids, sequence.prompt_len - 1)
@@ -260,7 +261,7 @@ class BatchEngine:
         invariance if it did not either, else last (the order plan_decode reads)."""
         free = self._free_rows()
         at = free if not sequence.batch_invariant and free < len(self.decoding) else None
-        sequence.row = self.batch.add(sequence.cache, at)
+        sequence.row = self.batch.add(sequence.cache, at, self._slots_limit(sequence))
         if at is not None:  # the first row that asked moved to the end
             self.decoding.append(self.decoding[at])
             self.decoding[-1].row = len(self.decoding) - 1
@@ -269,6 +270,11 @@ class BatchEngine:
             self.decoding.append(sequence)
         sequence.cache = None
         sequence.state = DECODE
+
+    def _slots_limit(self, joining: Sequence | None = None) -> int:
+        """The most KV slots a decoding row (or `joining`) can ever use: its prompt and all its new tokens."""
+        rows = self.decoding + ([joining] if joining is not None else [])
+        return max(s.prompt_len + s.max_new_tokens for s in rows)
 
     def _free_rows(self) -> int:
         """How many rows (the first ones) hold sequences that did not ask for batch invariance."""
@@ -279,7 +285,7 @@ class BatchEngine:
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
         calls = plan_decode(self.quantization, [s.batch_invariant for s in self.decoding])
-        batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1)
+        batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1, self._slots_limit())
         logits = np.concatenate([self._decode_rows(call) for call in calls])
         failed = []
         for sequence in list(self.decoding):
