@@ -58,6 +58,12 @@ NEG_INF = np.float32(-np.inf)
 # arithmetic and in transformers' float32 computation).
 _TOP_P_EPS = 1e-7
 
+# Upper bounds, so a typo is refused rather than silently meaning "off": OpenAI's temperature range is 0-2
+# (past 2 the distribution is close to uniform noise); top_k past any vocabulary (the largest are ~262k) keeps
+# every token, which top_k=0 already says.
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1_000_000
+
 
 # ----------------------------------------------------------------------------- params
 
@@ -94,8 +100,8 @@ class SamplingParamError(ParameterError):
 class SamplingParams:
     """Decoding options (CLI flags in brackets), checked when made. ``temperature == 0`` means greedy.
 
-    temperature         [--temperature]         >= 0; logits are divided by it
-    top_k               [--top-k]               >= 0; keep the k most likely (0 = off)
+    temperature         [--temperature]         in [0, 2] (OpenAI's range); logits are divided by it
+    top_k               [--top-k]               in [0, 1e6]; keep the k most likely (0 = off)
     top_p               [--top-p]               in (0, 1]; nucleus mass (1 = off)
     min_p               [--min-p]               in [0, 1]; keep p >= min_p * p_max (0 = off)
     repetition_penalty  [--repetition-penalty]  > 0; CTRL-style penalty (1 = off)
@@ -103,8 +109,8 @@ class SamplingParams:
     seed                [--seed]                sampler RNG seed (None = from OS entropy)
 
     Raises:
-        SamplingParamError (a ValueError) naming the field, e.g. ``temperature must be a finite
-        number >= 0 (0 = greedy), got -1``.
+        SamplingParamError (a ValueError) naming the field, e.g. ``temperature must be a number
+        from 0 to 2 (0 = greedy), got -1``.
     """
 
     temperature: float = 1.0
@@ -131,10 +137,10 @@ class SamplingParams:
         """
         t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         # Written as `not (ok)` so NaN always fails.
-        if not (_is_real(t) and 0 <= t < math.inf):
-            raise SamplingParamError("temperature", "a finite number >= 0 (0 = greedy)", t)
-        if not (_is_int(k) and k >= 0):
-            raise SamplingParamError("top_k", "an integer >= 0 (0 = off)", k)
+        if not (_is_real(t) and 0 <= t <= MAX_TEMPERATURE):
+            raise SamplingParamError("temperature", f"a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)", t)
+        if not (_is_int(k) and 0 <= k <= MAX_TOP_K):
+            raise SamplingParamError("top_k", f"an integer from 0 to {MAX_TOP_K:,} (0 = off)", k)
         if not (_is_real(p) and 0 < p <= 1):
             raise SamplingParamError("top_p", "in (0, 1] (1 = off)", p)
         if not (_is_real(m) and 0 <= m <= 1):

@@ -335,10 +335,9 @@ class _AnimatedImageReader:
                 count += 1
                 duration_ms += float(frame.info.get("duration") or 0)
             image.seek(0)
-        except Exception as e:
-            if count == 0:
-                raise VideoError(f"{self.name}: corrupt or truncated {image.format} ({e})") from None
-            # a truncated animation: keep the frames that parse
+        except Exception as e:  # a truncated animation is refused: its last frames are missing or half drawn
+            raise VideoError(f"{self.name}: corrupt or truncated {image.format}, unreadable after {count} "
+                             f"frames ({e})") from None
         if count == 0:
             raise VideoError(f"{self.name}: video has zero frames")
         self.frames_seen = count
@@ -355,9 +354,9 @@ class _AnimatedImageReader:
                 count += 1
                 if count > last:
                     break
-        except Exception as e:
-            if count == 0:
-                raise VideoError(f"{self.name}: corrupt or truncated {self.image.format} ({e})") from None
+        except Exception as e:  # a frame that does not decode (truncated data) is refused, not skipped
+            raise VideoError(f"{self.name}: corrupt or truncated {self.image.format}, unreadable after {count} "
+                             f"frames ({e})") from None
         self.frames_seen = count
         if 0 < count <= last and (count - 1) not in out:  # fewer frames than promised: keep the last
             self.image.seek(count - 1)
