@@ -37,7 +37,7 @@ from vlm_core.errors import (
     UserError,
 )
 from vlm_core.runtime.request import compile_grammar
-from vlm_core.runtime.server import images, schema, videos, worker
+from vlm_core.runtime.server import images, metrics, schema, videos, worker
 from vlm_core.runtime.server.config import ServeConfig
 from vlm_core.runtime.server.scheduler import (
     Cancelled,
@@ -166,6 +166,7 @@ class ChatServer:
     def __init__(self, config: ServeConfig, vlm, scheduler: Scheduler):
         self.config, self.vlm, self.scheduler = config, vlm, scheduler
         self.model_name, self.created = config.name, int(time.time())
+        self.metrics = None  # a metrics.ServerMetrics once installed (the 'metrics' extra)
 
     async def chat_completions(self, request: Request) -> Response:
         arrived = time.monotonic()
@@ -194,6 +195,8 @@ class ChatServer:
         video = dataclasses.replace(self.config.video_options, **chat.video) if clips else None
         events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens,
                             clips, video)
+        if self.metrics is not None:
+            events = self.metrics.watch(events)
         ticket = self.scheduler.submit(events, arrived)
         try:
             prepared = await self.next_event(ticket, request, watch=True)
@@ -367,4 +370,5 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
     handlers = {error_type: starlette_error for error_type in (*ERRORS, HTTPException, Exception)}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.vlm, app.state.scheduler, app.state.config = vlm, scheduler, config
+    app.state.metrics = metrics.install(app, server)  # /metrics
     return app
