@@ -34,7 +34,7 @@ def schedule(vlm, requests: list, join_steps: list, max_steps: int = 2000, **eng
     step that the batch rows stay in the order the decode plan reads (rows that did not ask for invariance first).
 
     Returns (the finished Sequences in request order, the engine, the most sequences decoded in one step)."""
-    engine = BatchEngine(vlm, **engine_options)
+    engine = BatchEngine(vlm.runner, **engine_options)
     sequences = [None] * len(requests)
     widest = 0
     for step in range(max_steps):

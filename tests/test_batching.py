@@ -166,7 +166,7 @@ def test_parallel_limit_and_threaded_generate_batch(vlm, photos):
 
 
 def test_cancel_frees_the_row(vlm, photos):
-    engine = BatchEngine(vlm, prefill_chunk=8, cache_mb=0)
+    engine = BatchEngine(vlm.runner, prefill_chunk=8, cache_mb=0)
     requests = _requests(photos)
     a = engine.add(make_sequence(vlm, requests[1]))
     b = engine.add(make_sequence(vlm, requests[3]))
@@ -177,6 +177,21 @@ def test_cancel_frees_the_row(vlm, photos):
     engine.step()
     assert a.finished and a.finish_reason == "cancelled" and engine.decoding == [b] and b.row == 0
     assert engine.batch.rows == 1
+
+
+def test_the_engine_never_calls_back_into_the_facade(vlm, photos, monkeypatch):
+    """Every graph call of the engine goes through the model runner (engine/runner.py)."""
+    from vlm_core.runtime.model import VisionLanguageModel
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("the engine called the VisionLanguageModel")
+
+    for method in ("embed", "run_decoder", "prefill", "encode_images", "new_cache"):
+        monkeypatch.setattr(VisionLanguageModel, method, forbidden)
+    requests = _requests(photos)[:3]  # an image, text, two images
+    tokens, engine, _ = run_schedule(vlm, requests, [0, 0, 1], prefill_chunk=16, cache_mb=1)
+    assert [len(t) for t in tokens] == [r["max_new_tokens"] for r in requests]
+    assert engine.counters["vision_images"] == 3
 
 
 # --- prefix and image-feature caches ---------------------------------------------------------------

@@ -23,9 +23,9 @@ from vlm_core.models.media import VideoOptions, VideoPart
 from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages
 from vlm_core.runtime.chat.template import render_chat
 from vlm_core.runtime.chat.tools import ToolCallParser
-from vlm_core.runtime.engine import decoder_call
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.onnx_sessions import check_threads, create_session
+from vlm_core.runtime.engine.runner import ModelRunner
 from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
 from vlm_core.runtime.engine.step_loop import (
     DEFAULT_CACHE_MB,
@@ -33,7 +33,6 @@ from vlm_core.runtime.engine.step_loop import (
     DEFAULT_PREFILL_CHUNK,
     VISION_PATCHES_PER_CALL,
     BatchEngine,
-    join_vision,
 )
 from vlm_core.runtime.manifest import (
     load_chat_template,
@@ -122,16 +121,16 @@ class VisionLanguageModel:
         for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
+        # what runs the graphs, for the engine and for this facade's prefill / run_decoder / encode_images alike
+        self.runner = ModelRunner(self.family, self.sessions, self.embeddings, self.embedding_scale, self.text_config,
+                                  manifest.get("quantization", {}).get("method", "none"))
+        self.engine = BatchEngine(self.runner, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids [S] -> float32 [S, H], from the memory-mapped table."""
-        rows = np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
-        if self.embedding_scale is not None:
-            rows *= np.asarray(self.embedding_scale[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
-        return rows
+        return self.runner.embed(token_ids)
 
     def render(self, messages: list, tools: list | None = None) -> tuple[str, list]:
         """Chat messages -> (prompt text with one image pad per image, image sources in order).
@@ -173,38 +172,25 @@ class VisionLanguageModel:
     def run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
         """One batch-1 decoder call on `feeds` (the family's inputs) over `cache`, which takes the new tokens
         in place; returns the last position's logits [vocab]."""
-        new_tokens = feeds["inputs_embeds"].shape[1]
-        # A "prefill" graph (same I/O, weights for GEMMs) takes multi-token runs when the export made one.
-        session = self.sessions["prefill"] if new_tokens > 1 and "prefill" in self.sessions else self.sessions["decoder"]
-        cache.reserve(cache.offset + new_tokens)
-        logits = decoder_call.run_decoder(session, feeds, cache.keys, cache.values, [cache.offset + new_tokens])
-        cache.advance(new_tokens)
-        return logits[0]
+        return self.runner.run_decoder(feeds, cache)
 
     def encode_images(self, prompt):
         """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
-        if prompt.pixel_values is None:
-            return None
-        pieces = [piece for pixels, grid in self.family.split_images(prompt.pixel_values, prompt.media_grid)
-                  for piece in self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)]
-        return join_vision(self.family, [self.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
-                                         for pixels, grid in pieces])
+        return self.runner.encode_images(prompt, VISION_PATCHES_PER_CALL)
 
     def new_cache(self, expected_length: int) -> KVCache:
         """An empty KV cache for a request of at most `expected_length` tokens (prompt + new tokens).
 
         It stays empty until the prompt is written, then grows geometrically (runtime/engine/kv_buffer.py), never
         past `expected_length`."""
-        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
-                       expected_length=expected_length, dtype=self.kv_dtype)
+        return self.runner.new_cache(expected_length)
 
     def prefill(self, prompt, cache: KVCache | None = None, vision_outputs=None) -> np.ndarray:
         """Run the whole prompt through the decoder; returns the last position's logits [vocab]."""
         if cache is None:
             cache = self.new_cache(len(prompt.input_ids))
             vision_outputs = self.encode_images(prompt)
-        feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
-        return self.run_decoder(feeds, cache)
+        return self.runner.prefill(prompt, cache, vision_outputs)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, names: dict | None = None) -> None:
         """Refuse, before any work, a request that cannot fit the context.

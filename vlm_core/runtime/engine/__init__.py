@@ -5,5 +5,6 @@
 - sequence.py: one request inside the engine (tokens, sampler, constraint, stop state);
 - kv_slots.py: the KV rows of the sequences decoded together; kv_buffer.py: one sequence's KV while it prefills;
 - prefix_cache.py: the KV of finished sequences and the vision features of seen images, in one budget;
+- runner.py: the model runner (sessions, embeddings, decoder and vision calls, new caches), shared with the facade;
 - decoder_call.py: one decoder call with the KV cache bound in place; onnx_sessions.py: ONNX Runtime sessions.
 """

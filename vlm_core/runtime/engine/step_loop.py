@@ -25,10 +25,13 @@ import traceback
 import numpy as np
 
 from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
-from vlm_core.runtime.engine.decoder_call import run_decoder
 from vlm_core.runtime.engine.kv_buffer import KVCache
-from vlm_core.runtime.engine.kv_slots import BatchKVCache
-from vlm_core.runtime.engine.prefix_cache import EngineCache, PrefixEntry, image_hash, image_key_id
+from vlm_core.runtime.engine.prefix_cache import (
+    EngineCache,
+    PrefixEntry,
+    image_hash,
+    image_key_id,
+)
 from vlm_core.runtime.engine.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 
 DEFAULT_PARALLEL = 4
@@ -41,33 +44,24 @@ DEFAULT_CACHE_MB = 256
 VISION_PATCHES_PER_CALL = 1024
 
 
-def join_vision(family, per_item: list) -> list:
-    """Vision outputs of consecutive images (or pieces of one clip) -> one set, joined along the family's axes."""
-    return [np.concatenate([outputs[i] for outputs in per_item], axis=axis)
-            for i, axis in enumerate(family.vision_output_axes)]
-
-
 class BatchEngine:
-    """Runs Sequences of one VisionLanguageModel together.
+    """Runs Sequences of one model together.
 
     Args:
-        model: a loaded VisionLanguageModel (sessions, embeddings, family).
+        runner: the model's ModelRunner (engine/runner.py): every graph call goes through it.
         parallel: sequences prefilled or decoded at once; more wait their turn.
         prefill_chunk: prompt tokens per prefill call.
         cache_mb: memory for the prefix and image-feature caches (0 turns both off).
     A sequence's own `batch_invariant` says whether its tokens must not depend on the batch (decode_plan.py).
     """
 
-    def __init__(self, model, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    def __init__(self, runner, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  cache_mb: float = DEFAULT_CACHE_MB):
-        self.model = model
+        self.runner = runner
         self.parallel, self.prefill_chunk = int(parallel), int(prefill_chunk)
         self.cache = EngineCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
-        self.family = model.family
-        self.quantization = model.manifest.get("quantization", {}).get("method", "none")  # read by plan_decode
-        self.kv_dtype = model.kv_dtype
-        self.batch = BatchKVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
-                                  dtype=self.kv_dtype)
+        self.family = runner.family
+        self.batch = runner.new_batch()
         self.waiting: list[Sequence] = []
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
@@ -153,10 +147,9 @@ class BatchEngine:
 
     def _start(self, sequence: Sequence) -> None:
         """Key ids, prefix-cache lookup, a private KV cache for the prompt."""
-        model, prompt = self.model, sequence.prompt
+        prompt = sequence.prompt
         sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
-        sequence.cache = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
-                                 dtype=self.kv_dtype, expected_length=sequence.prompt_len)
+        sequence.cache = self.runner.new_cache(sequence.prompt_len)
         sequence.cache.reserve(sequence.prompt_len)  # the whole prompt at once: its chunks never regrow it
         if self.cache is not None:
             # At least the last prompt token is always run: its logits give the first new token.
@@ -192,7 +185,7 @@ class BatchEngine:
 
     # --- prompt work ------------------------------------------------------------------------
     def _prefill_unit(self, sequence: Sequence) -> None:
-        model, prompt = self.model, sequence.prompt
+        prompt = sequence.prompt
         start = time.perf_counter()
         if sequence.feeds is None:
             spans = self._image_spans(prompt)
@@ -201,8 +194,8 @@ class BatchEngine:
                 self._encode_one_image(sequence)
                 sequence.timings["vision_s"] += time.perf_counter() - start
                 return
-            vision = self._join_vision(sequence.vision_outputs) if needs_images else None
-            sequence.feeds = self.family.prefill_feeds(prompt, model.embed(prompt.input_ids), vision)
+            vision = self.runner.join_vision(sequence.vision_outputs) if needs_images else None
+            sequence.feeds = self.family.prefill_feeds(prompt, self.runner.embed(prompt.input_ids), vision)
             sequence.vision_outputs = None
         begin = sequence.position
         end = min(begin + self.prefill_chunk, sequence.prompt_len)
@@ -233,11 +226,10 @@ class BatchEngine:
         if outputs is None:
             pieces = self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)
             piece_pixels, piece_grid = pieces[len(sequence.item_parts)]
-            sequence.item_parts.append(self.model.sessions["vision"].run(
-                None, self.family.vision_feeds(piece_pixels, piece_grid)))
+            sequence.item_parts.append(self.runner.encode(piece_pixels, piece_grid))
             if len(sequence.item_parts) < len(pieces):
                 return
-            outputs = self._join_vision(sequence.item_parts)
+            outputs = self.runner.join_vision(sequence.item_parts)
             sequence.item_parts = []
             self.counters["vision_images"] += 1
             if self.cache is not None:
@@ -245,12 +237,9 @@ class BatchEngine:
         sequence.vision_outputs = (sequence.vision_outputs or []) + [outputs]
         sequence.images_done += 1
 
-    def _join_vision(self, per_image: list) -> list:
-        return join_vision(self.family, per_image)
-
     def _run(self, feeds: dict, cache: KVCache, new_tokens: int) -> np.ndarray:
         """One batch-1 decoder call over a private cache (prompt chunks); returns the last logits."""
-        logits = self.model.run_decoder(feeds, cache)
+        logits = self.runner.run_decoder(feeds, cache)
         self.counters["decoder_tokens"] += new_tokens
         self.counters["decoder_calls"] += 1
         return logits
@@ -284,7 +273,7 @@ class BatchEngine:
         batch = self.batch
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
-        calls = plan_decode(self.quantization, [s.batch_invariant for s in self.decoding])
+        calls = plan_decode(self.runner.quantization, [s.batch_invariant for s in self.decoding])
         batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1, self._slots_limit())
         logits = np.concatenate([self._decode_rows(call) for call in calls])
         failed = []
@@ -300,18 +289,18 @@ class BatchEngine:
 
     def _decode_rows(self, call: DecoderCall) -> np.ndarray:
         """One decoder call for rows [call.start, call.stop), padding rows included."""
-        batch, model = self.batch, self.model
+        batch, runner = self.batch, self.runner
         start, stop, width = call.start, call.stop, call.width
         parts = []
         for r in range(start, start + width):
             sequence = self.decoding[min(r, stop - 1)]  # padding rows repeat the last real row's input
-            embed = model.embed([sequence.pending_token])[0]
+            embed = runner.embed([sequence.pending_token])[0]
             parts.append(self.family.decode_feeds(sequence.prompt, embed, batch.lengths[min(r, stop - 1)]))
         feeds = {name: np.concatenate([p[name] for p in parts], axis=self.family.decoder_feed_axes[name][0])
                  for name in parts[0]}
         # padding rows write their (discarded) entry into their own, unused row of the buffer
         lengths = [batch.lengths[min(r, stop - 1)] + 1 for r in range(start, start + width)]
-        logits = run_decoder(model.sessions["decoder"], feeds, *batch.buffers(start, start + width), lengths)
+        logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths)
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
         self.counters["decoder_calls"] += 1
@@ -351,9 +340,7 @@ class BatchEngine:
         if self.cache is None:
             return
         length = cache.offset if cache is not None else self.batch.lengths[row]
-        model = self.model
-        bytes_per_slot = 2 * model.num_layers * model.num_kv_heads * model.head_dim * self.kv_dtype.itemsize
-        if length <= 0 or not self.cache.fits(PrefixEntry.size(length, bytes_per_slot)):
+        if length <= 0 or not self.cache.fits(PrefixEntry.size(length, self.runner.bytes_per_slot)):
             return  # over the whole budget: no copy, and the prefix it extends stays cached
         key_ids = np.concatenate([sequence.key_ids, np.asarray(sequence.tokens[sequence.prompt_len:], np.int64)])
         keys, values = cache.copy_prefix(length) if cache is not None else self.batch.copy_prefix(row, length)
