@@ -74,6 +74,8 @@ CASES = {
                                   ["embed_tokens.npy", "[10, 64]"]),
     "template not UTF-8": (_write("chat_template.jinja", b"\xff{{ x }}"), ["chat_template.jinja", "UTF-8", "0xff"]),
     "tokenizer entry a number": (_manifest_edit(lambda m: m.__setitem__("tokenizer", 5)), ["tokenizer", "5"]),
+    "preprocessing patch_size a list": (_set("preprocessing", "patch_size", [16]), ["preprocessing.patch_size"]),
+    "video fps negative": (_set("video_preprocessing", "fps", -2), ["video_preprocessing.fps", "-2"]),
 }
 
 

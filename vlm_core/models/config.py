@@ -53,21 +53,28 @@ class ConfigBase:
                 kwargs[f.name] = values[f.name]
             elif f.default is MISSING and f.default_factory is MISSING:
                 raise ValueError(f"manifest {cls.section!r} lacks {f.name!r}; re-export the model")
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # an annotation that does not resolve outside its class's scope: fields not checked
-            hints = {}
-        for name, value in kwargs.items():
-            expected = _unmet(value, hints.get(name), cls.minimums.get(name, 1))
-            if expected is not None:
-                raise ValueError(f"manifest {cls.section}.{name} is {value!r:.60}; it must be {expected}; "
-                                 f"re-export the model")
+        check_field_types(cls, kwargs, cls.section, cls.minimums)
         return cls(**kwargs)
 
 
+def check_field_types(cls, values: Mapping, section: str, minimums: Mapping | None = None) -> None:
+    """Raise ValueError naming `section`.field for a value in `values` that does not fit the type hint of the
+    dataclass `cls`'s field of that name: an int must be >= 1 (or its `minimums` entry), a float finite and > 0;
+    str, bool, dict, list and `X | None` are checked by type; other hints are not checked."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve outside its class's scope: fields not checked
+        hints = {}
+    for name, value in values.items():
+        expected = _unmet(value, hints.get(name), (minimums or {}).get(name, 1))
+        if expected is not None:
+            raise ValueError(f"manifest {section}.{name} is {value!r:.60}; it must be {expected}; "
+                             f"re-export the model")
+
+
 def _unmet(value, hint, minimum: int) -> str | None:
-    """What `value` must be when it does not fit the type `hint` (int >= `minimum`, float finite > 0, str, dict,
-    list, or `X | None`), else None. Other hints are not checked."""
+    """What `value` must be when it does not fit the type `hint` (int >= `minimum`, float finite > 0, str, bool,
+    dict, list, or `X | None`), else None. Other hints are not checked."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         if value is None and len(options) < len(typing.get_args(hint)):
@@ -80,7 +87,8 @@ def _unmet(value, hint, minimum: int) -> str | None:
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
         return None if ok else "a finite number > 0"
-    names = {str: "a string", dict: "an object", list: "a list"}
+    hint = typing.get_origin(hint) or hint  # list[float] -> list
+    names = {str: "a string", bool: "true or false", dict: "an object", list: "a list"}
     if hint in names:
         return None if isinstance(value, Mapping if hint is dict else hint) else names[hint]
     return None

@@ -44,6 +44,7 @@ from vlm_core.kernels.image import (
     smart_resize,
     to_chw,
 )
+from vlm_core.models.config import check_field_types
 
 # Defaults are transformers' Qwen2VLImageProcessor class defaults (what an empty config gives);
 # Qwen3-VL checkpoints override them with patch_size 16, mean/std 0.5, size 65536..16777216.
@@ -101,6 +102,7 @@ class ImageProcessorParams(PixelSteps):
         for key in ("image_mean", "image_std"):
             if key in kwargs:
                 kwargs[key] = channel_list(kwargs[key])
+        check_field_types(cls, kwargs, "preprocessing", {"resample": 0})
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 
 from vlm_core.kernels.bicubic import resize_frames
 from vlm_core.kernels.video import VideoError, VideoInfo
+from vlm_core.models.config import check_field_types
 from vlm_core.models.qwen3_vl.preprocess import PixelSteps, channel_list
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -72,6 +73,7 @@ class VideoProcessorParams(PixelSteps):
                     "max_video_tokens", "resample"):
             if key in kwargs:
                 kwargs[key] = int(kwargs[key])
+        check_field_types(cls, kwargs, "video_preprocessing", {"resample": 0})
         params = cls(**kwargs)
         if params.resample != 3:
             raise ValueError(f"video resample={params.resample} is not supported; only 3 (BICUBIC) is implemented")
