@@ -626,3 +626,12 @@ def test_refuses_public_host_without_key(qwen_export):
     out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--host", "0.0.0.0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--api-key" in out.stderr
+
+
+def test_refuses_a_blank_api_key_at_start(qwen_export):
+    """A key of spaces (or one a header cannot carry) would refuse every client: refused before the model loads."""
+    for key in ("   ", " sekrit", "tab\tkey"):
+        out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--api-key", key],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "--api-key" in out.stderr and "Traceback" not in out.stderr, (key, out.stderr)
+        assert not key.strip() or key.strip() not in out.stderr  # the key itself is not printed

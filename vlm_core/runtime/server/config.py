@@ -81,6 +81,11 @@ class ServeConfig:
             raise UserError("--timeout and --max-body-mb must be positive")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
+        key = self.api_key
+        if key and not (key == key.strip() and key.isascii() and key.isprintable()):  # "   " matched no client
+            raise UserError("--api-key (or $VLM_API_KEY) must be printable ASCII, not blank and without leading or "
+                            "trailing spaces: clients send it in an 'Authorization: Bearer KEY' header, so such a "
+                            "key could never match")
         if not is_loopback(self.host) and not self.api_key and not self.insecure_no_auth:
             raise UserError(f"refusing to listen on {self.host!r} (reachable from other machines) without "
                             f"--api-key; give --api-key KEY, or --insecure-no-auth if you really mean it")
