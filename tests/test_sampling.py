@@ -310,6 +310,7 @@ def test_make_logits_processors_defaults_are_noops():
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(repetition_penalty=-1.0), "repetition_penalty"),
         (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(repetition_penalty=1e308), "repetition_penalty"),  # past MAX_REPETITION_PENALTY
         (dict(seed=-1), "seed"),
     ],
 )

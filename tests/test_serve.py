@@ -458,6 +458,45 @@ def _error(answer) -> dict:
     return answer["error"]
 
 
+def test_nonsense_once_accepted_is_a_400_naming_the_field(server):
+    """Values that used to be accepted without a word (issue 20), each refused with `param` naming the field
+    and a message that says what is allowed."""
+    hi = [{"role": "user", "content": "hi"}]
+    text = {"messages": hi, "max_tokens": 2}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    cases = {
+        "user content null": ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "null"),
+        "user content []": ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "needs text"),
+        "user content empty": ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", "needs text"),
+        "both length fields": ({**text, "max_completion_tokens": 2}, "max_tokens", "not both"),
+        "temperature above 2": ({**text, "temperature": 2.5}, "temperature", "from 0 to 2"),
+        "temperature 1e30": ({**text, "temperature": 1e30}, "temperature", "from 0 to 2"),
+        "repetition_penalty 1e308": ({**text, "repetition_penalty": 1e308}, "repetition_penalty", "at most 10"),
+        "seed -1": ({**text, "seed": -1}, "seed", "non-negative"),
+        "top_k -5": ({**text, "top_k": -5}, "top_k", "from 0 to 1,000,000"),
+        "video budget without a video": ({**text, "video_max_frames": 4}, "video_max_frames", "no video"),
+        "include_usage not a bool": ({**text, "stream": True, "stream_options": {"include_usage": "yes"}},
+                                     "stream_options.include_usage", "true or false"),
+        "name not a string": ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name",
+                              "string"),
+        "tool message without tool_call_id": (
+            {"messages": [*hi, {"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "content": "sunny"}]}, "messages[2].tool_call_id", "tool call"),
+    }
+    for name, (body, param, says) in cases.items():
+        status, _, answer = server.request("POST", "/v1/chat/completions", body)
+        assert status == 400, (name, status, answer)
+        error = _error(answer)
+        assert error["param"] == param and says in error["message"], (name, error)
+    # the fields each alone, and the name that errors use for the length field, are as before
+    status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": hi, "max_completion_tokens": 0})
+    assert status == 400 and _error(answer)["param"] == "max_completion_tokens", answer
+    for fields in ({"max_completion_tokens": 2}, {"max_tokens": 2, "seed": 2 ** 63 + 5, "top_k": -1},
+                   {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}):
+        status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": hi, **fields})
+        assert status == 200, (fields, answer)
+
+
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
     """Lone surrogates (a JSON escape, or their UTF-8-like bytes) and invalid UTF-8 bytes are refused, not a 500."""
     text_part = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi TEXT"}]}], "max_tokens": 2}'

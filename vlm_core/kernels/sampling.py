@@ -60,9 +60,11 @@ _TOP_P_EPS = 1e-7
 
 # Upper bounds, so a typo is refused rather than silently meaning "off": OpenAI's temperature range is 0-2
 # (past 2 the distribution is close to uniform noise); top_k past any vocabulary (the largest are ~262k) keeps
-# every token, which top_k=0 already says.
+# every token, which top_k=0 already says; a repetition penalty past 10 divides a repeated token's logit
+# by more than any model's logit range, so the value only says "never repeat" (1e308 was accepted).
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1_000_000
+MAX_REPETITION_PENALTY = 10.0
 
 
 # ----------------------------------------------------------------------------- params
@@ -104,7 +106,7 @@ class SamplingParams:
     top_k               [--top-k]               in [0, 1e6]; keep the k most likely (0 = off)
     top_p               [--top-p]               in (0, 1]; nucleus mass (1 = off)
     min_p               [--min-p]               in [0, 1]; keep p >= min_p * p_max (0 = off)
-    repetition_penalty  [--repetition-penalty]  > 0; CTRL-style penalty (1 = off)
+    repetition_penalty  [--repetition-penalty]  in (0, 10]; CTRL-style penalty (1 = off)
     greedy              [--greedy]              argmax, ignores the warpers
     seed                [--seed]                sampler RNG seed (None = from OS entropy)
 
@@ -145,8 +147,9 @@ class SamplingParams:
             raise SamplingParamError("top_p", "in (0, 1] (1 = off)", p)
         if not (_is_real(m) and 0 <= m <= 1):
             raise SamplingParamError("min_p", "in [0, 1] (0 = off)", m)
-        if not (_is_real(r) and 0 < r < math.inf):
-            raise SamplingParamError("repetition_penalty", "a finite number > 0 (1 = off)", r)
+        if not (_is_real(r) and 0 < r <= MAX_REPETITION_PENALTY):
+            raise SamplingParamError("repetition_penalty", f"a number > 0 and at most {MAX_REPETITION_PENALTY:g} "
+                                                           f"(1 = off)", r)
         if not (self.seed is None or (_is_int(self.seed) and self.seed >= 0)):
             raise SamplingParamError("seed", "a non-negative integer", self.seed)
         return self
