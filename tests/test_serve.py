@@ -488,6 +488,12 @@ def test_nonsense_once_accepted_is_a_400_naming_the_field(server):
         assert status == 400, (name, status, answer)
         error = _error(answer)
         assert error["param"] == param and says in error["message"], (name, error)
+    # an image the model cannot take is named by its part, not as a PIL object inside 'messages'
+    thin = "data:image/png;base64," + base64.b64encode(_png((4000, 2))).decode()
+    status, _, answer = server.request("POST", "/v1/chat/completions", _with_image(thin))
+    error = _error(answer)
+    assert status == 400 and error["param"] == "messages[0].content[0].image_url", answer
+    assert "aspect ratio" in error["message"] and "PIL" not in error["message"], error
     # the fields each alone, and the name that errors use for the length field, are as before
     status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": hi, "max_completion_tokens": 0})
     assert status == 400 and _error(answer)["param"] == "max_completion_tokens", answer
