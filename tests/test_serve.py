@@ -503,6 +503,55 @@ def test_nonsense_once_accepted_is_a_400_naming_the_field(server):
         assert status == 200, (fields, answer)
 
 
+def test_only_json_bodies_and_no_cors_by_default(server):
+    """A text/plain or form body (what a cross-site page can send without a CORS preflight) is a 415 naming
+    Content-Type; without --cors-origin no answer carries an Access-Control-Allow-Origin header."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.putrequest("POST", "/v1/chat/completions")
+        if content_type:
+            conn.putheader("Content-Type", content_type)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        conn.close()
+        assert response.status == 415, (content_type, answer)
+        assert "Content-Type: application/json" in _error(answer)["message"], answer
+    status, headers, answer = server.request("POST", "/v1/chat/completions", body,
+                                             {"Content-Type": "application/json; charset=utf-8",
+                                              "Origin": "http://elsewhere.example"})
+    assert status == 200, answer
+    assert not any(k.lower().startswith("access-control-") for k in headers), headers
+    status, headers, _ = server.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert status == 405 and not any(k.lower().startswith("access-control-") for k in headers), headers
+
+
+@pytest.fixture(scope="module")
+def guarded(qwen_export):
+    """A server that allows one other origin."""
+    srv = Server(qwen_export, "--cors-origin", "http://app.example")
+    yield srv
+    srv.stop()
+
+
+def test_cors_origin_allows_the_origins_named(guarded):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    status, headers, _ = guarded.request("OPTIONS", "/v1/chat/completions",
+                                         headers={"Origin": "http://app.example", **preflight})
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert status == 200 and headers["access-control-allow-origin"] == "http://app.example", headers
+    status, headers, _ = guarded.request("OPTIONS", "/v1/chat/completions",
+                                         headers={"Origin": "http://elsewhere.example", **preflight})
+    assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in headers}, headers
+    status, headers, answer = guarded.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, {"Origin": "http://app.example"})
+    assert status == 200 and {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == \
+        "http://app.example", (headers, answer)
+
+
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
     """Lone surrogates (a JSON escape, or their UTF-8-like bytes) and invalid UTF-8 bytes are refused, not a 500."""
     text_part = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi TEXT"}]}], "max_tokens": 2}'
@@ -671,6 +720,12 @@ def test_refuses_public_host_without_key(qwen_export):
     out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--host", "0.0.0.0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--api-key" in out.stderr
+
+
+def test_refuses_a_cors_origin_that_is_not_an_origin(qwen_export):
+    out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--cors-origin",
+                          "https://app.example/"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--cors-origin 'https://app.example/' is not an origin" in out.stderr, out.stderr
 
 
 def test_refuses_a_blank_api_key_at_start(qwen_export):

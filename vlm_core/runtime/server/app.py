@@ -23,6 +23,8 @@ import anyio
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -34,6 +36,8 @@ from vlm_core.errors import (
     NotFound,
     ParameterError,
     PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
     UserError,
 )
 from vlm_core.runtime.request import compile_grammar
@@ -69,7 +73,9 @@ ERRORS = {
     AuthError: HTTPError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     NotFound: HTTPError(404, "invalid_request_error"),
     MethodNotAllowed: HTTPError(405, "invalid_request_error"),
+    RequestTimeout: HTTPError(408, "invalid_request_error", headers={"Connection": "close"}),
     PayloadTooLarge: HTTPError(413, "invalid_request_error"),
+    UnsupportedMediaType: HTTPError(415, "invalid_request_error"),
     QueueFull: HTTPError(429, "rate_limit_error", "queue_full", {"Retry-After": "1"}),
     Cancelled: HTTPError(499, "cancelled", "cancelled"),  # nobody reads it: the client has gone
     QueueTimeout: HTTPError(503, "server_error", "timeout"),
@@ -114,6 +120,16 @@ def check_auth(request: Request, api_key: str | None) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def check_json_body(request: Request) -> None:
+    """Only ``Content-Type: application/json`` bodies, as OpenAI's API: a text/plain or form body is what a page
+    on another site can make a browser send without a CORS preflight, starting generations unseen."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        given = f"got {request.headers['content-type'][:60]!r}" if "content-type" in request.headers else "got none"
+        raise UnsupportedMediaType(f"the request body must be JSON, sent with 'Content-Type: application/json'; "
+                                   f"{given}")
 
 
 async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
@@ -171,6 +187,7 @@ class ChatServer:
     async def chat_completions(self, request: Request) -> Response:
         arrived = time.monotonic()
         check_auth(request, self.config.api_key)
+        check_json_body(request)
         body = await read_body(request, self.config.max_body_bytes, self.config.max_body_mb)
         if len(body) > LARGE_BODY_BYTES:  # a video data: URL: ~0.1 s of JSON parsing per 40 MB, off the event loop
             body = await asyncio.to_thread(schema.parse_json, body)
@@ -368,7 +385,10 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     handlers = {error_type: starlette_error for error_type in (*ERRORS, HTTPException, Exception)}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = [] if not config.cors_origins else [  # CORS: none unless asked for (--cors-origin)
+        Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                   allow_headers=["Authorization", "Content-Type"])]
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.vlm, app.state.scheduler, app.state.config = vlm, scheduler, config
     app.state.metrics = metrics.install(app, server)  # /metrics
     return app

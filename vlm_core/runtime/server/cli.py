@@ -41,6 +41,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without --api-key (anyone who reaches the port can use it)")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let requests name http(s) image and video URLs, fetched by the server (off: data: URLs only)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=list(default("cors_origins")),
+                   metavar="ORIGIN", help="let pages from ORIGIN (https://app.example.com; repeatable; '*' for any) "
+                                          "call the API and read its answers (default: none, so a page on another "
+                                          "site cannot)")
     p.add_argument("--model-name", default=default("model_name"),
                    help="the model id clients use (default: the folder's name)")
     p.add_argument("--threads", type=int, default=default("threads"),

@@ -17,6 +17,8 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     allow_remote_media: bool = False  # http(s) image and video URLs (--allow-remote-images is the old name)
+    # origins whose pages may read answers (CORS); none by default, so a page on another site cannot
+    cors_origins: tuple = ()
     threads: int | None = None
     parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
     prefill_chunk: int = 128
@@ -81,6 +83,11 @@ class ServeConfig:
             raise UserError("--timeout and --max-body-mb must be positive")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
+        for origin in self.cors_origins:
+            scheme, _, rest = origin.partition("://")
+            if origin != "*" and not (scheme in ("http", "https") and rest and "/" not in rest):
+                raise UserError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] as a browser "
+                                f"sends it (https://app.example.com, no path or trailing slash), or '*'")
         key = self.api_key
         if key and not (key == key.strip() and key.isascii() and key.isprintable()):  # "   " matched no client
             raise UserError("--api-key (or $VLM_API_KEY) must be printable ASCII, not blank and without leading or "
