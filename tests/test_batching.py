@@ -53,6 +53,7 @@ def _check_batched_equals_alone(vlm, requests, prefill_chunk=16):
         assert len(e) == requests[i]["max_new_tokens"]
         assert g == e, f"request {i}: batched tokens {g} differ from alone {e}"
     assert engine.batch.rows == 0 and not engine.decoding
+    assert not engine.runner._decode_binding._buffers  # the decode binding let the buffers go with the batch
 
 
 def test_batched_equals_alone_fp32(vlm, photos):

@@ -10,9 +10,15 @@ copying amortised over the steps stays constant however long the sequences get.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from vlm_core.runtime.engine.kv_buffer import GROWTH, KVCache, aligned, grown_capacity
+
+# Layout tokens, unique in the process: a decoder binding made for one set of buffers (decoder_call.BoundDecoder)
+# is never reused for another, even one of another BatchKVCache.
+_layouts = itertools.count()
 
 
 class BatchKVCache:
@@ -24,6 +30,7 @@ class BatchKVCache:
         self.lengths: list[int] = []
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+        self.layout = next(_layouts)  # changes whenever the buffers do (reallocated, given back)
 
     @property
     def rows(self) -> int:
@@ -45,6 +52,7 @@ class BatchKVCache:
         # One layer at a time, each old buffer dropped as soon as it is copied: growing costs one layer's
         # worth of extra memory, not a second copy of the whole cache.
         shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        self.layout = next(_layouts)
         filled = max(self.lengths, default=0)  # slots past every row's length hold nothing to keep
         for store in (self.keys, self.values):
             if not store:
@@ -102,6 +110,7 @@ class BatchKVCache:
         self.lengths.pop()
         if not self.lengths:  # nobody decoding: give the memory back
             self.keys, self.values = [], []
+            self.layout = next(_layouts)
         return moved
 
     def copy_prefix(self, row: int, length: int) -> tuple[list, list]:

@@ -9,6 +9,8 @@ and a prompt goes through the same code whether the engine or the facade's `pref
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from vlm_core.runtime.engine import decoder_call
@@ -34,6 +36,9 @@ class ModelRunner:
         self.head_dim, self.max_context = text_config.head_dim, text_config.max_context
         self.kv_dtype = np.dtype(text_config.kv_dtype)  # the decoder graph's past/present I/O
         self.quantization = quantization
+        # the decode step's binding, kept between steps (engines sharing this runner take turns)
+        self._decode_binding = decoder_call.BoundDecoder(sessions["decoder"])
+        self._decode_lock = threading.Lock()
 
     @property
     def bytes_per_slot(self) -> int:
@@ -70,10 +75,17 @@ class ModelRunner:
         cache.advance(new_tokens)
         return logits[0]
 
-    def decode(self, feeds: dict, keys: list, values: list, lengths_after) -> np.ndarray:
+    def decode(self, feeds: dict, keys: list, values: list, lengths_after, buffers_key=None) -> np.ndarray:
         """One decoder call for one new token in each of several rows (views of a BatchKVCache's buffers);
-        returns logits [rows, vocab]. See decoder_call.run_decoder."""
-        return decoder_call.run_decoder(self.sessions["decoder"], feeds, keys, values, lengths_after)
+        returns logits [rows, vocab]. `buffers_key` changes whenever the views do (the batch's layout and the
+        rows): the binding is then made again, else reused (decoder_call.BoundDecoder)."""
+        with self._decode_lock:
+            return self._decode_binding.run(feeds, keys, values, lengths_after, buffers_key)
+
+    def release_decode_buffers(self) -> None:
+        """Let the decode binding drop the KV buffers it holds (the batch emptied: its memory goes back)."""
+        with self._decode_lock:
+            self._decode_binding.release()
 
     def prefill(self, prompt, cache: KVCache, vision_outputs) -> np.ndarray:
         """The whole prompt (its images' `vision_outputs` spliced in, or None) through the decoder in one call

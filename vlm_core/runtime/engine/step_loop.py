@@ -300,7 +300,7 @@ class BatchEngine:
                  for name in parts[0]}
         # padding rows write their (discarded) entry into their own, unused row of the buffer
         lengths = [batch.lengths[min(r, stop - 1)] + 1 for r in range(start, start + width)]
-        logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths)
+        logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths, (batch.layout, start, width))
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
         self.counters["decoder_calls"] += 1
@@ -334,6 +334,8 @@ class BatchEngine:
             self.decoding[row] = self.decoding[moved]
             self.decoding[row].row = row
         self.decoding.pop()
+        if not self.decoding:  # the batch gave its buffers back: so does the decode binding
+            self.runner.release_decode_buffers()
 
     def _remember(self, sequence: Sequence, cache: KVCache | None, row: int | None) -> None:
         """Keep the KV of every token that went through the decoder (prompt + all but the last sampled)."""
