@@ -531,8 +531,8 @@ def test_only_json_bodies_and_no_cors_by_default(server):
 
 @pytest.fixture(scope="module")
 def guarded(qwen_export):
-    """A server that allows one other origin."""
-    srv = Server(qwen_export, "--cors-origin", "http://app.example")
+    """A server that allows one other origin, waits 2 s for a body and holds at most 8 connections."""
+    srv = Server(qwen_export, "--cors-origin", "http://app.example", "--body-timeout", "2", "--max-connections", "8")
     yield srv
     srv.stop()
 
@@ -550,6 +550,59 @@ def test_cors_origin_allows_the_origins_named(guarded):
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, {"Origin": "http://app.example"})
     assert status == 200 and {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == \
         "http://app.example", (headers, answer)
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def wait_for_lines(server: Server, condition, what: str) -> list:
+    """The server's output lines once `condition(lines)` holds; fail after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition(lines := list(server.lines)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}:\n" + "".join(lines))
+        time.sleep(0.02)
+    return lines
+
+
+def test_a_body_that_never_arrives_is_a_408_and_a_client_gone_one_line(guarded):
+    """A Content-Length larger than the body sent, or a chunked body cut short, ends at --body-timeout with a 408
+    (and the connection closed); a client that leaves while sending its body is one log line, no traceback."""
+    for request in (HEAD + b"Content-Length: 100\r\n\r\n{}",
+                    HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}"):
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) as sock:
+            sock.sendall(request)
+            reply = _read_reply(sock)
+            assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply, reply[:300]
+            assert "connection: close" in reply.lower() and sock.recv(1) == b"", reply[:300]  # and closed
+    # a malformed chunk size is the HTTP parser's 400, and the body it interrupts is one line too
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) as sock:
+        sock.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n")
+        assert _read_reply(sock).startswith("HTTP/1.1 400")
+    for _ in range(3):  # clients that leave with their body half sent
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) as sock:
+            sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n{\"messages\"")
+    gone = "disconnected while sending its request body"
+    lines = wait_for_lines(guarded, lambda lines: sum(gone in line for line in lines) >= 4,
+                           "the clients that left were not logged")
+    assert sum(gone in line for line in lines) == 4, "".join(lines)
+    assert not any("Traceback" in line or "Exception in ASGI" in line for line in lines), "".join(lines)
+    assert guarded.health()["status"] == "ok"
+
+
+def test_max_connections_caps_open_connections(guarded):
+    """--max-connections 8: with 7 connections open and idle, an eighth is answered 503; closing them frees it."""
+    idle = [socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) for _ in range(7)]
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while (status := guarded.request("GET", "/health")[0]) != 503:  # once the server has seen all 7
+            assert status == 200 and time.monotonic() < deadline, "never refused a connection over the cap"
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + WAIT_S
+    while (status := guarded.request("GET", "/health")[0]) != 200:
+        assert time.monotonic() < deadline, f"still {status} after the idle connections closed"
 
 
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):

@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -132,8 +132,10 @@ def check_json_body(request: Request) -> None:
                                    f"{given}")
 
 
-async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
-    """The body, refused (413) from its Content-Length or, without one, as soon as reading passes `limit`."""
+async def read_body(request: Request, limit: int, limit_mb: float, timeout: float) -> bytes:
+    """The body, refused (413) from its Content-Length or, without one, as soon as reading passes `limit`; one that
+    has not arrived within `timeout` seconds (a Content-Length larger than what is sent, a chunked body cut
+    short) is a 408. A client that leaves while sending it is logged in one line and ends the request."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -142,12 +144,22 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
             raise PayloadTooLarge(f"request body is {int(length)} bytes, over this server's limit of {limit} bytes "
                                   f"(--max-body-mb {limit_mb:g})")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over this server's limit of {limit} bytes "
-                                  f"(--max-body-mb {limit_mb:g})")
-        chunks.append(chunk)
+    announced = f" of the {length} announced" if length is not None else ""
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over this server's limit of {limit} bytes "
+                                          f"(--max-body-mb {limit_mb:g})")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s (--body-timeout): {size} "
+                             f"bytes came{announced}") from None
+    except ClientDisconnect:
+        client = "%s:%s" % request.client if request.client else "a client"
+        log.warning("%s disconnected while sending its request body (%d bytes%s received)", client, size, announced)
+        raise Cancelled("the client disconnected while sending its request body") from None
     return b"".join(chunks)
 
 
@@ -188,7 +200,7 @@ class ChatServer:
         arrived = time.monotonic()
         check_auth(request, self.config.api_key)
         check_json_body(request)
-        body = await read_body(request, self.config.max_body_bytes, self.config.max_body_mb)
+        body = await read_body(request, self.config.max_body_bytes, self.config.max_body_mb, self.config.body_timeout)
         if len(body) > LARGE_BODY_BYTES:  # a video data: URL: ~0.1 s of JSON parsing per 40 MB, off the event loop
             body = await asyncio.to_thread(schema.parse_json, body)
         else:
