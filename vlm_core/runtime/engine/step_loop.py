@@ -275,7 +275,9 @@ class BatchEngine:
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
         calls = plan_decode(self.runner.quantization, [s.batch_invariant for s in self.decoding])
         batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1, self._slots_limit())
-        logits = np.concatenate([self._decode_rows(call) for call in calls])
+        embeds = self.runner.embed([s.pending_token for s in self.decoding])  # [rows, H]: one lookup for all
+        logits = [self._decode_rows(call, embeds) for call in calls]
+        logits = logits[0] if len(calls) == 1 else np.concatenate(logits)  # one call: no copy of the logits
         failed = []
         for sequence in list(self.decoding):
             try:
@@ -287,15 +289,15 @@ class BatchEngine:
         for sequence in [s for s in self.decoding if s.finished]:
             self._leave(sequence)
 
-    def _decode_rows(self, call: DecoderCall) -> np.ndarray:
-        """One decoder call for rows [call.start, call.stop), padding rows included."""
+    def _decode_rows(self, call: DecoderCall, embeds: np.ndarray) -> np.ndarray:
+        """One decoder call for rows [call.start, call.stop), padding rows included; `embeds`: every row's
+        pending token embedded [rows, H]."""
         batch, runner = self.batch, self.runner
         start, stop, width = call.start, call.stop, call.width
         parts = []
         for r in range(start, start + width):
-            sequence = self.decoding[min(r, stop - 1)]  # padding rows repeat the last real row's input
-            embed = runner.embed([sequence.pending_token])[0]
-            parts.append(self.family.decode_feeds(sequence.prompt, embed, batch.lengths[min(r, stop - 1)]))
+            real = min(r, stop - 1)  # padding rows repeat the last real row's input
+            parts.append(self.family.decode_feeds(self.decoding[real].prompt, embeds[real], batch.lengths[real]))
         feeds = {name: np.concatenate([p[name] for p in parts], axis=self.family.decoder_feed_axes[name][0])
                  for name in parts[0]}
         # padding rows write their (discarded) entry into their own, unused row of the buffer
