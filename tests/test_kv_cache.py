@@ -59,15 +59,6 @@ def test_growth_is_geometric_so_a_long_sequence_copies_few_slots():
     assert grown_capacity(4096, 4097, 4100) == 4160 and grown_capacity(64, 60, 100) == 64
 
 
-def test_trim_forgets_the_tail():
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=64)
-    _write(cache, 6, 0.0)
-    cache.trim(3)
-    assert cache.offset == 3
-    _write(cache, 1, 9.0)  # the next token overwrites the forgotten tail
-    assert cache.offset == 4 and cache.keys[0][0, 0, 3, 0] == 9.0
-
-
 def test_prefix_load_and_copy_round_trip():
     cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=512)
     _write(cache, 9, 3.0)

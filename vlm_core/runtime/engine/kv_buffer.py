@@ -72,7 +72,3 @@ class KVCache:
     def copy_prefix(self, length: int) -> tuple[list, list]:
         """Copies of the first `length` slots: per-layer keys / values [kv_heads, length, head_dim]."""
         return ([k[0, :, :length].copy() for k in self.keys], [v[0, :, :length].copy() for v in self.values])
-
-    def trim(self, length: int) -> None:
-        """Forget everything after the first `length` tokens."""
-        self.offset = min(self.offset, length)
