@@ -296,3 +296,22 @@ def test_a_conversation_past_the_budget_keeps_its_last_cached_turn(vlm):
     assert second.cached_tokens > 0 and model.engine.cache.nbytes == kept
     again = model.generate(chat.messages[:-1], SamplingParams(greedy=True), max_new_tokens=4)
     assert again.cached_tokens == second.cached_tokens and again.token_ids == second.token_ids
+
+
+def test_the_repetition_penalty_of_a_growing_sequence_equals_one_computed_afresh():
+    """The processor keeps the distinct ids it has seen (a Sequence's tokens only grow): each step's result is
+    the one from every id at once (np.unique), and a shorter token list starts it over."""
+    from vlm_core.kernels.sampling import repetition_penalty_processor
+
+    rng = np.random.default_rng(4)
+    process, tokens = repetition_penalty_processor(1.3), list(rng.integers(-2, 60, size=20))
+    for _ in range(40):
+        logits = rng.normal(size=50).astype(np.float32)
+        ids = np.unique([t for t in tokens if 0 <= t < 50])
+        expected = logits.copy()
+        expected[ids] = np.where(logits[ids] < 0, logits[ids] * np.float32(1.3), logits[ids] / np.float32(1.3))
+        np.testing.assert_array_equal(process(tokens, logits), expected)
+        tokens.append(int(rng.integers(0, 70)))
+    logits = rng.normal(size=50).astype(np.float32)
+    fresh = repetition_penalty_processor(1.3)
+    np.testing.assert_array_equal(process(tokens[:5], logits), fresh(tokens[:5], logits))

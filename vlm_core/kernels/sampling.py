@@ -190,15 +190,35 @@ def repetition_penalty_processor(penalty: float) -> LogitsProcessor:
     Every distinct id in `tokens` (the prompt and the generated ids, as given) gets,
     once: ``logit * penalty`` if ``logit < 0`` else ``logit / penalty``. Ids outside
     ``[0, vocab)`` are ignored (the model cannot emit them).
+
+    The processor keeps the distinct ids it has seen, so a sequence that grows between
+    calls (each call's `tokens` extending the last's, as a decoding sequence's do) costs
+    only its new tokens and a gather/scatter of the distinct ids, not a sort of every id
+    each step; `tokens` shorter than the last call's start it over.
     """
     if not (_is_real(penalty) and 0 < penalty < math.inf):
         raise SamplingParamError("repetition_penalty", "a finite number > 0 (1 = off)", penalty)
     pen = np.float32(penalty)
+    state = {"counted": 0, "seen": None, "ids": np.zeros(16, np.int64), "n": 0}  # ids[:n]: distinct, first-seen order
+
+    def absorb(tokens: Sequence[int], vocab: int) -> np.ndarray:
+        if state["seen"] is None or state["seen"].shape[0] != vocab or len(tokens) < state["counted"]:
+            state.update(counted=0, seen=np.zeros(vocab, bool), n=0)
+        seen, ids, n = state["seen"], state["ids"], state["n"]
+        for token in tokens[state["counted"]:]:
+            token = int(token)
+            if 0 <= token < vocab and not seen[token]:
+                seen[token] = True
+                if n == len(ids):  # doubled: appending stays O(1) amortised
+                    ids = np.concatenate([ids, np.zeros_like(ids)])
+                ids[n] = token
+                n += 1
+        state.update(counted=len(tokens), ids=ids, n=n)
+        return ids[:n]  # [n_distinct]
 
     def process(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
         out = _as_logits(logits).copy()  # [vocab]
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        ids = np.unique(ids[(ids >= 0) & (ids < out.shape[0])])  # [n_distinct]
+        ids = absorb(tokens, out.shape[0])
         s = out[ids]
         out[ids] = np.where(s < 0, s * pen, s / pen)
         return out
