@@ -304,6 +304,23 @@ def test_disconnect_mid_stream_frees_the_worker(server, client, expected, photos
     assert answer.choices[0].message.content == expected["text"]
 
 
+def test_disconnect_of_a_non_streamed_request_frees_its_slot(server, photos):
+    """A non-streamed request whose client leaves mid-answer is cancelled, and its slot freed, at once however
+    fast its tokens come (the tiny model's come milliseconds apart, under the 0.25 s poll that used to watch)."""
+    stats_before = server.wait_idle()["stats"]
+    conn = _open_stream(server.port, {"messages": image_messages(photos["coffee"]), "temperature": 0, **LONG}, {})
+    decoding = server.wait_for(lambda h: h["active"] == 1 and h["engine"]["decoding"], "the request never decoded")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away without reading an answer
+    conn.close()
+    health = server.wait_idle()
+    assert health["stats"].get("cancelled", 0) == stats_before.get("cancelled", 0) + 1, health
+    assert health["stats"].get("completed", 0) == stats_before.get("completed", 0), health  # not run to its end
+    # at once, counted in tokens: a few after the disconnect (the poll it replaces waited for a 0.25 s gap between
+    # tokens, which came at any point of the 3000 or never)
+    decoded = health["engine"]["decoder_tokens"] - decoding["engine"]["decoder_tokens"]
+    assert decoded < 100, decoded
+
+
 def _open_stream(port: int, body: dict, headers: dict) -> http.client.HTTPConnection:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", **headers})

@@ -157,7 +157,7 @@ async def read_body(request: Request, limit: int, limit_mb: float, timeout: floa
         raise RequestTimeout(f"the request body did not arrive within {timeout:g} s (--body-timeout): {size} "
                              f"bytes came{announced}") from None
     except ClientDisconnect:
-        client = "%s:%s" % request.client if request.client else "a client"
+        client = f"{request.client[0]}:{request.client[1]}" if request.client else "a client"
         log.warning("%s disconnected while sending its request body (%d bytes%s received)", client, size, announced)
         raise Cancelled("the client disconnected while sending its request body") from None
     return b"".join(chunks)
@@ -179,6 +179,16 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
             tg.start_soon(stream)
             await self.listen_for_disconnect(receive)
             tg.cancel_scope.cancel()
+
+
+async def cancel_when_gone(request: Request, ticket: Ticket) -> None:
+    """Cancel `ticket` when the client disconnects: ASGI's http.disconnect, awaited in a task of its own from
+    submission on (the body has been read), so a client that leaves is seen at once whether its request is
+    queued (it gives up its place), preparing or decoding, however fast tokens come. Polling between tokens
+    never ran while tokens came less than 0.25 s apart, so a non-streamed request kept its slot to the end."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    ticket.cancel()
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
@@ -227,18 +237,22 @@ class ChatServer:
         if self.metrics is not None:
             events = self.metrics.watch(events)
         ticket = self.scheduler.submit(events, arrived)
+        watcher = asyncio.create_task(cancel_when_gone(request, ticket))
         try:
-            prepared = await self.next_event(ticket, request, watch=True)
+            prepared = await ticket.next()
             completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
             if chat.stream:
+                watcher.cancel()  # the streaming response watches from here on, as it streams
                 return DisconnectAwareStreamingResponse(
-                    self.sse_events(ticket, request, completion_id, prepared.prompt_tokens, chat.include_usage,
+                    self.sse_events(ticket, completion_id, prepared.prompt_tokens, chat.include_usage,
                                     chat.options.logprobs),
                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await self.whole_answer(ticket, request, completion_id, prepared.prompt_tokens, chat.options.logprobs)
+            return await self.whole_answer(ticket, completion_id, prepared.prompt_tokens, chat.options.logprobs)
         except BaseException:
             ticket.cancel()  # an error, or the handler was cancelled (client gone, server stopping)
             raise
+        finally:
+            watcher.cancel()
 
     def logprobs_content(self, chunk) -> list:
         """OpenAI's logprobs.content entries for one streamed chunk: none for EOS, which is not in the text."""
@@ -262,26 +276,10 @@ class ChatServer:
 
         return await asyncio.to_thread(fetch_and_probe)
 
-    async def next_event(self, ticket: Ticket, request: Request, watch: bool):
-        """The job's next event; with `watch`, also notice (every 0.25 s) a client that went away.
-
-        Watched from submission on: a queued request whose client has gone gives up its queue place at once
-        (rather than holding it, and counting toward 429s, until a worker reaches it)."""
-        last_poll = time.monotonic()
-        while True:
-            if watch and time.monotonic() - last_poll > 0.25:
-                last_poll = time.monotonic()
-                if await request.is_disconnected():
-                    ticket.cancel()
-            try:
-                return await asyncio.wait_for(ticket.next(), 0.25 if watch else None)
-            except asyncio.TimeoutError:
-                pass
-
-    async def whole_answer(self, ticket: Ticket, request: Request, completion_id: str,
+    async def whole_answer(self, ticket: Ticket, completion_id: str,
                            prompt_tokens: int, logprobs: int | None = None) -> JSONResponse:
         pieces, content, calls = [], [], []
-        while not isinstance(event := await self.next_event(ticket, request, watch=True), worker.Finished):
+        while not isinstance(event := await ticket.next(), worker.Finished):
             pieces.append(event.text)
             content += self.logprobs_content(event)
             calls += event.tool_calls or []
@@ -296,7 +294,7 @@ class ChatServer:
                          "finish_reason": event.finish_reason}],
             "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings})
 
-    async def sse_events(self, ticket: Ticket, request: Request, completion_id: str, prompt_tokens: int,
+    async def sse_events(self, ticket: Ticket, completion_id: str, prompt_tokens: int,
                          include_usage: bool, logprobs: int | None = None):
         """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event).
 
@@ -324,7 +322,7 @@ class ChatServer:
 
         try:
             yield event(choice({"role": "assistant", "content": ""}))
-            while not isinstance(item := await self.next_event(ticket, request, watch=False), worker.Finished):
+            while not isinstance(item := await ticket.next(), worker.Finished):
                 pending += self.logprobs_content(item)
                 if item.text:
                     yield event(choice({"content": item.text}))
