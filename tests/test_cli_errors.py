@@ -226,6 +226,7 @@ def test_good_input_still_answers(qwen_export, photos):
 def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypatch, capsys):
     """An over-long request is refused before the vision graph or the decoder runs."""
     from vlm_core.runtime import generate
+    from vlm_core.runtime.engine.runner import ModelRunner
     from vlm_core.runtime.model import VisionLanguageModel
 
     calls = []
@@ -236,6 +237,8 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
 
     for method in ("encode_images", "prefill", "run_decoder"):
         monkeypatch.setattr(VisionLanguageModel, method, forbidden)
+    for method in ("encode", "encode_images", "prefill", "run_decoder", "decode"):  # what the engine calls
+        monkeypatch.setattr(ModelRunner, method, forbidden)
     rc = generate.main(["-m", qwen_export, "--threads", "1", "--image", photos["coffee"], "-p", "hi",
                         "--max-new-tokens", "100000"])
     captured = capsys.readouterr()
