@@ -69,7 +69,7 @@ class VisionLanguageModel:
         prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
         cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
         batch_invariant: the default for requests that do not say: True makes a request's tokens independent
-            of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/step_loop.py);
+            of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/decode_plan.py);
             False (default) lets the engine pick the fastest kernels. A request's own `batch_invariant` wins.
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
