@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _generate(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vlm_core.runtime.generate", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
 def _copy_model(src: str, dst: str, edit=None) -> str:
@@ -60,6 +60,16 @@ def _write_images(folder: str, photos: dict) -> dict:
     paths["wide"] = os.path.join(folder, "wide.png")
     Image.new("RGB", (2010, 10), (200, 30, 30)).save(paths["wide"])  # aspect ratio 201
     paths["missing"] = os.path.join(folder, "no-such-photo.jpg")
+    frames = [Image.new("RGB", (48, 40), (40 * i, 90, 200 - 30 * i)) for i in range(6)]
+    paths["clip"] = os.path.join(folder, "clip.gif")
+    frames[0].save(paths["clip"], save_all=True, append_images=frames[1:], duration=100)
+    with open(paths["clip"], "rb") as f:
+        data = f.read()
+    paths["truncated clip"] = os.path.join(folder, "cut.gif")
+    with open(paths["truncated clip"], "wb") as f:
+        f.write(data[: len(data) // 2])  # three frames parse, the fourth is cut
+    paths["empty"] = os.path.join(folder, "empty.txt")
+    open(paths["empty"], "wb").close()
     return paths
 
 
@@ -98,11 +108,13 @@ def cases(qwen_export, photos, tmp_path_factory) -> dict:
     with open(latin1_prompt, "wb") as f:
         f.write("Beschreibe das Bild, schön.".encode("latin-1"))
     text_only = ["-m", qwen_export, "--threads", "1"]
+    clip = ["-m", qwen_export, "--threads", "1", "--video", images["clip"], "-p", "What happens?"]
     return {
-        "missing image": (on(qwen_export, images["missing"]), ["no-such-photo.jpg", "not"]),
-        "corrupt image": (on(qwen_export, images["corrupt"]), ["corrupt.jpg", "not an image"]),
-        "truncated jpeg": (on(qwen_export, images["truncated"]), ["truncated.jpg", "truncated"]),
-        "text file as image": (on(qwen_export, images["text"]), ["notes.txt", "not an image"]),
+        "missing image": (on(qwen_export, images["missing"]), ["--image", "no-such-photo.jpg", "not"]),
+        "corrupt image": (on(qwen_export, images["corrupt"]), ["--image", "corrupt.jpg", "not an image"]),
+        "truncated jpeg": (on(qwen_export, images["truncated"]), ["--image", "truncated.jpg", "truncated"]),
+        "text file as image": (on(qwen_export, images["text"]), ["--image", "notes.txt", "not an image"]),
+        "empty file as image": (on(qwen_export, images["empty"]), ["--image", "empty.txt", "not an image"]),
         "folder is not a model": (on(not_a_model), ["not-a-model", "manifest.json"]),
         "unknown format_version": (on(bad_version), ["format_version", "99", "re-export"]),
         "missing graph": (on(no_decoder), ["decoder.onnx", "missing"]),
@@ -118,7 +130,7 @@ def cases(qwen_export, photos, tmp_path_factory) -> dict:
         "repetition-penalty 0": (base + ["--repetition-penalty", "0"], ["--repetition-penalty", "0"]),
         "min-new-tokens over max": (base + ["--max-new-tokens", "4", "--min-new-tokens", "9"],
                                     ["--min-new-tokens", "--max-new-tokens", "9"]),
-        "aspect ratio over 200": (on(qwen_export, images["wide"]), ["wide.png", "aspect ratio", "200"]),
+        "aspect ratio over 200": (on(qwen_export, images["wide"]), ["--image", "wide.png", "aspect ratio", "200"]),
         # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape); subprocess
         # turns these strings back into those bytes.
         "-p not UTF-8": (text_only + ["-p", "caf\udce9 au lait"], ["-p/--prompt", "0xe9", "UTF-8"]),
@@ -133,6 +145,23 @@ def cases(qwen_export, photos, tmp_path_factory) -> dict:
                                     ["--prompt-file", "latin1-prompt.txt", "UTF-8", "0xf6"]),
         "-m is a file": (["-m", a_file, "-p", "hi"], ["a-file.txt", "is a file", "not an exported model folder"]),
         "--stop empty": (base + ["--stop", ""], ["--stop", "empty"]),
+        # nothing to answer: no text and no image
+        "-p empty": (text_only + ["-p", ""], ["-p/--prompt", "empty"]),
+        "-p blank": (text_only + ["-p", "  \n "], ["-p/--prompt", "empty"]),
+        "-p - empty stdin": (text_only + ["-p", "-"], ["-p -", "standard input", "empty"]),
+        "--prompt-file empty": (text_only + ["--prompt-file", images["empty"]],
+                                ["--prompt-file", "empty.txt", "empty"]),
+        "--stop not UTF-8": (base + ["--stop", "\udcff"], ["--stop", "0xff", "UTF-8"]),
+        "temperature 1e30": (base + ["--temperature", "1e30"], ["--temperature", "from 0 to 2", "1e+30"]),
+        "top-k 1e20": (base + ["--top-k", "100000000000000000000"], ["--top-k", "100000000000000000000"]),
+        # image budgets: at least one image token, at most the context's worth (--min-pixels 10^12 grew an image
+        # to 22 GB: that case runs in-process with the resize forbidden, test_min_pixels_over_the_context_...)
+        "max-pixels 1": (base + ["--max-pixels", "1"], ["--max-pixels", "at least", "one image token"]),
+        "max-pixels 1e12": (base + ["--max-pixels", "1000000000000"], ["--max-pixels", "at most", "context"]),
+        "threads 100000": (["-m", qwen_export, "--threads", "100000", "-p", "hi"], ["--threads", "100000", "per core"]),
+        "video-fps 1e30": (clip + ["--video-fps", "1e30"], ["--video-fps", "at most 120"]),
+        "truncated GIF video": (["-m", qwen_export, "--threads", "1", "--video", images["truncated clip"], "-p", "Go"],
+                                ["--video", "cut.gif", "truncated"]),
     }
 
 
@@ -148,11 +177,16 @@ CASES = ["missing image", "corrupt image", "truncated jpeg", "text file as image
          "prompt over context", "top-p 1.5", "temperature -1", "top-k -2", "min-p 2", "repetition-penalty 0",
          "min-new-tokens over max", "aspect ratio over 200", "-p not UTF-8", "--system not UTF-8",
          "--dump-inputs is a file", "-p @FILE missing", "--prompt-file missing", "--prompt-file not UTF-8",
-         "-m is a file", "--stop empty"]
+         "-m is a file", "--stop empty", "empty file as image", "-p empty", "-p blank", "-p - empty stdin",
+         "--prompt-file empty", "--stop not UTF-8", "temperature 1e30", "top-k 1e20", "max-pixels 1",
+         "max-pixels 1e12", "threads 100000", "video-fps 1e30", "truncated GIF video"]
 # Mistakes in the command line itself (not in the files it names) exit with argparse's usage-error code.
 USAGE_CASES = ["-p not UTF-8", "--system not UTF-8", "--dump-inputs is a file", "-p @FILE missing",
                "--prompt-file missing", "--prompt-file not UTF-8", "-m is a file", "--stop empty",
-               "temperature -1", "top-p 1.5"]
+               "temperature -1", "top-p 1.5", "missing image", "corrupt image", "truncated jpeg", "text file as image",
+               "empty file as image", "aspect ratio over 200", "-p empty", "-p blank", "-p - empty stdin",
+               "--prompt-file empty", "--stop not UTF-8", "temperature 1e30", "top-k 1e20", "max-pixels 1",
+               "max-pixels 1e12", "threads 100000", "video-fps 1e30", "truncated GIF video"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -192,6 +226,7 @@ def test_good_input_still_answers(qwen_export, photos):
 def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypatch, capsys):
     """An over-long request is refused before the vision graph or the decoder runs."""
     from vlm_core.runtime import generate
+    from vlm_core.runtime.engine.runner import ModelRunner
     from vlm_core.runtime.model import VisionLanguageModel
 
     calls = []
@@ -202,6 +237,8 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
 
     for method in ("encode_images", "prefill", "run_decoder"):
         monkeypatch.setattr(VisionLanguageModel, method, forbidden)
+    for method in ("encode", "encode_images", "prefill", "run_decoder", "decode"):  # what the engine calls
+        monkeypatch.setattr(ModelRunner, method, forbidden)
     rc = generate.main(["-m", qwen_export, "--threads", "1", "--image", photos["coffee"], "-p", "hi",
                         "--max-new-tokens", "100000"])
     captured = capsys.readouterr()
@@ -212,7 +249,9 @@ def test_context_error_comes_before_any_model_work(qwen_export, photos, monkeypa
 
 
 @pytest.mark.parametrize("flags", [["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "-2"], ["--min-p", "2"],
-                                   ["--repetition-penalty", "0"], ["--min-new-tokens", "3", "--max-new-tokens", "2"]])
+                                   ["--repetition-penalty", "0"], ["--min-new-tokens", "3", "--max-new-tokens", "2"],
+                                   ["--temperature", "1e30"], ["--top-k", "100000000000000000000"],
+                                   ["--threads", "100000"]])
 def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos, monkeypatch, capsys):
     from vlm_core.runtime import generate
     from vlm_core.runtime.model import VisionLanguageModel
@@ -229,7 +268,8 @@ def test_bad_flags_are_refused_before_the_model_loads(flags, qwen_export, photos
 
 
 @pytest.mark.parametrize("flags", [["-p", "caf\udce9"], ["-p", "hi", "--system", "\udcff"], ["-p", "hi", "--stop", ""],
-                                   ["-p", "@/no/such/prompt.txt"], ["--prompt-file", "/no/such/prompt.txt"]])
+                                   ["-p", "@/no/such/prompt.txt"], ["--prompt-file", "/no/such/prompt.txt"],
+                                   ["-p", ""], ["-p", "hi", "--stop", "\udcff"]])
 def test_bad_text_flags_are_refused_before_the_model_loads(flags, qwen_export, monkeypatch, capsys):
     from vlm_core.runtime import generate
     from vlm_core.runtime.model import VisionLanguageModel
@@ -301,3 +341,86 @@ def test_prompt_argument_forms(tmp_path, monkeypatch):
         prompt_from_args(args("-"))
     with pytest.raises(UserError, match="-p @.*is a folder"):
         prompt_from_args(args(f"@{tmp_path}"))
+
+
+# Each read of a file or stream a flag names stops at a bound (a prompt: 16 MiB; a schema or grammar: 1 MiB).
+UNBOUNDED = {
+    "-p @/dev/zero": (["-p", "@/dev/zero"], None, ["-p @FILE", "/dev/zero", "16 MiB"]),
+    "--prompt-file /dev/urandom": (["--prompt-file", "/dev/urandom"], None,
+                                   ["--prompt-file", "/dev/urandom", "16 MiB"]),
+    "-p - </dev/zero": (["-p", "-"], "/dev/zero", ["-p -", "standard input", "16 MiB"]),
+    "--json-schema /dev/zero": (["-p", "hi", "--json-schema", "/dev/zero"], None,
+                                ["--json-schema", "/dev/zero", "1 MiB"]),
+    "--grammar /dev/zero": (["-p", "hi", "--grammar", "/dev/zero"], None, ["--grammar", "/dev/zero", "1 MiB"]),
+}
+
+
+@pytest.mark.parametrize("name", UNBOUNDED)
+def test_endless_input_is_refused_at_its_size_limit(name, qwen_export):
+    """Run under a 2 GiB address-space limit, so a read without a bound ends in a MemoryError (a traceback, and
+    this test failing) instead of taking the machine's memory."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    flags, stdin, fragments = UNBOUNDED[name]
+    with open(stdin or os.devnull, "rb") as source:
+        proc = subprocess.run([sys.executable, "-m", "vlm_core.runtime.generate", "-m", qwen_export, *flags], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, stdin=source, preexec_fn=limit_memory,
+                              env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line, proc.stderr
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+
+
+def test_a_prompt_file_just_over_the_limit_is_refused_and_one_at_it_is_read(tmp_path):
+    """The bound is exact: `limit` bytes are read, `limit + 1` are refused naming the flag (a 1 MiB limit here)."""
+    from vlm_core.errors import UserError
+    from vlm_core.runtime.generate import read_prompt_file
+
+    at_limit, over = tmp_path / "at.txt", tmp_path / "over.txt"
+    at_limit.write_bytes(b"a" * (1 << 20))
+    over.write_bytes(b"a" * ((1 << 20) + 1))
+    assert len(read_prompt_file(str(at_limit), "--prompt-file", limit=1 << 20)) == 1 << 20
+    with pytest.raises(UserError, match="^--prompt-file: prompt file .*over.txt' holds more than 1 MiB"):
+        read_prompt_file(str(over), "--prompt-file", limit=1 << 20)
+
+
+@pytest.fixture
+def no_resize(monkeypatch):
+    """Image resizing forbidden: a pixel budget that should be refused fails the test instead of allocating."""
+    from vlm_core.models.qwen3_vl import preprocess
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an image was resized under a pixel budget that should have been refused")
+
+    monkeypatch.setattr(preprocess, "resize", forbidden)
+
+
+def test_min_pixels_over_the_context_is_refused_before_any_resize(qwen_export, photos, no_resize, capsys):
+    from vlm_core.runtime import generate
+
+    rc = generate.main(["-m", qwen_export, "--threads", "1", "--image", photos["coffee"], "-p", "hi",
+                        "--min-pixels", "1000000000000"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert captured.err.startswith("error: --min-pixels must be at most") and "context" in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_pixel_budget_checks_name_the_api_parameters(vlm, photos, no_resize):
+    """The same bounds through the Python API name min_pixels / max_pixels (ParameterError)."""
+    from vlm_core.errors import ParameterError
+
+    messages = [{"role": "user",
+                 "content": [{"type": "image", "image": photos["coffee"]}, {"type": "text", "text": "hi"}]}]
+    for kwargs, name in (({"max_pixels": 1}, "max_pixels"), ({"min_pixels": 10 ** 12}, "min_pixels"),
+                         ({"max_pixels": 10 ** 12}, "max_pixels"), ({"min_pixels": 2.5}, "min_pixels")):
+        with pytest.raises(ParameterError, match=f"^{name} must be") as error:
+            vlm.prepare(messages, **kwargs)
+        assert error.value.param == name
+    with pytest.raises(ParameterError, match=r"^min_pixels \(4096\) is larger than max_pixels \(2048\)"):
+        vlm.prepare(messages, min_pixels=4096, max_pixels=2048)

@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper
 
 from vlm_core.export.group_query_attention import group_query_attention
-from vlm_core.runtime.engine.decoder_call import run_decoder
+from vlm_core.runtime.engine.decoder_call import BoundDecoder, run_decoder
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
@@ -83,6 +83,35 @@ def test_a_chunk_on_a_filled_past_of_one_row_and_a_view_of_a_wider_buffer():
     np.testing.assert_allclose(out, expected_out, atol=1e-5)
     np.testing.assert_array_equal(keys[row], expected_keys)
     np.testing.assert_array_equal(keys[0], untouched)
+
+
+def test_a_kept_binding_writes_where_a_fresh_one_does_and_rebinds_when_the_buffers_change():
+    """Steps with the same buffers_key reuse the bound KV buffers; a new key (the batch reallocated) binds the new
+    ones, and nothing more lands in the old."""
+    rng = np.random.default_rng(2)
+    session = _session(np.float32)
+    keys = rng.standard_normal((2, KV_HEADS, 64, HEAD_DIM)).astype(np.float32)
+    values = rng.standard_normal((2, KV_HEADS, 64, HEAD_DIM)).astype(np.float32)
+    fresh_keys, fresh_values = keys.copy(), values.copy()
+    bound = BoundDecoder(session)
+    lengths = [3, 7]
+    for step in range(3):
+        embeds = rng.standard_normal((2, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM)).astype(np.float32)
+        after = [n + 1 + step for n in lengths]
+        out = bound.run({"inputs_embeds": embeds}, [keys], [values], after, buffers_key=("layout", 0))
+        expected = run_decoder(session, {"inputs_embeds": embeds}, [fresh_keys], [fresh_values], after)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(keys, fresh_keys)
+    grown_keys = np.zeros((2, KV_HEADS, 128, HEAD_DIM), np.float32)
+    grown_values = np.zeros_like(grown_keys)
+    grown_keys[:, :, :64], grown_values[:, :, :64] = keys, values
+    old = keys.copy()
+    embeds = rng.standard_normal((2, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM)).astype(np.float32)
+    bound.run({"inputs_embeds": embeds}, [grown_keys], [grown_values], [7, 11], buffers_key=("layout", 1))
+    np.testing.assert_array_equal(keys, old)
+    assert not np.array_equal(grown_keys[:, :, :64], old)  # the new entries landed in the new buffers
+    bound.release()
+    assert bound._buffers == []
 
 
 def test_a_call_that_does_not_fit_the_buffer_is_refused():

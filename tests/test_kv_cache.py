@@ -1,9 +1,9 @@
-"""The runtime's KV caches: grown in steps of aligned capacity, keeping what was written; the batch cache's
+"""The runtime's KV caches: grown geometrically in aligned capacities, keeping what was written; the batch cache's
 rows join by one copy, leave by moving one row, and are handed to the decoder as views. (The decoder call
 that writes into them in place is tested in tests/test_decoder_call.py.)"""
 import numpy as np
 
-from vlm_core.runtime.engine.kv_buffer import CAPACITY_ALIGN, KVCache
+from vlm_core.runtime.engine.kv_buffer import CAPACITY_ALIGN, KVCache, grown_capacity
 from vlm_core.runtime.engine.kv_slots import BatchKVCache
 
 
@@ -18,7 +18,7 @@ def _write(cache: KVCache, new: int, value: float) -> None:
 
 
 def test_decode_steps_write_in_place_without_reallocating():
-    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=4, max_length=4096, step=64, expected_length=500)
+    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=4, max_length=4096, expected_length=500)
     assert cache.capacity == 0
     _write(cache, 5, 10.0)  # the prompt
     assert cache.capacity == 64 and cache.offset == 5
@@ -28,28 +28,35 @@ def test_decode_steps_write_in_place_without_reallocating():
         assert [id(b) for b in cache.keys + cache.values] == buffers
     np.testing.assert_array_equal(cache.keys[1][0, :, :5], 12.0)  # layer 1 key of the prompt kept
     np.testing.assert_array_equal(cache.values[0][0, :, 7], 301.0)  # the third step's value, layer 0
-    _write(cache, 1, 400.0)  # the 65th token grows the buffer by one step
+    _write(cache, 1, 400.0)  # the 65th token doubles the buffer
     assert cache.capacity == 128 and cache.offset == 65
     np.testing.assert_array_equal(cache.keys[0][0, :, :5], 10.0)  # content carried over
     np.testing.assert_array_equal(cache.keys[0][0, :, 64], 400.0)
 
 
 def test_capacity_is_aligned_and_capped_by_the_expected_length_and_the_context():
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096, step=256, expected_length=100)
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096, expected_length=150)
+    _write(cache, 100, 0.0)
+    assert cache.capacity == 128
+    _write(cache, 30, 0.0)
+    assert cache.capacity == 192  # not 256: the request can never use more than 150 (aligned up)
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=70)
     _write(cache, 10, 0.0)
-    assert cache.capacity == 128  # not 256: the request can never use more than 100 (aligned up)
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=70, step=256)
-    _write(cache, 10, 0.0)
+    _write(cache, 60, 0.0)
     assert cache.capacity == 128 and cache.capacity % CAPACITY_ALIGN == 0  # the model's context, aligned up
 
 
-def test_trim_forgets_the_tail():
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=64, step=8)
-    _write(cache, 6, 0.0)
-    cache.trim(3)
-    assert cache.offset == 3
-    _write(cache, 1, 9.0)  # the next token overwrites the forgotten tail
-    assert cache.offset == 4 and cache.keys[0][0, 0, 3, 0] == 9.0
+def test_growth_is_geometric_so_a_long_sequence_copies_few_slots():
+    capacities, copied, capacity = [], 0, 0
+    for length in range(1, 4097):  # one decode step at a time, as a 4096-token answer does
+        grown = grown_capacity(capacity, length, 8192)
+        if grown != capacity:
+            copied += length - 1  # the filled slots move to the new buffer
+            capacities.append(grown)
+            capacity = grown
+    assert capacities == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert copied < 4096  # O(n) slots in all (steps of 256 copied ~32,000)
+    assert grown_capacity(4096, 4097, 4100) == 4160 and grown_capacity(64, 60, 100) == 64
 
 
 def test_prefix_load_and_copy_round_trip():
@@ -88,14 +95,32 @@ def test_batch_rows_join_take_views_and_leave_by_moving_one_row():
 
 
 def test_batch_grows_slots_and_rows_keeping_content():
-    batch = BatchKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096, step=64, min_rows=2)
+    batch = BatchKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096)
     batch.add(_prefilled(60, 1.0, layers=1))
+    batch.reserve(2, 61)  # a padding row for the next call (decode_plan.py)
     assert batch.allocated_rows == 2 and batch.capacity == 64
+    batch.reserve(2, 65)
+    assert batch.capacity == 128  # doubled
+    batch.reserve(2, 129, limit=150)
+    assert batch.capacity == 192  # capped by what the rows' requests can use, aligned
     batch.reserve(1, 200)
-    assert batch.capacity == 256 and batch.capacity % CAPACITY_ALIGN == 0
+    assert batch.capacity == 384 and batch.capacity % CAPACITY_ALIGN == 0  # no limit given: doubled again
     np.testing.assert_array_equal(batch.keys[0][0, 0, :60], 1.0)
     for i in range(3):
         batch.add(_prefilled(10, 5.0 + i, layers=1))
     assert batch.rows == 4 and batch.allocated_rows == 4
     np.testing.assert_array_equal(batch.keys[0][0, 0, :60], 1.0)
     np.testing.assert_array_equal(batch.keys[0][3, 0, :10], 7.0)
+
+
+def test_batch_row_joins_at_a_chosen_row_moving_that_one_to_the_end():
+    batch = BatchKVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=4096)
+    for i, n in enumerate((3, 7)):
+        batch.add(_prefilled(n, 10.0 * (i + 1)))
+    assert batch.add(_prefilled(5, 30.0), at=1) == 1  # row 1 (7 slots of 20s) moves to row 2
+    assert batch.lengths == [3, 5, 7]
+    np.testing.assert_array_equal(batch.keys[1][1, 0, :5, 0], 32.0)  # layer i's keys: value + 2i
+    np.testing.assert_array_equal(batch.values[0][2, 0, :7, 0], 21.0)
+    batch.move(2, 0)
+    assert batch.lengths == [7, 5, 7]
+    np.testing.assert_array_equal(batch.keys[0][0, 0, :7, 0], 20.0)

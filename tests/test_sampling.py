@@ -64,7 +64,7 @@ def test_softmax_and_log_softmax():
 
 def test_greedy_picks_argmax():
     logits = np.array([0.1, 2.0, -1.0, 1.9], dtype=np.float32)
-    for params in (SamplingParams(greedy=True, temperature=5.0), SamplingParams(temperature=0.0)):
+    for params in (SamplingParams(greedy=True, temperature=1.9), SamplingParams(temperature=0.0)):
         assert params.is_greedy
         assert draw(params, logits, 20).tolist() == [1] * 20
     # ties -> first index, like torch.argmax / np.argmax
@@ -295,18 +295,22 @@ def test_make_logits_processors_defaults_are_noops():
         (dict(temperature=-0.1), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=2.01), "temperature"),  # OpenAI's range is 0-2
+        (dict(temperature=1e30), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=-0.2), "top_p"),
         (dict(top_p=float("nan")), "top_p"),
         (dict(top_k=-1), "top_k"),
         (dict(top_k=2.5), "top_k"),
+        (dict(top_k=10**20), "top_k"),  # past any vocabulary
         (dict(min_p=-0.01), "min_p"),
         (dict(min_p=1.01), "min_p"),
         (dict(min_p=float("nan")), "min_p"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(repetition_penalty=-1.0), "repetition_penalty"),
         (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(repetition_penalty=1e308), "repetition_penalty"),  # past MAX_REPETITION_PENALTY
         (dict(seed=-1), "seed"),
     ],
 )

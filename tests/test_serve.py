@@ -304,6 +304,23 @@ def test_disconnect_mid_stream_frees_the_worker(server, client, expected, photos
     assert answer.choices[0].message.content == expected["text"]
 
 
+def test_disconnect_of_a_non_streamed_request_frees_its_slot(server, photos):
+    """A non-streamed request whose client leaves mid-answer is cancelled, and its slot freed, at once however
+    fast its tokens come (the tiny model's come milliseconds apart, under the 0.25 s poll that used to watch)."""
+    stats_before = server.wait_idle()["stats"]
+    conn = _open_stream(server.port, {"messages": image_messages(photos["coffee"]), "temperature": 0, **LONG}, {})
+    decoding = server.wait_for(lambda h: h["active"] == 1 and h["engine"]["decoding"], "the request never decoded")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away without reading an answer
+    conn.close()
+    health = server.wait_idle()
+    assert health["stats"].get("cancelled", 0) == stats_before.get("cancelled", 0) + 1, health
+    assert health["stats"].get("completed", 0) == stats_before.get("completed", 0), health  # not run to its end
+    # at once, counted in tokens: a few after the disconnect (the poll it replaces waited for a 0.25 s gap between
+    # tokens, which came at any point of the 3000 or never)
+    decoded = health["engine"]["decoder_tokens"] - decoding["engine"]["decoder_tokens"]
+    assert decoded < 100, decoded
+
+
 def _open_stream(port: int, body: dict, headers: dict) -> http.client.HTTPConnection:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", **headers})
@@ -458,6 +475,153 @@ def _error(answer) -> dict:
     return answer["error"]
 
 
+def test_nonsense_once_accepted_is_a_400_naming_the_field(server):
+    """Values that used to be accepted without a word (issue 20), each refused with `param` naming the field
+    and a message that says what is allowed."""
+    hi = [{"role": "user", "content": "hi"}]
+    text = {"messages": hi, "max_tokens": 2}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    cases = {
+        "user content null": ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "null"),
+        "user content []": ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "needs text"),
+        "user content empty": ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", "needs text"),
+        "both length fields": ({**text, "max_completion_tokens": 2}, "max_tokens", "not both"),
+        "temperature above 2": ({**text, "temperature": 2.5}, "temperature", "from 0 to 2"),
+        "temperature 1e30": ({**text, "temperature": 1e30}, "temperature", "from 0 to 2"),
+        "repetition_penalty 1e308": ({**text, "repetition_penalty": 1e308}, "repetition_penalty", "at most 10"),
+        "seed -1": ({**text, "seed": -1}, "seed", "non-negative"),
+        "top_k -5": ({**text, "top_k": -5}, "top_k", "from 0 to 1,000,000"),
+        "video budget without a video": ({**text, "video_max_frames": 4}, "video_max_frames", "no video"),
+        "include_usage not a bool": ({**text, "stream": True, "stream_options": {"include_usage": "yes"}},
+                                     "stream_options.include_usage", "true or false"),
+        "name not a string": ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name",
+                              "string"),
+        "tool message without tool_call_id": (
+            {"messages": [*hi, {"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "content": "sunny"}]}, "messages[2].tool_call_id", "tool call"),
+    }
+    for name, (body, param, says) in cases.items():
+        status, _, answer = server.request("POST", "/v1/chat/completions", body)
+        assert status == 400, (name, status, answer)
+        error = _error(answer)
+        assert error["param"] == param and says in error["message"], (name, error)
+    # an image the model cannot take is named by its part, not as a PIL object inside 'messages'
+    thin = "data:image/png;base64," + base64.b64encode(_png((4000, 2))).decode()
+    status, _, answer = server.request("POST", "/v1/chat/completions", _with_image(thin))
+    error = _error(answer)
+    assert status == 400 and error["param"] == "messages[0].content[0].image_url", answer
+    assert "aspect ratio" in error["message"] and "PIL" not in error["message"], error
+    # the fields each alone, and the name that errors use for the length field, are as before
+    status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": hi, "max_completion_tokens": 0})
+    assert status == 400 and _error(answer)["param"] == "max_completion_tokens", answer
+    for fields in ({"max_completion_tokens": 2}, {"max_tokens": 2, "seed": 2 ** 63 + 5, "top_k": -1},
+                   {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}):
+        status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": hi, **fields})
+        assert status == 200, (fields, answer)
+
+
+def test_only_json_bodies_and_no_cors_by_default(server):
+    """A text/plain or form body (what a cross-site page can send without a CORS preflight) is a 415 naming
+    Content-Type; without --cors-origin no answer carries an Access-Control-Allow-Origin header."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.putrequest("POST", "/v1/chat/completions")
+        if content_type:
+            conn.putheader("Content-Type", content_type)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        conn.close()
+        assert response.status == 415, (content_type, answer)
+        assert "Content-Type: application/json" in _error(answer)["message"], answer
+    status, headers, answer = server.request("POST", "/v1/chat/completions", body,
+                                             {"Content-Type": "application/json; charset=utf-8",
+                                              "Origin": "http://elsewhere.example"})
+    assert status == 200, answer
+    assert not any(k.lower().startswith("access-control-") for k in headers), headers
+    status, headers, _ = server.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert status == 405 and not any(k.lower().startswith("access-control-") for k in headers), headers
+
+
+@pytest.fixture(scope="module")
+def guarded(qwen_export):
+    """A server that allows one other origin, waits 2 s for a body and holds at most 8 connections."""
+    srv = Server(qwen_export, "--cors-origin", "http://app.example", "--body-timeout", "2", "--max-connections", "8")
+    yield srv
+    srv.stop()
+
+
+def test_cors_origin_allows_the_origins_named(guarded):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    status, headers, _ = guarded.request("OPTIONS", "/v1/chat/completions",
+                                         headers={"Origin": "http://app.example", **preflight})
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert status == 200 and headers["access-control-allow-origin"] == "http://app.example", headers
+    status, headers, _ = guarded.request("OPTIONS", "/v1/chat/completions",
+                                         headers={"Origin": "http://elsewhere.example", **preflight})
+    assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in headers}, headers
+    status, headers, answer = guarded.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, {"Origin": "http://app.example"})
+    assert status == 200 and {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == \
+        "http://app.example", (headers, answer)
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def wait_for_lines(server: Server, condition, what: str) -> list:
+    """The server's output lines once `condition(lines)` holds; fail after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition(lines := list(server.lines)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}:\n" + "".join(lines))
+        time.sleep(0.02)
+    return lines
+
+
+def test_a_body_that_never_arrives_is_a_408_and_a_client_gone_one_line(guarded):
+    """A Content-Length larger than the body sent, or a chunked body cut short, ends at --body-timeout with a 408
+    (and the connection closed); a client that leaves while sending its body is one log line, no traceback."""
+    for request in (HEAD + b"Content-Length: 100\r\n\r\n{}",
+                    HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}"):
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) as sock:
+            sock.sendall(request)
+            reply = _read_reply(sock)
+            assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply, reply[:300]
+            assert "connection: close" in reply.lower() and sock.recv(1) == b"", reply[:300]  # and closed
+    # a malformed chunk size is the HTTP parser's 400, and the body it interrupts is one line too
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) as sock:
+        sock.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n")
+        assert _read_reply(sock).startswith("HTTP/1.1 400")
+    for _ in range(3):  # clients that leave with their body half sent
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) as sock:
+            sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n{\"messages\"")
+    gone = "disconnected while sending its request body"
+    lines = wait_for_lines(guarded, lambda lines: sum(gone in line for line in lines) >= 4,
+                           "the clients that left were not logged")
+    assert sum(gone in line for line in lines) == 4, "".join(lines)
+    assert not any("Traceback" in line or "Exception in ASGI" in line for line in lines), "".join(lines)
+    assert guarded.health()["status"] == "ok"
+
+
+def test_max_connections_caps_open_connections(guarded):
+    """--max-connections 8: with 7 connections open and idle, an eighth is answered 503; closing them frees it."""
+    idle = [socket.create_connection(("127.0.0.1", guarded.port), timeout=WAIT_S) for _ in range(7)]
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while (status := guarded.request("GET", "/health")[0]) != 503:  # once the server has seen all 7
+            assert status == 200 and time.monotonic() < deadline, "never refused a connection over the cap"
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + WAIT_S
+    while (status := guarded.request("GET", "/health")[0]) != 200:
+        assert time.monotonic() < deadline, f"still {status} after the idle connections closed"
+
+
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
     """Lone surrogates (a JSON escape, or their UTF-8-like bytes) and invalid UTF-8 bytes are refused, not a 500."""
     text_part = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi TEXT"}]}], "max_tokens": 2}'
@@ -493,7 +657,7 @@ def test_deeply_nested_json_is_a_400(server):
 
 
 def test_a_queued_request_whose_client_left_frees_its_place_at_once(qwen_export, photos):
-    srv = Server(qwen_export, "--workers", "1", "--max-queue", "1")
+    srv = Server(qwen_export, "--parallel", "1", "--max-queue", "1")
     conns = []
     try:
         body = {"messages": image_messages(photos["coffee"]), "stream": True, "temperature": 0, **LONG}
@@ -626,3 +790,18 @@ def test_refuses_public_host_without_key(qwen_export):
     out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--host", "0.0.0.0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--api-key" in out.stderr
+
+
+def test_refuses_a_cors_origin_that_is_not_an_origin(qwen_export):
+    out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--cors-origin",
+                          "https://app.example/"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--cors-origin 'https://app.example/' is not an origin" in out.stderr, out.stderr
+
+
+def test_refuses_a_blank_api_key_at_start(qwen_export):
+    """A key of spaces (or one a header cannot carry) would refuse every client: refused before the model loads."""
+    for key in ("   ", " sekrit", "tab\tkey"):
+        out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--api-key", key],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "--api-key" in out.stderr and "Traceback" not in out.stderr, (key, out.stderr)
+        assert not key.strip() or key.strip() not in out.stderr  # the key itself is not printed

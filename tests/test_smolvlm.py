@@ -16,6 +16,7 @@ from vlm_core.kernels.sampling import SamplingParams
 
 NEW_TOKENS = 24
 LOGITS_RTOL = 1e-4
+FEATURES_RTOL = 1e-4  # export/parity.py's, restated: loosening it there fails here
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,10 @@ def test_unsplit_image_matches_transformers(photos, unsplit_export, smolvlm_hf):
 def test_manifest_records_family_prompt_and_parity(smolvlm_export):
     with open(os.path.join(smolvlm_export, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["family"] == "smolvlm" and manifest["parity"]["passed"] is True
+    assert manifest["family"] == "smolvlm"
+    parity = manifest["parity"]  # checked on the 4 tokens the fixture asked for, and on the vision graph's output
+    assert parity["greedy_tokens"] == 4 and parity["kv_dtype"] == "float32"
+    assert parity["first_logits_rel_err"] < LOGITS_RTOL and parity["image_embeds_rel_err"] <= FEATURES_RTOL
     assert manifest["vision_config"]["tokens_per_tile"] == manifest["prompt"]["image_seq_len"] == 16
     assert manifest["prompt"]["image_token"] == "<image>"
     # <end_of_utterance> closes every turn of SmolVLM's template: it ends answers

@@ -11,7 +11,7 @@ import minigpt4_helpers as helpers
 import numpy as np
 import pytest
 
-from vlm_core.export import memory_plan, output, quantize_step
+from vlm_core.export import memory_plan, output
 from vlm_core.export.pipeline import ExportError, Progress, run_export
 
 PARITY_TOKENS = 24
@@ -42,8 +42,10 @@ def test_streamed_minigpt4_fp32_matches_eager(mg_ckpt, tmp_path, equal_placehold
     out = str(tmp_path / "streamed")
     manifest = _export(mg_ckpt, out, stream=True, parity_tokens=PARITY_TOKENS)
     parity = manifest["parity"]
-    assert parity["passed"] and parity["greedy_tokens_equal"] and parity["greedy_tokens"] == PARITY_TOKENS
-    assert parity["first_logits_rel_err"] <= 1e-4
+    # the export raised unless its check passed; what it leaves open: the check ran on the tokens asked for,
+    # with a float32 cache and on the vision output too, within this test's own 1e-4
+    assert parity["greedy_tokens"] == PARITY_TOKENS and parity["kv_dtype"] == "float32"
+    assert parity["first_logits_rel_err"] <= 1e-4 and parity["image_embeds_rel_err"] <= 1e-4
     assert os.path.getsize(os.path.join(out, "decoder.onnx.data")) > 0
 
 
@@ -72,7 +74,9 @@ def test_streamed_qwen3_vl_fp32_matches_eager(tmp_path, equal_placeholders):
 
     checkpoint = write_checkpoint(str(tmp_path / "qwen"))
     manifest = _export(checkpoint, str(tmp_path / "out"), stream=True, parity_tokens=PARITY_TOKENS)
-    assert manifest["parity"]["passed"] and manifest["parity"]["greedy_tokens"] == PARITY_TOKENS
+    parity = manifest["parity"]
+    assert parity["greedy_tokens"] == PARITY_TOKENS and parity["kv_dtype"] == "float32"
+    assert parity["first_logits_rel_err"] <= 1e-4 and parity["image_embeds_rel_err"] <= 1e-4
 
 
 def test_low_memory_plan_refuses_unverifiable_float32(mg_ckpt, tmp_path, monkeypatch):
@@ -90,9 +94,10 @@ def test_low_memory_plan_int4_checks_against_bfloat16(mg_ckpt, tmp_path, monkeyp
     agreement = manifest["quantization"]["agreement"]
     assert agreement["reference_dtype"] == "bfloat16"
     assert "not run" in manifest["parity"]["fp32_graphs"]
-    # the plausibility floors the export enforced hold (tiny random model: measured ~0.98 / ~0.9999)
-    assert agreement["first_logits_cosine"] >= quantize_step.PLAUSIBLE_LOGITS_COSINE
-    assert agreement["image_embeds_cosine"] >= quantize_step.PLAUSIBLE_FEATURES_COSINE
+    # the export enforced its plausibility floors (quantize_step.plausible) on this plan (measured ~0.98 /
+    # ~0.9999); what it leaves open: the agreement was measured on the 4 greedy tokens asked for, against a
+    # reference whose cache is rounded to float16 as the int4 graphs' is
+    assert agreement["greedy_tokens_equal_prefix"].endswith("/4") and agreement["reference_kv_dtype"] == "float16"
 
 
 def _rewrite_tensor(checkpoint, tmp_path, key, change):

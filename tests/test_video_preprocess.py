@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 skimage_data = pytest.importorskip("skimage.data")
 
 from tests.torchvision_shim import torchvision_shim  # noqa: E402
+from vlm_core.kernels.bicubic import resize_frames  # noqa: E402
 from vlm_core.kernels.video import (  # noqa: E402
     MAX_FRAME_PIXELS,
     VideoError,
@@ -31,7 +32,6 @@ from vlm_core.kernels.video import (  # noqa: E402
     describe_video,
     load_video,
     probe_video,
-    resize_frames,
 )
 from vlm_core.models.qwen3_vl.video import (  # noqa: E402
     VideoProcessorParams,

@@ -61,3 +61,11 @@ class PayloadTooLarge(UserError, code="request_too_large"):
 
 class AuthError(UserError, code="invalid_api_key"):
     """Missing or wrong API key."""
+
+
+class UnsupportedMediaType(UserError, code="unsupported_media_type"):
+    """A request body that is not declared JSON (its Content-Type)."""
+
+
+class RequestTimeout(UserError, code="request_timeout"):
+    """The request body did not arrive within the server's deadline."""

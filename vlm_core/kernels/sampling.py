@@ -58,6 +58,14 @@ NEG_INF = np.float32(-np.inf)
 # arithmetic and in transformers' float32 computation).
 _TOP_P_EPS = 1e-7
 
+# Upper bounds, so a typo is refused rather than silently meaning "off": OpenAI's temperature range is 0-2
+# (past 2 the distribution is close to uniform noise); top_k past any vocabulary (the largest are ~262k) keeps
+# every token, which top_k=0 already says; a repetition penalty past 10 divides a repeated token's logit
+# by more than any model's logit range, so the value only says "never repeat" (1e308 was accepted).
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1_000_000
+MAX_REPETITION_PENALTY = 10.0
+
 
 # ----------------------------------------------------------------------------- params
 
@@ -94,17 +102,17 @@ class SamplingParamError(ParameterError):
 class SamplingParams:
     """Decoding options (CLI flags in brackets), checked when made. ``temperature == 0`` means greedy.
 
-    temperature         [--temperature]         >= 0; logits are divided by it
-    top_k               [--top-k]               >= 0; keep the k most likely (0 = off)
+    temperature         [--temperature]         in [0, 2] (OpenAI's range); logits are divided by it
+    top_k               [--top-k]               in [0, 1e6]; keep the k most likely (0 = off)
     top_p               [--top-p]               in (0, 1]; nucleus mass (1 = off)
     min_p               [--min-p]               in [0, 1]; keep p >= min_p * p_max (0 = off)
-    repetition_penalty  [--repetition-penalty]  > 0; CTRL-style penalty (1 = off)
+    repetition_penalty  [--repetition-penalty]  in (0, 10]; CTRL-style penalty (1 = off)
     greedy              [--greedy]              argmax, ignores the warpers
     seed                [--seed]                sampler RNG seed (None = from OS entropy)
 
     Raises:
-        SamplingParamError (a ValueError) naming the field, e.g. ``temperature must be a finite
-        number >= 0 (0 = greedy), got -1``.
+        SamplingParamError (a ValueError) naming the field, e.g. ``temperature must be a number
+        from 0 to 2 (0 = greedy), got -1``.
     """
 
     temperature: float = 1.0
@@ -131,16 +139,17 @@ class SamplingParams:
         """
         t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         # Written as `not (ok)` so NaN always fails.
-        if not (_is_real(t) and 0 <= t < math.inf):
-            raise SamplingParamError("temperature", "a finite number >= 0 (0 = greedy)", t)
-        if not (_is_int(k) and k >= 0):
-            raise SamplingParamError("top_k", "an integer >= 0 (0 = off)", k)
+        if not (_is_real(t) and 0 <= t <= MAX_TEMPERATURE):
+            raise SamplingParamError("temperature", f"a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)", t)
+        if not (_is_int(k) and 0 <= k <= MAX_TOP_K):
+            raise SamplingParamError("top_k", f"an integer from 0 to {MAX_TOP_K:,} (0 = off)", k)
         if not (_is_real(p) and 0 < p <= 1):
             raise SamplingParamError("top_p", "in (0, 1] (1 = off)", p)
         if not (_is_real(m) and 0 <= m <= 1):
             raise SamplingParamError("min_p", "in [0, 1] (0 = off)", m)
-        if not (_is_real(r) and 0 < r < math.inf):
-            raise SamplingParamError("repetition_penalty", "a finite number > 0 (1 = off)", r)
+        if not (_is_real(r) and 0 < r <= MAX_REPETITION_PENALTY):
+            raise SamplingParamError("repetition_penalty", f"a number > 0 and at most {MAX_REPETITION_PENALTY:g} "
+                                                           f"(1 = off)", r)
         if not (self.seed is None or (_is_int(self.seed) and self.seed >= 0)):
             raise SamplingParamError("seed", "a non-negative integer", self.seed)
         return self
@@ -181,15 +190,35 @@ def repetition_penalty_processor(penalty: float) -> LogitsProcessor:
     Every distinct id in `tokens` (the prompt and the generated ids, as given) gets,
     once: ``logit * penalty`` if ``logit < 0`` else ``logit / penalty``. Ids outside
     ``[0, vocab)`` are ignored (the model cannot emit them).
+
+    The processor keeps the distinct ids it has seen, so a sequence that grows between
+    calls (each call's `tokens` extending the last's, as a decoding sequence's do) costs
+    only its new tokens and a gather/scatter of the distinct ids, not a sort of every id
+    each step; `tokens` shorter than the last call's start it over.
     """
     if not (_is_real(penalty) and 0 < penalty < math.inf):
         raise SamplingParamError("repetition_penalty", "a finite number > 0 (1 = off)", penalty)
     pen = np.float32(penalty)
+    state = {"counted": 0, "seen": None, "ids": np.zeros(16, np.int64), "n": 0}  # ids[:n]: distinct, first-seen order
+
+    def absorb(tokens: Sequence[int], vocab: int) -> np.ndarray:
+        if state["seen"] is None or state["seen"].shape[0] != vocab or len(tokens) < state["counted"]:
+            state.update(counted=0, seen=np.zeros(vocab, bool), n=0)
+        seen, ids, n = state["seen"], state["ids"], state["n"]
+        for token in tokens[state["counted"]:]:
+            token = int(token)
+            if 0 <= token < vocab and not seen[token]:
+                seen[token] = True
+                if n == len(ids):  # doubled: appending stays O(1) amortised
+                    ids = np.concatenate([ids, np.zeros_like(ids)])
+                ids[n] = token
+                n += 1
+        state.update(counted=len(tokens), ids=ids, n=n)
+        return ids[:n]  # [n_distinct]
 
     def process(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
         out = _as_logits(logits).copy()  # [vocab]
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        ids = np.unique(ids[(ids >= 0) & (ids < out.shape[0])])  # [n_distinct]
+        ids = absorb(tokens, out.shape[0])
         s = out[ids]
         out[ids] = np.where(s < 0, s * pen, s / pen)
         return out

@@ -12,10 +12,15 @@ manifest may carry more than a reader needs (and a family reads more by subclass
         spatial_merge_size: int
 
 A missing field takes its default; a missing field without one raises ValueError naming the key and
-the manifest section.
+the manifest section, and so does a value of the wrong type or out of range (an int field must be a
+positive integer unless `minimums` lowers its floor, a float field a finite number > 0), so a broken
+manifest is refused when the folder is opened rather than when a prompt first uses the value.
 """
 from __future__ import annotations
 
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
@@ -29,6 +34,8 @@ class ConfigBase:
     section: ClassVar[str] = "config"  # the manifest section, for error messages
     # other names a key has had in older manifests -> the field it fills (the field's own name wins)
     key_aliases: ClassVar[dict] = {}
+    # int fields that may be below 1 -> their smallest value (every other int field must be >= 1)
+    minimums: ClassVar[dict] = {}
 
     @classmethod
     def from_dict(cls, d: Mapping):
@@ -46,7 +53,45 @@ class ConfigBase:
                 kwargs[f.name] = values[f.name]
             elif f.default is MISSING and f.default_factory is MISSING:
                 raise ValueError(f"manifest {cls.section!r} lacks {f.name!r}; re-export the model")
+        check_field_types(cls, kwargs, cls.section, cls.minimums)
         return cls(**kwargs)
+
+
+def check_field_types(cls, values: Mapping, section: str, minimums: Mapping | None = None) -> None:
+    """Raise ValueError naming `section`.field for a value in `values` that does not fit the type hint of the
+    dataclass `cls`'s field of that name: an int must be >= 1 (or its `minimums` entry), a float finite and > 0;
+    str, bool, dict, list and `X | None` are checked by type; other hints are not checked."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve outside its class's scope: fields not checked
+        hints = {}
+    for name, value in values.items():
+        expected = _unmet(value, hints.get(name), (minimums or {}).get(name, 1))
+        if expected is not None:
+            raise ValueError(f"manifest {section}.{name} is {value!r:.60}; it must be {expected}; "
+                             f"re-export the model")
+
+
+def _unmet(value, hint, minimum: int) -> str | None:
+    """What `value` must be when it does not fit the type `hint` (int >= `minimum`, float finite > 0, str, bool,
+    dict, list, or `X | None`), else None. Other hints are not checked."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        unmet = [_unmet(value, option, minimum) for option in options]
+        return None if None in unmet else " or ".join(unmet) + " or null"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        return None if ok else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+        return None if ok else "a finite number > 0"
+    hint = typing.get_origin(hint) or hint  # list[float] -> list
+    names = {str: "a string", bool: "true or false", dict: "an object", list: "a list"}
+    if hint in names:
+        return None if isinstance(value, Mapping if hint is dict else hint) else names[hint]
+    return None
 
 
 @dataclass(kw_only=True)
@@ -54,6 +99,7 @@ class TextConfig(ConfigBase):
     """manifest["text_config"]: the decoder's shape (what the runtime sizes its KV cache by) and its KV dtype."""
 
     section: ClassVar[str] = "text_config"
+    minimums: ClassVar[dict] = {"num_deepstack": 0}
 
     num_layers: int
     num_attention_heads: int

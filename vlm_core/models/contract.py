@@ -49,6 +49,10 @@ class FamilyBase:
         self.tokens = manifest["special_tokens"]
         self.image_token_id = int(self.tokens["image_token_id"])
 
+    def check_pixel_budget(self, min_pixels=None, max_pixels=None, names: dict | None = None) -> None:
+        """Refuse per-image pixel bounds that cannot work (ParameterError naming them as `names` spells them);
+        a family whose images have no pixel budget (a fixed input size, tiles) ignores them."""
+
     # --- required -------------------------------------------------------------------------------
     def preprocess(self, sources, min_pixels=None, max_pixels=None, video=None, token_limit=None) -> MediaInputs:
         """Images (and clips where `reads_video`) in prompt order -> MediaInputs."""

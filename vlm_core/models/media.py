@@ -22,6 +22,11 @@ class VideoPart:
     source: Any
 
 
+# The most frames per second a clip may be sampled at: past any common source's frame rate (a higher fps
+# samples every frame, as this does), so a larger value is a typo, not a budget.
+MAX_FPS = 120
+
+
 @dataclass(frozen=True)
 class VideoOptions:
     """Per-request video budget: frames sampled per second, at most this many frames, at most this many
@@ -33,7 +38,7 @@ class VideoOptions:
 
     def check(self, names: dict | None = None) -> None:
         """Raise ValueError naming the parameter (`names` maps fps/max_frames/max_pixels to the caller's
-        spelling, e.g. the CLI's flags) for a value that is not a positive number."""
+        spelling, e.g. the CLI's flags) for a value that is not a positive number, or an fps over MAX_FPS."""
         names = {"fps": "video_fps", "max_frames": "video_max_frames", "max_pixels": "video_max_pixels",
                  **(names or {})}
         for key, integral in (("fps", False), ("max_frames", True), ("max_pixels", True)):
@@ -46,6 +51,9 @@ class VideoOptions:
             if bad or value != value or value == float("inf"):
                 kind = "a positive whole number" if integral else "a positive number"
                 raise ValueError(f"{names[key]} must be {kind}, got {value!r}")
+            if key == "fps" and value > MAX_FPS:
+                raise ValueError(f"{names[key]} must be at most {MAX_FPS} (frames sampled per second of video), "
+                                 f"got {value!r}")
 
 
 class UnsupportedMedia(ParameterError):

@@ -57,7 +57,8 @@ def check_stop_strings(stop, name: str = "stop") -> list[str]:
     """`stop` (None, one string, or a list/tuple of strings) -> a list of non-empty strings.
 
     One string is one stop text (not a list of characters); an empty one is refused, since it would
-    match before any text."""
+    match before any text, and so is one that is not valid text (a lone surrogate: on the command line,
+    a byte that is not UTF-8), since the answer's text could never hold it."""
     if stop is None:
         return []
     texts = [stop] if isinstance(stop, str) else stop
@@ -65,6 +66,8 @@ def check_stop_strings(stop, name: str = "stop") -> list[str]:
         raise ParameterError(f"{name} must be a string or a list of strings, got {stop!r:.80}", name)
     if any(text == "" for text in texts):
         raise ParameterError(f"{name} must be non-empty text (an empty stop text matches at once), got ''", name)
+    for text in texts:
+        check_text(text, name)
     return list(texts)
 
 

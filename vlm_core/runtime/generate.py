@@ -18,6 +18,7 @@ from vlm_core.kernels.grounding import GROUNDING_SCALE
 from vlm_core.kernels.image import ImageError
 from vlm_core.kernels.sampling import SamplingParamError, SamplingParams
 from vlm_core.runtime.checks import check_text
+from vlm_core.runtime.engine.onnx_sessions import check_threads
 from vlm_core.runtime.output.grounding import answer_boxes
 from vlm_core.runtime.output.result import ResultAccumulator, summarize_timings
 from vlm_core.runtime.request import GenerationOptions, check_options, compile_grammar
@@ -28,6 +29,14 @@ CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-
 
 # The video budget flags, by VideoOptions field (models/media.py): errors name the flag.
 VIDEO_FLAGS = {"fps": "--video-fps", "max_frames": "--video-max-frames", "max_pixels": "--video-max-pixels"}
+# The image budget flags, by the family's check_pixel_budget names.
+PIXEL_FLAGS = {"min_pixels": "--min-pixels", "max_pixels": "--max-pixels"}
+
+# The most a prompt file (or standard input) and a schema or grammar file may hold. Every read stops one byte past
+# its bound, so `-p @/dev/zero` or a FIFO is refused instead of filling memory. 16 MiB of text is millions of
+# tokens, far over any context; real JSON schemas and Lark grammars are a few KB.
+MAX_PROMPT_BYTES = 16 << 20
+MAX_FORMAT_BYTES = 1 << 20
 
 
 class MediaAction(argparse.Action):
@@ -53,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "given")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("-p", "--prompt", metavar="TEXT",
-                        help="the user's text; @FILE reads it from FILE, - from standard input (UTF-8; @@ for text "
-                             "that starts with @)")
-    prompt.add_argument("--prompt-file", metavar="FILE", help="read the user's text from FILE (UTF-8)")
+                        help="the user's text; @FILE reads it from FILE, - from standard input (UTF-8, at most 16 "
+                             "MiB; @@ for text that starts with @)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the user's text from FILE (UTF-8, at most 16 MiB)")
     p.add_argument("--system", help="a system message (none is added unless given)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is suppressed until this many (default 0)")
@@ -77,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-max-frames", type=int, metavar="N", help="most frames sampled from one video")
     p.add_argument("--video-max-pixels", type=int, metavar="N",
                    help="most pixels over all of a video's sampled frames after resizing (its token budget)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads, at most 4 per core (default: all cores)")
     p.add_argument("--dump-inputs", metavar="DIR",
                    help="write the model inputs (input_ids, pixel_values, image_grid_thw, position_ids; with videos "
                         "pixel_values_videos, video_grid_thw) as .npy")
@@ -109,11 +118,20 @@ def _decode_utf8(data: bytes, source: str) -> str:
     return text.rstrip("\r\n")
 
 
-def read_prompt_file(path: str, flag: str, what: str = "prompt file") -> str:
-    """The text of the file `path` (UTF-8), or a UserError naming `flag` and the file (`what` it is)."""
+def _read_at_most(file, limit: int, source: str, flag: str) -> bytes:
+    """Up to `limit` bytes of the binary `file`; UserError naming `source` and `flag` when it holds more."""
+    data = file.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{source} holds more than {limit >> 20} MiB, the most {flag} reads; give a smaller one")
+    return data
+
+
+def read_prompt_file(path: str, flag: str, what: str = "prompt file", limit: int = MAX_PROMPT_BYTES) -> str:
+    """The text of the file `path` (UTF-8, at most `limit` bytes), or a UserError naming `flag` and the file
+    (`what` it is)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = _read_at_most(f, limit, f"{flag}: {what} {path!r}", flag)
     except FileNotFoundError:
         raise UserError(f"{flag}: {what} {path!r} not found") from None
     except IsADirectoryError:
@@ -130,7 +148,8 @@ def prompt_from_args(args) -> str:
     if args.prompt_file is not None:
         return read_prompt_file(args.prompt_file, "--prompt-file")
     if args.prompt == "-":
-        return _decode_utf8(sys.stdin.buffer.read(), "-p -: standard input")
+        return _decode_utf8(_read_at_most(sys.stdin.buffer, MAX_PROMPT_BYTES, "-p -: standard input", "-p -"),
+                            "-p -: standard input")
     if args.prompt.startswith("@@"):
         text = args.prompt[1:]
     elif args.prompt.startswith("@"):
@@ -139,6 +158,22 @@ def prompt_from_args(args) -> str:
         text = args.prompt
     check_text(text, "-p/--prompt")
     return text
+
+
+def check_prompt(text: str, args) -> None:
+    """Refuse an empty (or blank) prompt without an --image or --video: there is nothing to answer. The error
+    names where the text came from (-p, -p -, -p @FILE, --prompt-file)."""
+    if text.strip() or args.media:
+        return
+    if args.prompt_file is not None:
+        source = f"--prompt-file {args.prompt_file!r}"
+    elif args.prompt == "-":
+        source = "-p -: standard input"
+    elif args.prompt.startswith("@") and not args.prompt.startswith("@@"):
+        source = f"-p @FILE {args.prompt[1:]!r}"
+    else:
+        source = "-p/--prompt"
+    raise UserError(f"{source} is empty; give the text to answer (or an --image or --video to ask about)")
 
 
 def sampling_from_args(args, defaults: dict) -> SamplingParams:
@@ -157,15 +192,16 @@ def sampling_from_args(args, defaults: dict) -> SamplingParams:
 
 def check_args(args) -> None:
     """Refuse, before the model loads, flags that cannot work; each error names its flag."""
-    for flag in ("min_pixels", "max_pixels", "threads"):
+    for flag in ("min_pixels", "max_pixels"):  # their upper bounds depend on the model (check_pixel_budget)
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         raise UserError(f"--min-pixels ({args.min_pixels}) is larger than --max-pixels ({args.max_pixels})")
+    check_threads(args.threads, "--threads")
     for image in args.image:
         if not os.path.isfile(image):
-            raise UserError(f"image {image!r} does not exist or is not a file")
+            raise UserError(f"--image {image!r} does not exist or is not a file")
     check_videos(args)
     if args.system is not None:
         check_text(args.system, "--system")
@@ -234,15 +270,19 @@ def media_messages(prompt: str, media: list, system: str | None) -> list:
 
 
 def prepare_prompt(model, messages: list, args, video):
-    """`model.prepare` with the image and video budgets; a clip that cannot be decoded, or whose frames cannot fit
-    the context with --max-new-tokens (refused before decoding), is a UserError naming --video and the path."""
-    if not args.video:
-        return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    """`model.prepare` with the image and video budgets; an image that cannot be read is a UserError naming --image
+    and the path, and a clip that cannot be decoded, or whose frames cannot fit the context with --max-new-tokens
+    (refused before decoding), one naming --video and the path."""
+    model.family.check_pixel_budget(args.min_pixels, args.max_pixels, PIXEL_FLAGS)
     from vlm_core.kernels.video import VideoError, VideoTooLong
 
     try:
+        if not args.video:
+            return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels, video=video,
                              max_new_tokens=args.max_new_tokens)
+    except ImageError as e:  # its message starts with the path
+        raise UserError(f"--image {e}") from None
     except VideoTooLong as e:
         raise UserError("--video " + e.message(("--video-fps", "--video-max-frames", "--video-max-pixels",
                                                 "lower --max-new-tokens"))) from None
@@ -277,7 +317,10 @@ def draw_answer_boxes(answer: str, image: str, out: str, scale: float = GROUNDIN
     from vlm_core.kernels.grounding import draw_grounding, grounding_boxes
     from vlm_core.kernels.image import open_image
 
-    picture = open_image(image)
+    try:
+        picture = open_image(image)
+    except ImageError as e:  # its message starts with the path
+        raise UserError(f"--image {e}") from None
     boxes = grounding_boxes(answer, picture.width, picture.height, scale)
     if not boxes:
         print(f"--draw-boxes: the answer holds no boxes or points; {out!r} not written", file=sys.stderr)
@@ -299,7 +342,7 @@ def response_format_from_args(args) -> tuple[dict | None, str]:
         response_format, flag = {"type": "json_object"}, "--json-object"
     elif args.json_schema is not None:
         flag = f"--json-schema {args.json_schema!r}"
-        schema = read_prompt_file(args.json_schema, "--json-schema", "schema file")
+        schema = read_prompt_file(args.json_schema, "--json-schema", "schema file", MAX_FORMAT_BYTES)
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
@@ -309,7 +352,8 @@ def response_format_from_args(args) -> tuple[dict | None, str]:
         response_format = {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
     elif args.grammar is not None:
         flag = f"--grammar {args.grammar!r}"
-        response_format = {"type": "grammar", "grammar": read_prompt_file(args.grammar, "--grammar", "grammar file")}
+        response_format = {"type": "grammar",
+                           "grammar": read_prompt_file(args.grammar, "--grammar", "grammar file", MAX_FORMAT_BYTES)}
     else:
         return None, ""
     check_grammar(response_format, flag)
@@ -334,6 +378,7 @@ def dump_inputs(folder: str, prompt) -> None:
 
 def run(args) -> int:
     prompt_text = prompt_from_args(args)
+    check_prompt(prompt_text, args)
     check_args(args)
     response_format, format_flag = response_format_from_args(args)
     video = video_options_from_args(args)

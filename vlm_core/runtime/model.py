@@ -23,9 +23,9 @@ from vlm_core.models.media import VideoOptions, VideoPart
 from vlm_core.runtime.chat.messages import build_user_messages, normalize_messages
 from vlm_core.runtime.chat.template import render_chat
 from vlm_core.runtime.chat.tools import ToolCallParser
-from vlm_core.runtime.engine import decoder_call
 from vlm_core.runtime.engine.kv_buffer import KVCache
-from vlm_core.runtime.engine.onnx_sessions import create_session
+from vlm_core.runtime.engine.onnx_sessions import check_threads, create_session
+from vlm_core.runtime.engine.runner import ModelRunner
 from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
 from vlm_core.runtime.engine.step_loop import (
     DEFAULT_CACHE_MB,
@@ -33,9 +33,13 @@ from vlm_core.runtime.engine.step_loop import (
     DEFAULT_PREFILL_CHUNK,
     VISION_PATCHES_PER_CALL,
     BatchEngine,
-    join_vision,
 )
-from vlm_core.runtime.manifest import load_manifest
+from vlm_core.runtime.manifest import (
+    load_chat_template,
+    load_embeddings,
+    load_manifest,
+    load_tokenizer,
+)
 from vlm_core.runtime.output.constraint import GrammarCompiler
 from vlm_core.runtime.output.grounding import answer_boxes, grounding_image
 from vlm_core.runtime.output.logprobs import TokenTable
@@ -60,12 +64,12 @@ class VisionLanguageModel:
 
     Args:
         folder: the OUT folder written by `python -m vlm_core.export`.
-        threads: intra-op threads for ONNX Runtime (default: all cores).
+        threads: intra-op threads for ONNX Runtime, 1 to 4 per usable core (default: all cores).
         parallel: sequences decoded together at most (more requests wait their turn).
         prefill_chunk: prompt tokens per decoder call; a new prompt holds running answers up for one chunk.
         cache_mb: memory for the prefix-KV and image-feature caches, least recently used evicted (0: off).
         batch_invariant: the default for requests that do not say: True makes a request's tokens independent
-            of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/step_loop.py);
+            of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/decode_plan.py);
             False (default) lets the engine pick the fastest kernels. A request's own `batch_invariant` wins.
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
@@ -78,15 +82,20 @@ class VisionLanguageModel:
         self.folder = folder
         self.allow_remote_images = allow_remote_images
         self.batch_invariant = bool(batch_invariant)
+        check_threads(threads)
         self.manifest = manifest = load_manifest(folder)
         try:
             self.text_config = TextConfig.from_dict(manifest["text_config"])
-            self.family = get_family(manifest["family"]).Family(manifest)
-        except (KeyError, ValueError) as e:  # an unknown family, a config section lacking a field
+            family = get_family(manifest["family"])
+        except (KeyError, ValueError) as e:  # an unknown family
             raise ModelFolderError(f"{folder!r}: {e.args[0]}") from None
-        from tokenizers import (
-            Tokenizer,  # serve-time dependency, imported here to keep `import runtime` light
-        )
+        try:
+            self.family = family.Family(manifest)
+        except KeyError as e:  # a field the family reads (special_tokens.image_token_id, say) is missing
+            raise ModelFolderError(f"{folder!r}: manifest.json lacks {e.args[0]!r}, which the "
+                                   f"{manifest['family']} family reads; re-export the model") from None
+        except (ValueError, TypeError) as e:  # a family's config field missing, mistyped or out of range
+            raise ModelFolderError(f"{folder!r}: {e}") from None
 
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
@@ -94,13 +103,9 @@ class VisionLanguageModel:
         sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision",
                                       prepack=name != "vision")
                     for name, graph in manifest["graphs"].items()}
-        self.tokenizer = Tokenizer.from_file(os.path.join(folder, manifest["tokenizer"]))
-        template = manifest.get("chat_template")
-        self.chat_template = open(os.path.join(folder, template), encoding="utf-8").read() if template else None
-        table = manifest["embeddings"]
-        self.embeddings = np.load(os.path.join(folder, table["file"]), mmap_mode="r")
-        self.embedding_scale = (np.load(os.path.join(folder, table["scale_file"]), mmap_mode="r")
-                                if table.get("scale_file") else None)
+        self.tokenizer = load_tokenizer(folder, manifest)
+        self.chat_template = load_chat_template(folder, manifest)
+        self.embeddings, self.embedding_scale = load_embeddings(folder, manifest)
         self.sessions = {name: future.result() for name, future in sessions.items()}
         pool.shutdown()
         text = self.text_config
@@ -116,17 +121,16 @@ class VisionLanguageModel:
         for name, value, low in (("parallel", parallel, 1), ("prefill_chunk", prefill_chunk, 1), ("cache_mb", cache_mb, 0)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-        self.engine = BatchEngine(self, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb,
-                                  batch_invariant=batch_invariant)
+        # what runs the graphs, for the engine and for this facade's prefill / run_decoder / encode_images alike
+        self.runner = ModelRunner(self.family, self.sessions, self.embeddings, self.embedding_scale, self.text_config,
+                                  manifest.get("quantization", {}).get("method", "none"))
+        self.engine = BatchEngine(self.runner, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids [S] -> float32 [S, H], from the memory-mapped table."""
-        rows = np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
-        if self.embedding_scale is not None:
-            rows *= np.asarray(self.embedding_scale[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
-        return rows
+        return self.runner.embed(token_ids)
 
     def render(self, messages: list, tools: list | None = None) -> tuple[str, list]:
         """Chat messages -> (prompt text with one image pad per image, image sources in order).
@@ -168,38 +172,25 @@ class VisionLanguageModel:
     def run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
         """One batch-1 decoder call on `feeds` (the family's inputs) over `cache`, which takes the new tokens
         in place; returns the last position's logits [vocab]."""
-        new_tokens = feeds["inputs_embeds"].shape[1]
-        # A "prefill" graph (same I/O, weights for GEMMs) takes multi-token runs when the export made one.
-        session = self.sessions["prefill"] if new_tokens > 1 and "prefill" in self.sessions else self.sessions["decoder"]
-        cache.reserve(cache.offset + new_tokens)
-        logits = decoder_call.run_decoder(session, feeds, cache.keys, cache.values, [cache.offset + new_tokens])
-        cache.advance(new_tokens)
-        return logits[0]
+        return self.runner.run_decoder(feeds, cache)
 
     def encode_images(self, prompt):
         """Run the vision graph on the prompt's images: (image_embeds, deepstack_embeds) or None."""
-        if prompt.pixel_values is None:
-            return None
-        pieces = [piece for pixels, grid in self.family.split_images(prompt.pixel_values, prompt.media_grid)
-                  for piece in self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)]
-        return join_vision(self.family, [self.sessions["vision"].run(None, self.family.vision_feeds(pixels, grid))
-                                         for pixels, grid in pieces])
+        return self.runner.encode_images(prompt, VISION_PATCHES_PER_CALL)
 
     def new_cache(self, expected_length: int) -> KVCache:
         """An empty KV cache for a request of at most `expected_length` tokens (prompt + new tokens).
 
-        It stays empty until the prompt is written, so the prefill attends over no unused slots, then
-        grows in steps of 256 tokens (never past `expected_length`): decode steps read few unused slots."""
-        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context,
-                       expected_length=expected_length, dtype=self.kv_dtype)
+        It stays empty until the prompt is written, then grows geometrically (runtime/engine/kv_buffer.py), never
+        past `expected_length`."""
+        return self.runner.new_cache(expected_length)
 
     def prefill(self, prompt, cache: KVCache | None = None, vision_outputs=None) -> np.ndarray:
         """Run the whole prompt through the decoder; returns the last position's logits [vocab]."""
         if cache is None:
             cache = self.new_cache(len(prompt.input_ids))
             vision_outputs = self.encode_images(prompt)
-        feeds = self.family.prefill_feeds(prompt, self.embed(prompt.input_ids), vision_outputs)
-        return self.run_decoder(feeds, cache)
+        return self.runner.prefill(prompt, cache, vision_outputs)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, names: dict | None = None) -> None:
         """Refuse, before any work, a request that cannot fit the context.

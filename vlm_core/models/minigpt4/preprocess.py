@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vlm_core.kernels.image import load_image, normalize, rescale, resize
+from vlm_core.models.config import check_field_types
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,6 +41,7 @@ class BlipImageParams:
             if size["height"] != size.get("width", size["height"]):
                 raise ValueError(f"BLIP-2 preprocessing needs a square size, got {size}")
             kwargs["image_size"] = int(size["height"])
+        check_field_types(cls, kwargs, "preprocessing", {"resample": 0})
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

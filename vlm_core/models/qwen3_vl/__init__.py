@@ -20,7 +20,11 @@ from vlm_core.models.contract import FamilyBase
 from vlm_core.models.media import MediaInputs, VideoOptions, VideoPart
 from vlm_core.models.qwen3_vl import positions
 from vlm_core.models.qwen3_vl.config import Qwen3VLVisionConfig
-from vlm_core.models.qwen3_vl.preprocess import ImageProcessorParams, preprocess_images
+from vlm_core.models.qwen3_vl.preprocess import (
+    ImageProcessorParams,
+    check_pixel_budget,
+    preprocess_images,
+)
 from vlm_core.models.qwen3_vl.prompt import expand_media_pads, tokenize_prompt
 from vlm_core.models.qwen3_vl.video import (
     VideoProcessorParams,
@@ -100,6 +104,8 @@ class Family(FamilyBase):
         first: when the clips alone would take more than `token_limit` prompt tokens, VideoError is raised
         before any frame is decoded (where the container tells its frame count)."""
         sources = list(sources)
+        if any(not isinstance(s, VideoPart) for s in sources):
+            self.check_pixel_budget(min_pixels, max_pixels)
         clips = [s.source for s in sources if isinstance(s, VideoPart)]
         plans = self._plan_clips(clips, video or VideoOptions(), token_limit) if clips else []
         pixels, grids, kinds, stamps = [], [], [], []
@@ -117,6 +123,11 @@ class Family(FamilyBase):
             pixels.append(pixel_values)
             grids.append(grid)
         return MediaInputs(np.concatenate(pixels), np.concatenate(grids).astype(np.int64), tuple(kinds), stamps)
+
+    def check_pixel_budget(self, min_pixels=None, max_pixels=None, names: dict | None = None) -> None:
+        """Refuse image pixel bounds that cannot work (preprocess.check_pixel_budget: at least one image token, at
+        most the context's worth, min <= max); `names` spells them as the caller does."""
+        check_pixel_budget(self.image_params, min_pixels, max_pixels, self.text_config.max_context, names)
 
     def _plan_clips(self, clips: list, options: VideoOptions, token_limit: int | None) -> list:
         """Probe every clip (no frame decoded): [(info, frame indices)], refusing clips past `token_limit`."""

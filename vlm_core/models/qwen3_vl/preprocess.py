@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from vlm_core.errors import ParameterError
 from vlm_core.kernels.image import (
     ImageError,
     ImageSource,
@@ -43,6 +44,7 @@ from vlm_core.kernels.image import (
     smart_resize,
     to_chw,
 )
+from vlm_core.models.config import check_field_types
 
 # Defaults are transformers' Qwen2VLImageProcessor class defaults (what an empty config gives);
 # Qwen3-VL checkpoints override them with patch_size 16, mean/std 0.5, size 65536..16777216.
@@ -100,6 +102,7 @@ class ImageProcessorParams(PixelSteps):
         for key in ("image_mean", "image_std"):
             if key in kwargs:
                 kwargs[key] = channel_list(kwargs[key])
+        check_field_types(cls, kwargs, "preprocessing", {"resample": 0})
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -107,6 +110,33 @@ class ImageProcessorParams(PixelSteps):
         d = asdict(self)
         d["size"] = {"shortest_edge": d.pop("min_pixels"), "longest_edge": d.pop("max_pixels")}
         return d
+
+
+def check_pixel_budget(params: ImageProcessorParams, min_pixels, max_pixels, max_tokens: int,
+                       names: dict | None = None) -> None:
+    """Refuse per-image pixel bounds (overrides of `params`' min_pixels / max_pixels; None keeps the model's) that
+    cannot work, before any image is resized: not a positive integer, a maximum below one image token's
+    pixels ((patch_size x merge_size)², where smart_resize would still give one token), a bound above
+    `max_tokens` image tokens' worth (the context: --min-pixels 10^12 grew an image to 22 GB), or a minimum
+    above the maximum in force. ParameterError naming the bound as `names` spells it (the CLI's flags)."""
+    names = {"min_pixels": "min_pixels", "max_pixels": "max_pixels", **(names or {})}
+    factor = params.patch_size * params.merge_size
+    limit = max_tokens * factor * factor
+    for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is None:
+            continue
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+            raise ParameterError(f"{names[key]} must be a positive integer, got {value!r:.40}", names[key])
+        if value > limit:
+            raise ParameterError(f"{names[key]} must be at most {limit} ({max_tokens} image tokens, this model's "
+                                 f"context, of {factor}x{factor} pixels each), got {value}", names[key])
+    if max_pixels is not None and max_pixels < factor * factor:
+        raise ParameterError(f"{names['max_pixels']} must be at least {factor * factor}, the pixels of one image "
+                             f"token ({factor}x{factor}), got {max_pixels}", names["max_pixels"])
+    if min_pixels is not None and min_pixels > (params.max_pixels if max_pixels is None else max_pixels):
+        most = (f"this model's max_pixels ({params.max_pixels}); lower it or raise {names['max_pixels']}"
+                if max_pixels is None else f"{names['max_pixels']} ({max_pixels})")
+        raise ParameterError(f"{names['min_pixels']} ({min_pixels}) is larger than {most}", names["min_pixels"])
 
 
 def preprocess_images(

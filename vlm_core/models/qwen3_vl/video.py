@@ -8,7 +8,7 @@ Reference: transformers 5.24's `Qwen3VLVideoProcessor` (models/qwen3_vl/video_pr
    spread evenly with `np.linspace(...).round()`.
 2. size: `video_grid` (= the processor's 3-D `smart_resize`): the pixel budget `size.longest_edge` is for
    ALL frames of the clip; `cap_pixels_per_frame` applies qwen-vl-utils' per-frame cap.
-3. resize: torch's uint8 antialiased bicubic (`kernels.video.resize_frames`, bit-identical), which is what
+3. resize: torch's uint8 antialiased bicubic (`kernels.bicubic.resize_frames`, bit-identical), which is what
    the processor's torchvision `resize(BICUBIC, antialias=True)` runs on uint8 frames.
 4. rescale + normalize, fused as torchvision's processor does (`_fuse_mean_std_and_rescale_factor`):
    (x - 255 * mean) / (255 * std) in float32.
@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from vlm_core.kernels.video import VideoError, VideoInfo, resize_frames
+from vlm_core.kernels.bicubic import resize_frames
+from vlm_core.kernels.video import VideoError, VideoInfo
+from vlm_core.models.config import check_field_types
 from vlm_core.models.qwen3_vl.preprocess import PixelSteps, channel_list
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -71,6 +73,7 @@ class VideoProcessorParams(PixelSteps):
                     "max_video_tokens", "resample"):
             if key in kwargs:
                 kwargs[key] = int(kwargs[key])
+        check_field_types(cls, kwargs, "video_preprocessing", {"resample": 0})
         params = cls(**kwargs)
         if params.resample != 3:
             raise ValueError(f"video resample={params.resample} is not supported; only 3 (BICUBIC) is implemented")

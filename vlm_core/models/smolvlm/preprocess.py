@@ -45,6 +45,7 @@ from vlm_core.kernels.image import (
     rescale,
     to_chw,
 )
+from vlm_core.models.config import check_field_types
 
 MAX_IMAGE_SIZE = 4096  # transformers' absolute limit on an edge after the longest-edge resize
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -93,6 +94,7 @@ class SmolVLMImageParams:
             kwargs["tile"] = int(tile)
         elif d.get("tile") is not None:
             kwargs["tile"] = int(d["tile"])
+        check_field_types(cls, kwargs, "preprocessing", {"resample": 0})
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

@@ -1,15 +1,18 @@
-"""A KV cache the runtime owns: per-layer buffers that grow in steps, written in place.
+"""A KV cache the runtime owns: per-layer buffers that grow geometrically, written in place.
 
 The decoder graph's GroupQueryAttention ops write the new entries into the buffer themselves (bound as
-both past and present: runtime/engine/decoder_call.py) and read only the filled slots. Growth reallocates once
-per `step` tokens (like mlx-lm's KVCache), so no decode step copies the cache. Capacities are multiples
-of `CAPACITY_ALIGN` slots, so growing a batch's buffer by a few slots never reallocates it.
+both past and present: runtime/engine/decoder_call.py) and read only the filled slots. Growth at least
+doubles the capacity (`grown_capacity`), so a sequence of n tokens is reallocated O(log n) times and O(n)
+slots are copied in all (a fixed step of 256 slots copied O(n^2 / 256): the cost per step grew with the
+length); it never passes the length the request can use nor the context. Capacities are multiples of
+`CAPACITY_ALIGN` slots, so growing a batch's buffer by a few slots never reallocates it.
 """
 from __future__ import annotations
 
 import numpy as np
 
 CAPACITY_ALIGN = 64
+GROWTH = 2  # a buffer that grows takes at least this many times its capacity
 
 
 def aligned(length: int) -> int:
@@ -17,13 +20,22 @@ def aligned(length: int) -> int:
     return -(-length // CAPACITY_ALIGN) * CAPACITY_ALIGN
 
 
+def grown_capacity(capacity: int, length: int, limit: int) -> int:
+    """The capacity a buffer of `capacity` slots takes to hold `length`: unchanged when it fits, else GROWTH
+    times as many, capped at `limit` (what the request can use, or the context) but never below `length`;
+    aligned up to CAPACITY_ALIGN."""
+    if length <= capacity:
+        return capacity
+    return aligned(max(min(GROWTH * capacity, limit), length))
+
+
 class KVCache:
     """Keys and values for `num_layers` layers, batch 1, layout [1, kv_heads, capacity, head_dim]."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int,
-                 step: int = 256, dtype=np.float32, expected_length: int = 0):
+                 dtype=np.float32, expected_length: int = 0):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.max_length, self.step, self.dtype = max_length, step, dtype
+        self.max_length, self.dtype = max_length, dtype
         self.offset = 0
         self.capacity = 0
         # Prompt + max new tokens, when known: the buffer never grows past what the request can use.
@@ -32,14 +44,11 @@ class KVCache:
         self.values = [np.zeros((1, num_kv_heads, 0, head_dim), dtype) for _ in range(num_layers)]
 
     def reserve(self, length: int) -> None:
-        """Make room for `length` tokens in total: the next multiple of `step`, capped at the expected
-        length (when known) and the context. Copies the filled part only when it grows."""
-        if length <= self.capacity:
+        """Make room for `length` tokens in total (`grown_capacity`, capped at the expected length when known,
+        else the context). Copies the filled part only when it grows."""
+        capacity = grown_capacity(self.capacity, length, self.expected_length or self.max_length)
+        if capacity == self.capacity:
             return
-        capacity = -(-length // self.step) * self.step
-        if self.expected_length:
-            capacity = min(capacity, max(self.expected_length, length))
-        capacity = aligned(max(min(capacity, self.max_length), length))
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = np.zeros((1, self.num_kv_heads, capacity, self.head_dim), self.dtype)
@@ -63,7 +72,3 @@ class KVCache:
     def copy_prefix(self, length: int) -> tuple[list, list]:
         """Copies of the first `length` slots: per-layer keys / values [kv_heads, length, head_dim]."""
         return ([k[0, :, :length].copy() for k in self.keys], [v[0, :, :length].copy() for v in self.values])
-
-    def trim(self, length: int) -> None:
-        """Forget everything after the first `length` tokens."""
-        self.offset = min(self.offset, length)

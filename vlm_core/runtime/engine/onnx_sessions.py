@@ -3,7 +3,29 @@ from __future__ import annotations
 
 import os
 
-from vlm_core.errors import ModelFolderError
+from vlm_core.errors import ModelFolderError, ParameterError
+
+# Intra-op threads per core at most: more only queue for the same cores, and ONNX Runtime starts an OS thread
+# for each (`--threads 100000` hung at start, and crashed under a memory limit).
+THREADS_PER_CORE = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads, name: str = "threads") -> None:
+    """Refuse a thread count other than None (all usable cores) or an integer from 1 to THREADS_PER_CORE x the
+    usable cores; the ParameterError names `name` (the API's `threads`, the CLI's `--threads`)."""
+    limit = THREADS_PER_CORE * usable_cores()
+    if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool)
+                                    and 1 <= threads <= limit):
+        raise ParameterError(f"{name} must be an integer from 1 to {limit} ({THREADS_PER_CORE} per core of the "
+                             f"{usable_cores()} this process may use), got {threads!r:.40}", name)
 
 
 def create_session(folder: str, graph: dict, threads: int | None = None, arena: bool = True, prepack: bool = True):
@@ -26,7 +48,7 @@ def create_session(folder: str, graph: dict, threads: int | None = None, arena: 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -41,6 +41,11 @@ class PrefixEntry:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values) + self.key_ids.nbytes
 
+    @staticmethod
+    def size(length: int, bytes_per_slot: int) -> int:
+        """The nbytes of an entry of `length` slots whose KV takes `bytes_per_slot` (all layers, keys and values)."""
+        return length * (bytes_per_slot + np.dtype(np.int64).itemsize)
+
 
 class EngineCache:
     """Prefix KV and image features under one byte budget, least recently used evicted first.
@@ -113,9 +118,16 @@ class EngineCache:
                 self.misses["prefix"] += 1
         return best, best_length
 
-    def put_prefix(self, key_ids: np.ndarray, keys: list, values: list) -> None:
-        """Keep a sequence's KV; entries whose key ids are a prefix of it are dropped (it covers them)."""
+    def fits(self, nbytes: int) -> bool:
+        """Whether an entry of `nbytes` would be kept (callers check before copying KV out for it)."""
+        return nbytes <= self.budget_bytes
+
+    def put_prefix(self, key_ids: np.ndarray, keys: list, values: list) -> bool:
+        """Keep a sequence's KV; entries whose key ids are a prefix of it are dropped (it covers them). Returns
+        False, dropping nothing, when it is over the whole budget: the entries it extends stay usable."""
         entry = PrefixEntry(np.array(key_ids, dtype=np.int64), keys, values)
+        if not self.fits(entry.nbytes):
+            return False
         with self._lock:
             for key, (value, nbytes) in list(self._entries.items()):
                 if key[0] == "prefix" and len(value.key_ids) <= len(entry.key_ids) and np.array_equal(
@@ -123,7 +135,7 @@ class EngineCache:
                     del self._entries[key]
                     self.nbytes -= nbytes
             self._next_prefix += 1
-            self._put(("prefix", self._next_prefix), entry, entry.nbytes)
+            return self._put(("prefix", self._next_prefix), entry, entry.nbytes)
 
     def stats(self) -> dict:
         """Use of the budget, for /health and benchmarks."""

@@ -120,7 +120,7 @@ class Sequence:
         if self.constraint is not None:
             logits = masked = self.constraint.mask(logits)
         for process in self.processors:
-            logits = process(np.asarray(self.tokens), logits)
+            logits = process(self.tokens, logits)  # the list as it grows (no array of every token each step)
         if self.constraint is not None and self.processors and not np.isfinite(logits).any():
             logits = masked  # min_new_tokens forbade the only end the grammar allows: the grammar wins
         token = int(self.sampler(logits))

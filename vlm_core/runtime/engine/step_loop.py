@@ -11,11 +11,10 @@ Each `step()`:
      their KV in the prefix cache.
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
-A sequence's tokens do not depend on the batch (tests check it token by token): attention reads only
-a row's own filled slots (GroupQueryAttention, runtime/engine/decoder_call.py); ONNX Runtime's 4-bit
-MatMulNBits computes a lone row (M = 1) by another kernel than several rows, so decoders with 4-bit weights always run at least two
-rows (a padding row when one sequence decodes alone); and ORT's dynamic int8 MatMuls quantize their
-input with one scale per tensor, which couples rows, so int8 decoders run one row per call.
+A request that asks for it (`Sequence(batch_invariant=True)`) gets tokens that do not depend on the batch
+(tests check it token by token); the others get the fastest kernels. Each step's decoder calls are planned
+from the rows that asked (decode_plan.py), and the rows are kept in the order that plan reads: rows that did
+not ask first.
 """
 from __future__ import annotations
 
@@ -25,10 +24,14 @@ import traceback
 
 import numpy as np
 
-from vlm_core.runtime.engine.decoder_call import run_decoder
+from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
 from vlm_core.runtime.engine.kv_buffer import KVCache
-from vlm_core.runtime.engine.kv_slots import BatchKVCache
-from vlm_core.runtime.engine.prefix_cache import EngineCache, image_hash, image_key_id
+from vlm_core.runtime.engine.prefix_cache import (
+    EngineCache,
+    PrefixEntry,
+    image_hash,
+    image_key_id,
+)
 from vlm_core.runtime.engine.sequence import DECODE, DONE, PREFILL, WAITING, Sequence
 
 DEFAULT_PARALLEL = 4
@@ -41,42 +44,30 @@ DEFAULT_CACHE_MB = 256
 VISION_PATCHES_PER_CALL = 1024
 
 
-def join_vision(family, per_item: list) -> list:
-    """Vision outputs of consecutive images (or pieces of one clip) -> one set, joined along the family's axes."""
-    return [np.concatenate([outputs[i] for outputs in per_item], axis=axis)
-            for i, axis in enumerate(family.vision_output_axes)]
-
-
 class BatchEngine:
-    """Runs Sequences of one VisionLanguageModel together.
+    """Runs Sequences of one model together.
 
     Args:
-        model: a loaded VisionLanguageModel (sessions, embeddings, family).
+        runner: the model's ModelRunner (engine/runner.py): every graph call goes through it.
         parallel: sequences prefilled or decoded at once; more wait their turn.
         prefill_chunk: prompt tokens per prefill call.
         cache_mb: memory for the prefix and image-feature caches (0 turns both off).
-        batch_invariant: make a sequence's results independent of the batch (see the module docstring);
-            False runs a lone 4-bit row by ORT's one-row kernel (faster on hosts where a second row is
-            costly) and int8 rows together, at the price of float-level differences between alone and batched.
+    A sequence's own `batch_invariant` says whether its tokens must not depend on the batch (decode_plan.py).
     """
 
-    def __init__(self, model, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cache_mb: float = DEFAULT_CACHE_MB, batch_invariant: bool = True):
-        self.model = model
+    def __init__(self, runner, parallel: int = DEFAULT_PARALLEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 cache_mb: float = DEFAULT_CACHE_MB):
+        self.runner = runner
         self.parallel, self.prefill_chunk = int(parallel), int(prefill_chunk)
         self.cache = EngineCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
-        self.family = model.family
-        method = model.manifest.get("quantization", {}).get("method", "none")
-        self.rows_per_call = 1 if method == "int8" and batch_invariant else None  # int8: one scale per tensor
-        self.min_rows = 2 if method in ("int4", "mixed") and batch_invariant else 1  # MatMulNBits: M = 1 differs
-        self.kv_dtype = model.kv_dtype
-        self.batch = BatchKVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
-                                  dtype=self.kv_dtype, min_rows=self.min_rows)
+        self.family = runner.family
+        self.batch = runner.new_batch()
         self.waiting: list[Sequence] = []
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
         self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0,
-                         "admitted": 0}  # admitted: sequences taken from `waiting` into a slot (read by tests)
+                         "admitted": 0,  # sequences taken from `waiting` into a slot (read by tests)
+                         "padding_rows": 0}  # decoder rows run only for a request's invariance (decode_plan.py)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -156,10 +147,10 @@ class BatchEngine:
 
     def _start(self, sequence: Sequence) -> None:
         """Key ids, prefix-cache lookup, a private KV cache for the prompt."""
-        model, prompt = self.model, sequence.prompt
+        prompt = sequence.prompt
         sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
-        sequence.cache = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.max_context,
-                                 dtype=self.kv_dtype, expected_length=sequence.prompt_len)
+        sequence.cache = self.runner.new_cache(sequence.prompt_len)
+        sequence.cache.reserve(sequence.prompt_len)  # the whole prompt at once: its chunks never regrow it
         if self.cache is not None:
             # At least the last prompt token is always run: its logits give the first new token.
             entry, length = self.cache.longest_prefix(sequence.key_ids, sequence.prompt_len - 1)
@@ -194,7 +185,7 @@ class BatchEngine:
 
     # --- prompt work ------------------------------------------------------------------------
     def _prefill_unit(self, sequence: Sequence) -> None:
-        model, prompt = self.model, sequence.prompt
+        prompt = sequence.prompt
         start = time.perf_counter()
         if sequence.feeds is None:
             spans = self._image_spans(prompt)
@@ -203,8 +194,8 @@ class BatchEngine:
                 self._encode_one_image(sequence)
                 sequence.timings["vision_s"] += time.perf_counter() - start
                 return
-            vision = self._join_vision(sequence.vision_outputs) if needs_images else None
-            sequence.feeds = self.family.prefill_feeds(prompt, model.embed(prompt.input_ids), vision)
+            vision = self.runner.join_vision(sequence.vision_outputs) if needs_images else None
+            sequence.feeds = self.family.prefill_feeds(prompt, self.runner.embed(prompt.input_ids), vision)
             sequence.vision_outputs = None
         begin = sequence.position
         end = min(begin + self.prefill_chunk, sequence.prompt_len)
@@ -222,10 +213,7 @@ class BatchEngine:
             self._remember(sequence, sequence.cache, None)
             sequence.cache = None
             return
-        sequence.row = self.batch.add(sequence.cache)
-        sequence.cache = None
-        sequence.state = DECODE
-        self.decoding.append(sequence)
+        self._join(sequence)
 
     def _encode_one_image(self, sequence: Sequence) -> None:
         """One vision call: a whole image, or the next few frame groups of a clip (a long clip's patches in
@@ -238,11 +226,10 @@ class BatchEngine:
         if outputs is None:
             pieces = self.family.split_frames(pixels, grid, VISION_PATCHES_PER_CALL)
             piece_pixels, piece_grid = pieces[len(sequence.item_parts)]
-            sequence.item_parts.append(self.model.sessions["vision"].run(
-                None, self.family.vision_feeds(piece_pixels, piece_grid)))
+            sequence.item_parts.append(self.runner.encode(piece_pixels, piece_grid))
             if len(sequence.item_parts) < len(pieces):
                 return
-            outputs = self._join_vision(sequence.item_parts)
+            outputs = self.runner.join_vision(sequence.item_parts)
             sequence.item_parts = []
             self.counters["vision_images"] += 1
             if self.cache is not None:
@@ -250,28 +237,47 @@ class BatchEngine:
         sequence.vision_outputs = (sequence.vision_outputs or []) + [outputs]
         sequence.images_done += 1
 
-    def _join_vision(self, per_image: list) -> list:
-        return join_vision(self.family, per_image)
-
     def _run(self, feeds: dict, cache: KVCache, new_tokens: int) -> np.ndarray:
         """One batch-1 decoder call over a private cache (prompt chunks); returns the last logits."""
-        logits = self.model.run_decoder(feeds, cache)
+        logits = self.runner.run_decoder(feeds, cache)
         self.counters["decoder_tokens"] += new_tokens
         self.counters["decoder_calls"] += 1
         return logits
 
     # --- decoding -------------------------------------------------------------------------
+    def _join(self, sequence: Sequence) -> None:
+        """Copy a prefilled sequence's KV into a batch row: after the rows whose request did not ask for
+        invariance if it did not either, else last (the order plan_decode reads)."""
+        free = self._free_rows()
+        at = free if not sequence.batch_invariant and free < len(self.decoding) else None
+        sequence.row = self.batch.add(sequence.cache, at, self._slots_limit(sequence))
+        if at is not None:  # the first row that asked moved to the end
+            self.decoding.append(self.decoding[at])
+            self.decoding[-1].row = len(self.decoding) - 1
+            self.decoding[at] = sequence
+        else:
+            self.decoding.append(sequence)
+        sequence.cache = None
+        sequence.state = DECODE
+
+    def _slots_limit(self, joining: Sequence | None = None) -> int:
+        """The most KV slots a decoding row (or `joining`) can ever use: its prompt and all its new tokens."""
+        rows = self.decoding + ([joining] if joining is not None else [])
+        return max(s.prompt_len + s.max_new_tokens for s in rows)
+
+    def _free_rows(self) -> int:
+        """How many rows (the first ones) hold sequences that did not ask for batch invariance."""
+        return sum(not s.batch_invariant for s in self.decoding)
+
     def _decode(self) -> None:
         batch = self.batch
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
-        batch.reserve(rows, max(batch.lengths) + 1)
-        per_call = self.rows_per_call or rows
-        logits = []
-        for start in range(0, rows, per_call):
-            stop = min(start + per_call, rows)
-            logits.append(self._decode_rows(start, stop))
-        logits = np.concatenate(logits)
+        calls = plan_decode(self.runner.quantization, [s.batch_invariant for s in self.decoding])
+        batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1, self._slots_limit())
+        embeds = self.runner.embed([s.pending_token for s in self.decoding])  # [rows, H]: one lookup for all
+        logits = [self._decode_rows(call, embeds) for call in calls]
+        logits = logits[0] if len(calls) == 1 else np.concatenate(logits)  # one call: no copy of the logits
         failed = []
         for sequence in list(self.decoding):
             try:
@@ -283,23 +289,24 @@ class BatchEngine:
         for sequence in [s for s in self.decoding if s.finished]:
             self._leave(sequence)
 
-    def _decode_rows(self, start: int, stop: int) -> np.ndarray:
-        """One decoder call for rows [start, stop) (plus padding rows up to min_rows)."""
-        batch, model = self.batch, self.model
-        width = max(stop - start, self.min_rows)
+    def _decode_rows(self, call: DecoderCall, embeds: np.ndarray) -> np.ndarray:
+        """One decoder call for rows [call.start, call.stop), padding rows included; `embeds`: every row's
+        pending token embedded [rows, H]."""
+        batch, runner = self.batch, self.runner
+        start, stop, width = call.start, call.stop, call.width
         parts = []
         for r in range(start, start + width):
-            sequence = self.decoding[min(r, stop - 1)]  # padding rows repeat the last real row's input
-            embed = model.embed([sequence.pending_token])[0]
-            parts.append(self.family.decode_feeds(sequence.prompt, embed, batch.lengths[min(r, stop - 1)]))
+            real = min(r, stop - 1)  # padding rows repeat the last real row's input
+            parts.append(self.family.decode_feeds(self.decoding[real].prompt, embeds[real], batch.lengths[real]))
         feeds = {name: np.concatenate([p[name] for p in parts], axis=self.family.decoder_feed_axes[name][0])
                  for name in parts[0]}
         # padding rows write their (discarded) entry into their own, unused row of the buffer
         lengths = [batch.lengths[min(r, stop - 1)] + 1 for r in range(start, start + width)]
-        logits = run_decoder(model.sessions["decoder"], feeds, *batch.buffers(start, start + width), lengths)
+        logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths, (batch.layout, start, width))
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
         self.counters["decoder_calls"] += 1
+        self.counters["padding_rows"] += width - (stop - start)
         return logits[: stop - start]
 
     # --- leaving ------------------------------------------------------------------------------
@@ -311,23 +318,34 @@ class BatchEngine:
         elif sequence in self.decoding:
             if error is None:
                 self._remember(sequence, None, sequence.row)
-            moved = self.batch.remove(sequence.row)
-            self.decoding.remove(sequence)
-            if moved is not None:
-                for other in self.decoding:
-                    if other.row == moved:
-                        other.row = sequence.row
-            self.decoding.sort(key=lambda s: s.row)
+            self._free_row(sequence.row)
             sequence.row = None
         sequence.finish(error=error)
+
+    def _free_row(self, row: int) -> None:
+        """Drop a batch row, keeping rows that did not ask for invariance first: the last of those moves into
+        a freed one of theirs, then the last row into the hole (two rows copied at most)."""
+        last_free = self._free_rows() - 1
+        if not self.decoding[row].batch_invariant and row != last_free:
+            self.batch.move(last_free, row)
+            self.decoding[row] = self.decoding[last_free]
+            self.decoding[row].row = row
+            row = last_free
+        moved = self.batch.remove(row)
+        if moved is not None:
+            self.decoding[row] = self.decoding[moved]
+            self.decoding[row].row = row
+        self.decoding.pop()
+        if not self.decoding:  # the batch gave its buffers back: so does the decode binding
+            self.runner.release_decode_buffers()
 
     def _remember(self, sequence: Sequence, cache: KVCache | None, row: int | None) -> None:
         """Keep the KV of every token that went through the decoder (prompt + all but the last sampled)."""
         if self.cache is None:
             return
         length = cache.offset if cache is not None else self.batch.lengths[row]
-        if length <= 0:
-            return
+        if length <= 0 or not self.cache.fits(PrefixEntry.size(length, self.runner.bytes_per_slot)):
+            return  # over the whole budget: no copy, and the prefix it extends stays cached
         key_ids = np.concatenate([sequence.key_ids, np.asarray(sequence.tokens[sequence.prompt_len:], np.int64)])
         keys, values = cache.copy_prefix(length) if cache is not None else self.batch.copy_prefix(row, length)
         self.cache.put_prefix(key_ids[:length], keys, values)

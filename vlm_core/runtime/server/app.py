@@ -23,7 +23,9 @@ import anyio
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -34,10 +36,12 @@ from vlm_core.errors import (
     NotFound,
     ParameterError,
     PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
     UserError,
 )
 from vlm_core.runtime.request import compile_grammar
-from vlm_core.runtime.server import images, schema, videos, worker
+from vlm_core.runtime.server import images, metrics, schema, videos, worker
 from vlm_core.runtime.server.config import ServeConfig
 from vlm_core.runtime.server.scheduler import (
     Cancelled,
@@ -69,7 +73,9 @@ ERRORS = {
     AuthError: HTTPError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     NotFound: HTTPError(404, "invalid_request_error"),
     MethodNotAllowed: HTTPError(405, "invalid_request_error"),
+    RequestTimeout: HTTPError(408, "invalid_request_error", headers={"Connection": "close"}),
     PayloadTooLarge: HTTPError(413, "invalid_request_error"),
+    UnsupportedMediaType: HTTPError(415, "invalid_request_error"),
     QueueFull: HTTPError(429, "rate_limit_error", "queue_full", {"Retry-After": "1"}),
     Cancelled: HTTPError(499, "cancelled", "cancelled"),  # nobody reads it: the client has gone
     QueueTimeout: HTTPError(503, "server_error", "timeout"),
@@ -116,8 +122,20 @@ def check_auth(request: Request, api_key: str | None) -> None:
         raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
-async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
-    """The body, refused (413) from its Content-Length or, without one, as soon as reading passes `limit`."""
+def check_json_body(request: Request) -> None:
+    """Only ``Content-Type: application/json`` bodies, as OpenAI's API: a text/plain or form body is what a page
+    on another site can make a browser send without a CORS preflight, starting generations unseen."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        given = f"got {request.headers['content-type'][:60]!r}" if "content-type" in request.headers else "got none"
+        raise UnsupportedMediaType(f"the request body must be JSON, sent with 'Content-Type: application/json'; "
+                                   f"{given}")
+
+
+async def read_body(request: Request, limit: int, limit_mb: float, timeout: float) -> bytes:
+    """The body, refused (413) from its Content-Length or, without one, as soon as reading passes `limit`; one that
+    has not arrived within `timeout` seconds (a Content-Length larger than what is sent, a chunked body cut
+    short) is a 408. A client that leaves while sending it is logged in one line and ends the request."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -126,12 +144,22 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
             raise PayloadTooLarge(f"request body is {int(length)} bytes, over this server's limit of {limit} bytes "
                                   f"(--max-body-mb {limit_mb:g})")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over this server's limit of {limit} bytes "
-                                  f"(--max-body-mb {limit_mb:g})")
-        chunks.append(chunk)
+    announced = f" of the {length} announced" if length is not None else ""
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over this server's limit of {limit} bytes "
+                                          f"(--max-body-mb {limit_mb:g})")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s (--body-timeout): {size} "
+                             f"bytes came{announced}") from None
+    except ClientDisconnect:
+        client = f"{request.client[0]}:{request.client[1]}" if request.client else "a client"
+        log.warning("%s disconnected while sending its request body (%d bytes%s received)", client, size, announced)
+        raise Cancelled("the client disconnected while sending its request body") from None
     return b"".join(chunks)
 
 
@@ -153,6 +181,16 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
+async def cancel_when_gone(request: Request, ticket: Ticket) -> None:
+    """Cancel `ticket` when the client disconnects: ASGI's http.disconnect, awaited in a task of its own from
+    submission on (the body has been read), so a client that leaves is seen at once whether its request is
+    queued (it gives up its place), preparing or decoding, however fast tokens come. Polling between tokens
+    never ran while tokens came less than 0.25 s apart, so a non-streamed request kept its slot to the end."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    ticket.cancel()
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI's usage object; cached_tokens are prompt tokens whose KV came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -166,11 +204,13 @@ class ChatServer:
     def __init__(self, config: ServeConfig, vlm, scheduler: Scheduler):
         self.config, self.vlm, self.scheduler = config, vlm, scheduler
         self.model_name, self.created = config.name, int(time.time())
+        self.metrics = None  # a metrics.ServerMetrics once installed (the 'metrics' extra)
 
     async def chat_completions(self, request: Request) -> Response:
         arrived = time.monotonic()
         check_auth(request, self.config.api_key)
-        body = await read_body(request, self.config.max_body_bytes, self.config.max_body_mb)
+        check_json_body(request)
+        body = await read_body(request, self.config.max_body_bytes, self.config.max_body_mb, self.config.body_timeout)
         if len(body) > LARGE_BODY_BYTES:  # a video data: URL: ~0.1 s of JSON parsing per 40 MB, off the event loop
             body = await asyncio.to_thread(schema.parse_json, body)
         else:
@@ -194,19 +234,25 @@ class ChatServer:
         video = dataclasses.replace(self.config.video_options, **chat.video) if clips else None
         events = worker.run(self.vlm, chat, encoded, self.config.max_image_pixels, self.config.default_max_tokens,
                             clips, video)
+        if self.metrics is not None:
+            events = self.metrics.watch(events)
         ticket = self.scheduler.submit(events, arrived)
+        watcher = asyncio.create_task(cancel_when_gone(request, ticket))
         try:
-            prepared = await self.next_event(ticket, request, watch=True)
+            prepared = await ticket.next()
             completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
             if chat.stream:
+                watcher.cancel()  # the streaming response watches from here on, as it streams
                 return DisconnectAwareStreamingResponse(
-                    self.sse_events(ticket, request, completion_id, prepared.prompt_tokens, chat.include_usage,
+                    self.sse_events(ticket, completion_id, prepared.prompt_tokens, chat.include_usage,
                                     chat.options.logprobs),
                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await self.whole_answer(ticket, request, completion_id, prepared.prompt_tokens, chat.options.logprobs)
+            return await self.whole_answer(ticket, completion_id, prepared.prompt_tokens, chat.options.logprobs)
         except BaseException:
             ticket.cancel()  # an error, or the handler was cancelled (client gone, server stopping)
             raise
+        finally:
+            watcher.cancel()
 
     def logprobs_content(self, chunk) -> list:
         """OpenAI's logprobs.content entries for one streamed chunk: none for EOS, which is not in the text."""
@@ -230,26 +276,10 @@ class ChatServer:
 
         return await asyncio.to_thread(fetch_and_probe)
 
-    async def next_event(self, ticket: Ticket, request: Request, watch: bool):
-        """The job's next event; with `watch`, also notice (every 0.25 s) a client that went away.
-
-        Watched from submission on: a queued request whose client has gone gives up its queue place at once
-        (rather than holding it, and counting toward 429s, until a worker reaches it)."""
-        last_poll = time.monotonic()
-        while True:
-            if watch and time.monotonic() - last_poll > 0.25:
-                last_poll = time.monotonic()
-                if await request.is_disconnected():
-                    ticket.cancel()
-            try:
-                return await asyncio.wait_for(ticket.next(), 0.25 if watch else None)
-            except asyncio.TimeoutError:
-                pass
-
-    async def whole_answer(self, ticket: Ticket, request: Request, completion_id: str,
+    async def whole_answer(self, ticket: Ticket, completion_id: str,
                            prompt_tokens: int, logprobs: int | None = None) -> JSONResponse:
         pieces, content, calls = [], [], []
-        while not isinstance(event := await self.next_event(ticket, request, watch=True), worker.Finished):
+        while not isinstance(event := await ticket.next(), worker.Finished):
             pieces.append(event.text)
             content += self.logprobs_content(event)
             calls += event.tool_calls or []
@@ -264,7 +294,7 @@ class ChatServer:
                          "finish_reason": event.finish_reason}],
             "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings})
 
-    async def sse_events(self, ticket: Ticket, request: Request, completion_id: str, prompt_tokens: int,
+    async def sse_events(self, ticket: Ticket, completion_id: str, prompt_tokens: int,
                          include_usage: bool, logprobs: int | None = None):
         """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event).
 
@@ -292,7 +322,7 @@ class ChatServer:
 
         try:
             yield event(choice({"role": "assistant", "content": ""}))
-            while not isinstance(item := await self.next_event(ticket, request, watch=False), worker.Finished):
+            while not isinstance(item := await ticket.next(), worker.Finished):
                 pending += self.logprobs_content(item)
                 if item.text:
                     yield event(choice({"content": item.text}))
@@ -365,6 +395,10 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     handlers = {error_type: starlette_error for error_type in (*ERRORS, HTTPException, Exception)}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = [] if not config.cors_origins else [  # CORS: none unless asked for (--cors-origin)
+        Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                   allow_headers=["Authorization", "Content-Type"])]
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.vlm, app.state.scheduler, app.state.config = vlm, scheduler, config
+    app.state.metrics = metrics.install(app, server)  # /metrics
     return app

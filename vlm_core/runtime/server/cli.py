@@ -17,6 +17,10 @@ from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
 REQUEST_LIMITS = (
     ("--max-queue", int, "requests that may wait for a worker (default {}); more get 429"),
     ("--timeout", float, "seconds a request may take, queueing included (default {:g})"),
+    ("--body-timeout", float, "seconds a request body may take to arrive once its headers have (default {:g}); "
+                              "later is a 408"),
+    ("--keep-alive-timeout", float, "seconds an idle connection is kept open between requests (default {:g})"),
+    ("--max-connections", int, "open connections at most, idle ones included (default {}); more get 503"),
     ("--max-body-mb", float, "largest request body in MiB (default {:g}: a video sent as a data: URL takes 4/3 of "
                              "its file size), and the most fetched for one remote image or video"),
     ("--max-images", int, "most images in one request (default {})"),
@@ -41,6 +45,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without --api-key (anyone who reaches the port can use it)")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let requests name http(s) image and video URLs, fetched by the server (off: data: URLs only)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=list(default("cors_origins")),
+                   metavar="ORIGIN", help="let pages from ORIGIN (https://app.example.com; repeatable; '*' for any) "
+                                          "call the API and read its answers (default: none, so a page on another "
+                                          "site cannot)")
     p.add_argument("--model-name", default=default("model_name"),
                    help="the model id clients use (default: the folder's name)")
     p.add_argument("--threads", type=int, default=default("threads"),
@@ -103,7 +111,9 @@ def main(argv=None, prog: str | None = None) -> int:
 def serve(app, config: ServeConfig, uvicorn) -> None:
     """Run uvicorn until stopped, printing the bound address once listening (with --port 0, the one picked)."""
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                           http="h11", ws="none", lifespan="on", timeout_graceful_shutdown=5))
+                                           http="h11", ws="none", lifespan="on", timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=config.keep_alive_timeout,
+                                           limit_concurrency=config.max_connections))
     original_startup = server.startup
 
     async def startup(sockets=None):

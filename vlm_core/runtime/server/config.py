@@ -17,6 +17,8 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     allow_remote_media: bool = False  # http(s) image and video URLs (--allow-remote-images is the old name)
+    # origins whose pages may read answers (CORS); none by default, so a page on another site cannot
+    cors_origins: tuple = ()
     threads: int | None = None
     parallel: int = 4  # sequences decoded together (measured on the 2B int4 shape: see README "Serving many")
     prefill_chunk: int = 128
@@ -24,6 +26,9 @@ class ServeConfig:
     batch_invariant: bool = False
     max_queue: int = 8
     timeout: float = 600.0
+    body_timeout: float = 30.0  # seconds for a request body to arrive once its headers have
+    keep_alive_timeout: float = 5.0  # an idle connection is closed after this (uvicorn's timeout_keep_alive)
+    max_connections: int = 64  # open connections at most (uvicorn's limit_concurrency); more get 503
     max_body_mb: float = 64.0  # a video as a data: URL is 4/3 of its file: clips of up to ~48 MB
     max_images: int = 8
     max_videos: int = 4
@@ -62,7 +67,7 @@ class ServeConfig:
         """Refuse settings that cannot work (UserError naming the flag); a public host needs an API key."""
         positive = {"parallel": self.parallel, "prefill-chunk": self.prefill_chunk, "max-images": self.max_images,
                     "max-videos": self.max_videos, "max-image-pixels": self.max_image_pixels,
-                    "default-max-tokens": self.default_max_tokens}
+                    "default-max-tokens": self.default_max_tokens, "max-connections": self.max_connections}
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1, got {value}")
@@ -77,10 +82,23 @@ class ServeConfig:
             raise UserError(f"--cache-mb must be 0 (no cache) or more, got {self.cache_mb:g}")
         if self.max_queue < 0:
             raise UserError(f"--max-queue must be 0 or more, got {self.max_queue}")
-        if not self.timeout > 0 or not self.max_body_mb > 0:
-            raise UserError("--timeout and --max-body-mb must be positive")
+        for flag in ("timeout", "max-body-mb", "body-timeout", "keep-alive-timeout"):
+            value = getattr(self, flag.replace("-", "_"))
+            if not 0 < value < float("inf"):
+                raise UserError(f"--{flag} must be a positive number of {'MiB' if 'mb' in flag else 'seconds'}, "
+                                f"got {value:g}")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
+        for origin in self.cors_origins:
+            scheme, _, rest = origin.partition("://")
+            if origin != "*" and not (scheme in ("http", "https") and rest and "/" not in rest):
+                raise UserError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] as a browser "
+                                f"sends it (https://app.example.com, no path or trailing slash), or '*'")
+        key = self.api_key
+        if key and not (key == key.strip() and key.isascii() and key.isprintable()):  # "   " matched no client
+            raise UserError("--api-key (or $VLM_API_KEY) must be printable ASCII, not blank and without leading or "
+                            "trailing spaces: clients send it in an 'Authorization: Bearer KEY' header, so such a "
+                            "key could never match")
         if not is_loopback(self.host) and not self.api_key and not self.insecure_no_auth:
             raise UserError(f"refusing to listen on {self.host!r} (reachable from other machines) without "
                             f"--api-key; give --api-key KEY, or --insecure-no-auth if you really mean it")

@@ -179,7 +179,13 @@ def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, lis
             raise ParameterError(f"{where}.function_call (the deprecated form) is not supported; use 'tool_calls'",
                                param=f"{where}.function_call", code="unsupported_parameter")
         extra = _tool_fields(message, role, where)
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise ParameterError(f"{where}.name must be a string, got {json.dumps(message['name'])[:40]}",
+                                 param=f"{where}.name")
         content = message.get("content")
+        if role == "user" and content in (None, "", []):
+            raise ParameterError(f"{where}.content is {json.dumps(content)}: a user message needs text, an image or "
+                                 f"a video", param=f"{where}.content")
         if content is None:
             content = ""
         if isinstance(content, str):
@@ -199,9 +205,10 @@ def _tool_fields(message: dict, role: str, where: str) -> dict:
     `tool_call_id`, checked; passed to the chat template as given."""
     if role == "tool":
         call_id = message.get("tool_call_id")
-        if call_id is not None and not isinstance(call_id, str):
-            raise ParameterError(f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id")
-        return {} if call_id is None else {"tool_call_id": call_id}
+        if not isinstance(call_id, str):
+            raise ParameterError(f"{where}.tool_call_id must be a string: the id of the assistant's tool call this "
+                                 f"message answers", param=f"{where}.tool_call_id")
+        return {"tool_call_id": call_id}
     calls = message.get("tool_calls")
     if not calls:
         return {}
@@ -290,21 +297,32 @@ def parse_chat_request(body, max_images: int, max_videos: int = 4,
     messages, images, videos = parse_messages(body.get("messages"), max_images, max_videos)
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
     stream_options = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
-    max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer", None)
-    if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", _is_int, "an integer", None)
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ParameterError(f"'stream_options.include_usage' must be true or false, got "
+                             f"{json.dumps(include_usage)[:40]}", param="stream_options.include_usage")
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise ParameterError("give 'max_completion_tokens' or 'max_tokens' (its older name), not both",
+                             param="max_tokens")
+    length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, length_field, _is_int, "an integer", None)
     min_tokens = _get(body, "min_tokens", _is_int, "an integer", 0)
     _refuse_unsupported(body)
     # an extension field: this request's tokens must not depend on its batch (None: the server's --batch-invariant)
     invariant = _get(body, "batch_invariant", lambda v: isinstance(v, bool), "true or false", None)
+    video = _parse_video_budget(body)
+    if video and not videos:
+        name = next(name for name, field in VIDEO_FIELDS.items() if field in video)
+        raise ParameterError(f"'{name}' is set but the request holds no video; leave it out, or add a video part",
+                             param=name)
     options = check_options(
         make_sampling(_parse_sampling(body), generation_defaults or {}), max_tokens, min_tokens,
         _parse_stop(body.get("stop")), _parse_logprobs(body), body.get("response_format"), body.get("tools"),
         body.get("tool_choice"),
         _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True),
-        batch_invariant=invariant, names=SERVER_NAMES)
-    return ChatRequest(messages=messages, images=images, videos=videos, video=_parse_video_budget(body),
-                       stream=stream, include_usage=bool(stream_options.get("include_usage", False)),
+        batch_invariant=invariant, names={**SERVER_NAMES, "max_new_tokens": length_field})
+    return ChatRequest(messages=messages, images=images, videos=videos, video=video,
+                       stream=stream, include_usage=include_usage,
                        model=_get(body, "model", lambda v: isinstance(v, str), "a string", None), options=options)
 
 
@@ -364,7 +382,7 @@ def _refuse_unsupported(body: dict) -> None:
 SAMPLING_FIELDS = {
     "temperature": (_is_number, "a number"),
     "top_p": (_is_number, "a number"),
-    "top_k": (lambda v: _is_int(v) and v >= -1, "an integer"),
+    "top_k": (_is_int, "an integer (0 or -1: off)"),
     "min_p": (_is_number, "a number"),
     "repetition_penalty": (_is_number, "a number"),
     "seed": (_is_int, "an integer"),
@@ -372,7 +390,7 @@ SAMPLING_FIELDS = {
 
 
 def _parse_sampling(body: dict) -> dict:
-    """The sampling fields the request gave (types checked; ranges are checked by make_sampling)."""
+    """The sampling fields the request gave (types checked; ranges are SamplingParams', checked by make_sampling)."""
     sampling = {}
     for name, (check, expected) in SAMPLING_FIELDS.items():
         value = _get(body, name, check, expected, None)
@@ -396,11 +414,8 @@ def make_sampling(explicit: dict, defaults: dict):
     values = {k: defaults[k] for k in names if k in defaults}
     values.update({k: explicit[k] for k in names if k in explicit})
     greedy = not wants_sampling or values.get("temperature", 1.0) == 0
-    seed = explicit.get("seed")
-    if seed is not None:
-        seed = seed % (2 ** 63)  # OpenAI allows any integer; the sampler wants a non-negative one
     try:
-        return SamplingParams(greedy=greedy, seed=seed, **values).validate()
+        return SamplingParams(greedy=greedy, seed=explicit.get("seed"), **values).validate()
     except ValueError as e:  # names the field, as a SamplingParams field or a CLI flag ("--top-p ...")
         param = getattr(e, "param", None) or str(e).split(" ", 1)[0].lstrip("-").replace("-", "_")
         raise ParameterError(str(e).replace("--", "", 1), param=param) from None

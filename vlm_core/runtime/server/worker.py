@@ -16,6 +16,7 @@ import dataclasses
 from typing import Iterator
 
 from vlm_core.errors import ContextLengthError, ParameterError, UserError
+from vlm_core.kernels.image import describe_source
 from vlm_core.models.media import UnsupportedMedia
 from vlm_core.runtime.output.result import ResultAccumulator, summarize_timings
 from vlm_core.runtime.server.images import EncodedImage, decode_image
@@ -77,9 +78,7 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
         raise ParameterError(str(e), param=request.videos[0].param if request.videos else "messages",
                              code="unsupported_media") from None
     except (UserError, ValueError) as e:  # an image the family cannot take, a template error: about the messages
-        param = getattr(e, "param", None)
-        raise ParameterError(str(e), param=param if param and param.startswith("messages") else "messages",
-                             code=getattr(e, "code", None)) from None
+        raise _about_the_messages(e, request, images) from None
     prompt_tokens = int(len(prompt.input_ids))
     options = dataclasses.replace(request.options, max_new_tokens=_max_tokens(vlm, request, prompt_tokens,
                                                                                default_max_tokens))
@@ -95,6 +94,20 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
     summary = summarize_timings(sequence.timings, 0.0)
     summary.pop("load_s", None)
     yield Finished(answer.finish_reason, answer.completion_tokens, summary, sequence.cached_tokens)
+
+
+def _about_the_messages(error: Exception, request: ChatRequest, images: list) -> ParameterError:
+    """A prompt-building error as a ParameterError about the messages: naming the image part it is about when
+    its message begins with that image's name (kernels.image.describe_source, ``<PIL image RGB 4000x2>: ...``)
+    and no other image has that name; else the messages field the error names, else ``messages``."""
+    message, param = str(error), getattr(error, "param", None)
+    if not (param and param.startswith("messages")):
+        param = "messages"
+    names = [describe_source(image) for image in images]
+    for name, source in zip(names, request.images):
+        if message.startswith(name + ": ") and names.count(name) == 1:
+            message, param = f"{source.param}: {message.removeprefix(name + ': ')}", source.param
+    return ParameterError(message, param=param, code=getattr(error, "code", None))
 
 
 def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo], video):
