@@ -548,8 +548,10 @@ def test_only_json_bodies_and_no_cors_by_default(server):
 
 @pytest.fixture(scope="module")
 def guarded(qwen_export):
-    """A server that allows one other origin, waits 2 s for a body and holds at most 8 connections."""
-    srv = Server(qwen_export, "--cors-origin", "http://app.example", "--body-timeout", "2", "--max-connections", "8")
+    """A server that allows one other origin, waits 2 s for a body, holds at most 8 connections and resizes each
+    image to at most 64 image tokens (--max-pixels 65536: 64 x 32 x 32)."""
+    srv = Server(qwen_export, "--cors-origin", "http://app.example", "--body-timeout", "2", "--max-connections", "8",
+                 "--max-pixels", "65536")
     yield srv
     srv.stop()
 
@@ -620,6 +622,39 @@ def test_max_connections_caps_open_connections(guarded):
     deadline = time.monotonic() + WAIT_S
     while (status := guarded.request("GET", "/health")[0]) != 200:
         assert time.monotonic() < deadline, f"still {status} after the idle connections closed"
+
+
+def test_image_budget_flags_and_fields(server, guarded):
+    """--max-pixels / --min-pixels and the request fields max_pixels / min_pixels bound each image's area after
+    resizing, as the CLI's flags do (64 image tokens here); a request may lower the server's --max-pixels only."""
+    def prompt_tokens(srv, **fields):
+        status, _, answer = srv.request("POST", "/v1/chat/completions",
+                                        {"messages": image_messages(IMAGE), "max_tokens": 1, **fields})
+        assert status == 200, (fields, answer)
+        return answer["usage"]["prompt_tokens"]
+
+    full, small = prompt_tokens(server), prompt_tokens(server, max_pixels=65536)
+    text_tokens = full - 100  # astronaut.jpg (320x320) is 10 x 10 image tokens of 32 x 32 pixels by default
+    assert small == text_tokens + 64 and prompt_tokens(guarded) == small, (full, small)
+    assert prompt_tokens(guarded, max_pixels=16384) == text_tokens + 16  # lowered by the request
+    assert prompt_tokens(server, min_pixels=512 * 512 * 4) == text_tokens + 1024  # min_pixels enlarges
+    cases = {
+        "not positive": (server, {"max_pixels": 0}, "max_pixels", "positive integer"),
+        "not an integer": (server, {"min_pixels": "lots"}, "min_pixels", "positive integer"),
+        "past the context": (server, {"max_pixels": 10 ** 12}, "max_pixels", "at most"),
+        "below one token": (server, {"max_pixels": 100}, "max_pixels", "at least 1024"),
+        "min above max": (server, {"min_pixels": 200_000, "max_pixels": 100_000}, "min_pixels", "larger than"),
+        "raising the server's": (guarded, {"max_pixels": 100_000}, "max_pixels", "--max-pixels (65536)"),
+        "min above the server's max": (guarded, {"min_pixels": 100_000}, "min_pixels", "larger than"),
+    }
+    for name, (srv, fields, param, says) in cases.items():
+        status, _, answer = srv.request("POST", "/v1/chat/completions",
+                                        {"messages": image_messages(IMAGE), "max_tokens": 1, **fields})
+        error = _error(answer)
+        assert status == 400 and error["param"] == param and says in error["message"], (name, error)
+    status, _, answer = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "max_pixels": 65536})
+    assert status == 400 and _error(answer)["param"] == "max_pixels" and "no image" in answer["error"]["message"]
 
 
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
@@ -796,6 +831,16 @@ def test_refuses_a_cors_origin_that_is_not_an_origin(qwen_export):
     out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--cors-origin",
                           "https://app.example/"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--cors-origin 'https://app.example/' is not an origin" in out.stderr, out.stderr
+
+
+def test_refuses_an_image_budget_that_cannot_work(qwen_export):
+    for flags, says in ((["--max-pixels", "0"], "--max-pixels must be a positive integer"),
+                        (["--min-pixels", "5000", "--max-pixels", "4096"], "--min-pixels (5000) is larger"),
+                        (["--max-pixels", "100"], "--max-pixels must be at least 1024"),  # the model's, once loaded
+                        (["--min-pixels", str(10 ** 12)], "--min-pixels must be at most")):
+        out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--threads", "1",
+                              *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, (flags, out.stderr)
 
 
 def test_refuses_a_blank_api_key_at_start(qwen_export):

@@ -57,6 +57,7 @@ log = logging.getLogger("vlm_core.runtime.server")
 # Bodies above this are parsed on a thread: a video data: URL is megabytes of JSON string.
 LARGE_BODY_BYTES = 1 << 20
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PIXEL_FLAGS = {"min_pixels": "--min-pixels", "max_pixels": "--max-pixels"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +217,8 @@ class ChatServer:
         else:
             body = schema.parse_json(body)
         chat = schema.parse_chat_request(body, self.config.max_images, self.config.max_videos,
-                                         self.vlm.generation_defaults)
+                                         self.vlm.generation_defaults, self.config.image_budget,
+                                         self.vlm.family.check_pixel_budget)
         del body  # the request's JSON, video data: URLs included, is not kept while the answer is generated
         if chat.model is not None and chat.model != self.model_name:
             raise NotFound(f"model {chat.model!r} is not served here; this server serves {self.model_name!r}",
@@ -376,6 +378,7 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
         vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
                                   prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,
                                   batch_invariant=config.batch_invariant)
+    vlm.family.check_pixel_budget(config.min_pixels, config.max_pixels, PIXEL_FLAGS)  # against the model's context
     # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own check (header size) comes first.
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     scheduler = Scheduler(config.workers, config.max_queue, config.timeout)

@@ -28,6 +28,11 @@ REQUEST_LIMITS = (
     ("--max-image-pixels", int, "most pixels (width x height) of an uploaded image or video frame, checked before "
                                 "decoding (default {:,})"),
 )
+IMAGE_BUDGET = (
+    ("--min-pixels", "each image's least area in pixels after resizing (default: the model's preprocessing)"),
+    ("--max-pixels", "each image's most area in pixels after resizing, so at most max_pixels / (patch x merge)^2 "
+                     "image tokens (default: the model's preprocessing); a request's max_pixels may only lower it"),
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -69,6 +74,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     for flag, kind, text in REQUEST_LIMITS:
         field = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, default=default(field), help=text.format(default(field)))
+    for flag, text in IMAGE_BUDGET:
+        p.add_argument(flag, type=int, default=default(flag[2:].replace("-", "_")), metavar="N", help=text)
     p.add_argument("--video-fps", type=float, default=default("video_fps"), metavar="FPS",
                    help="frames sampled per second of video when a request gives no video_fps (default: the "
                         "model's video_preprocessor_config.json)")

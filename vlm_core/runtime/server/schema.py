@@ -41,6 +41,8 @@ class VideoURL:
 
 # Request fields of the video budget -> models.media.VideoOptions fields.
 VIDEO_FIELDS = {"video_fps": "fps", "video_max_frames": "max_frames", "video_max_pixels": "max_pixels"}
+# Request fields of the image budget (each image's area after resizing; `vlm.prepare`'s arguments of the same names).
+PIXEL_FIELDS = ("min_pixels", "max_pixels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,9 @@ class ChatRequest:
     # the request's video budget: the VideoOptions fields it gave (fps, max_frames, max_pixels); the server's
     # --video-* defaults fill the others
     video: dict = dataclasses.field(default_factory=dict)
+    # the image budget in force: min_pixels / max_pixels, the request's over the server's --min/--max-pixels
+    # (absent: the model's own)
+    image_budget: dict = dataclasses.field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
@@ -285,11 +290,14 @@ SERVER_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", 
                 "batch_invariant": "batch_invariant"}
 
 
-def parse_chat_request(body, max_images: int, max_videos: int = 4,
-                       generation_defaults: dict | None = None) -> ChatRequest:
+def parse_chat_request(body, max_images: int, max_videos: int = 4, generation_defaults: dict | None = None,
+                       image_budget: dict | None = None, check_pixel_budget=None) -> ChatRequest:
     """A parsed JSON body -> ChatRequest, checked once: its `options` are the API's GenerationOptions (sampling
     over the model's generation_config `generation_defaults`), so nothing downstream checks them again; only
-    the grammar is compiled later, by the app (it needs the model). Refuses unsupported OpenAI fields by name."""
+    the grammar is compiled later, by the app (it needs the model). Refuses unsupported OpenAI fields by name.
+
+    `image_budget` is the server's ({"min_pixels", "max_pixels"}, from --min-pixels / --max-pixels), and
+    `check_pixel_budget(min_pixels, max_pixels)` the model family's check of the budget in force."""
     from vlm_core.runtime.request import check_options
 
     if not isinstance(body, dict):
@@ -315,13 +323,14 @@ def parse_chat_request(body, max_images: int, max_videos: int = 4,
         name = next(name for name, field in VIDEO_FIELDS.items() if field in video)
         raise ParameterError(f"'{name}' is set but the request holds no video; leave it out, or add a video part",
                              param=name)
+    pixels = _parse_image_budget(body, images, image_budget or {}, check_pixel_budget)
     options = check_options(
         make_sampling(_parse_sampling(body), generation_defaults or {}), max_tokens, min_tokens,
         _parse_stop(body.get("stop")), _parse_logprobs(body), body.get("response_format"), body.get("tools"),
         body.get("tool_choice"),
         _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True),
         batch_invariant=invariant, names={**SERVER_NAMES, "max_new_tokens": length_field})
-    return ChatRequest(messages=messages, images=images, videos=videos, video=video,
+    return ChatRequest(messages=messages, images=images, videos=videos, video=video, image_budget=pixels,
                        stream=stream, include_usage=include_usage,
                        model=_get(body, "model", lambda v: isinstance(v, str), "a string", None), options=options)
 
@@ -341,6 +350,27 @@ def _parse_video_budget(body: dict) -> dict:
         except ValueError as e:
             raise ParameterError(str(e), param=name) from None
         budget[field] = value if field == "fps" else int(value)
+    return budget
+
+
+def _parse_image_budget(body: dict, images: list, server: dict, check) -> dict:
+    """min_pixels / max_pixels (extensions, as the CLI's --min-pixels / --max-pixels: each image's area after
+    resizing) over the server's budget -> the budget in force. A request may lower the server's --max-pixels,
+    never raise it; `check` (the family's check_pixel_budget) refuses what the model cannot take."""
+    given = {name: _get(body, name, lambda v: _is_int(v) and v >= 1, "a positive integer", None)
+             for name in PIXEL_FIELDS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and not images:
+        name = next(iter(given))
+        raise ParameterError(f"'{name}' is set but the request holds no image; leave it out, or add an image part",
+                             param=name)
+    most = server.get("max_pixels")
+    if most is not None and given.get("max_pixels", 0) > most:
+        raise ParameterError(f"'max_pixels' may lower this server's --max-pixels ({most}), not raise it; got "
+                             f"{given['max_pixels']}", param="max_pixels")
+    budget = {name: value for name, value in {**server, **given}.items() if value is not None}
+    if given and check is not None:
+        check(budget.get("min_pixels"), budget.get("max_pixels"))
     return budget
 
 
