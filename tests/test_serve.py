@@ -657,6 +657,42 @@ def test_image_budget_flags_and_fields(server, guarded):
     assert status == 400 and _error(answer)["param"] == "max_pixels" and "no image" in answer["error"]["message"]
 
 
+def test_max_images_counts_the_new_turn(server):
+    """The page resends a conversation's earlier images with each turn: --max-images (8 here) bounds the images
+    after the last assistant message, so a 10th image in a conversation is answered; the conversation may hold
+    8 x --max-images in all."""
+    png = lambda i: "data:image/png;base64," + base64.b64encode(_png((8, 8 + i))).decode()  # noqa: E731
+
+    def conversation(turns: int, last: int = 1) -> list:
+        messages = []
+        for i in range(turns):
+            messages += [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png(i)}},
+                                                      {"type": "text", "text": "and this?"}]},
+                         {"role": "assistant", "content": "a picture"}]
+        return messages + [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png(turns + j)}}
+                                                         for j in range(last)] + [{"type": "text", "text": "this?"}]}]
+
+    status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": conversation(9), "max_tokens": 1})
+    assert status == 200, answer
+    status, _, answer = server.request("POST", "/v1/chat/completions",
+                                       {"messages": conversation(1, last=9), "max_tokens": 1})
+    error = _error(answer)
+    assert status == 400 and error["code"] == "too_many_images" and "9 in the new messages" in error["message"]
+    assert "--max-images" in error["message"], error
+    status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": conversation(64), "max_tokens": 1})
+    error = _error(answer)
+    assert status == 400 and "start a new conversation" in error["message"], error
+    assert error["param"] == "messages[128].content[0]", error  # the 65th image
+    # videos are counted the same way
+    from vlm_core.runtime.server import schema
+
+    clip = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    turns = [{"role": "user", "content": [clip]}, {"role": "assistant", "content": "a clip"}] * 5
+    assert len(schema.parse_chat_request({"messages": turns + [{"role": "user", "content": [clip]}]}, 8, 4).videos) == 6
+    with pytest.raises(schema.ParameterError, match="5 in the new messages, at most 4"):
+        schema.parse_chat_request({"messages": turns + [{"role": "user", "content": [clip] * 5}]}, 8, 4)
+
+
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
     """Lone surrogates (a JSON escape, or their UTF-8-like bytes) and invalid UTF-8 bytes are refused, not a 500."""
     text_part = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi TEXT"}]}], "max_tokens": 2}'

@@ -21,6 +21,8 @@ from vlm_core.errors import ParameterError, UserError
 MAX_STOP_STRINGS = 4
 MAX_JSON_DEPTH = 64  # a chat request needs 6; a response_format JSON schema a few more per nesting level
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+# --max-images / --max-videos bound a request's new turn; a whole conversation, resent, may hold this many times more
+HISTORY_MEDIA_FACTOR = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +168,19 @@ def _get(body: dict, name: str, check, expected: str, default=None):
 
 
 def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, list, list]:
-    """OpenAI messages -> (engine messages with image and video indices, [ImageURL], [VideoURL])."""
+    """OpenAI messages -> (engine messages with image and video indices, [ImageURL], [VideoURL]).
+
+    A chat client resends a conversation's earlier images and videos with each turn (the prefix and image-feature
+    caches hold their work), so `max_images` / `max_videos` bound the new turn, the messages after the last
+    assistant message, and the whole conversation may hold HISTORY_MEDIA_FACTOR times more."""
     if not isinstance(raw, list) or not raw:
         raise ParameterError("'messages' must be a non-empty list of message objects", param="messages")
     messages, images, videos = [], [], []
+    earlier = (0, 0)  # images and videos before the new turn
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            earlier = (len(images), len(videos))
         if not isinstance(message, dict):
             raise ParameterError(f"{where} must be an object with 'role' and 'content'", param=where)
         role = message.get("role")
@@ -199,9 +208,16 @@ def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, lis
         if not isinstance(content, list):
             raise ParameterError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
-        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images, videos, max_videos)
+        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, videos,
+                             HISTORY_MEDIA_FACTOR * max_images, HISTORY_MEDIA_FACTOR * max_videos)
                  for j, part in enumerate(content)]
         messages.append({"role": role, "content": parts, **extra})
+    for kind, items, before, most in (("image", images, earlier[0], max_images),
+                                      ("video", videos, earlier[1], max_videos)):
+        if len(items) - before > most:
+            raise ParameterError(f"too many {kind}s: {len(items) - before} in the new messages, at most {most} per "
+                                 f"request (--max-{kind}s); send fewer at once", param="messages",
+                                 code=f"too_many_{kind}s")
     return messages, images, videos
 
 
@@ -228,9 +244,9 @@ def _tool_fields(message: dict, role: str, where: str) -> dict:
     return {"tool_calls": calls}
 
 
-def _parse_part(part, where: str, role: str, images: list, max_images: int, videos: list, max_videos: int) -> dict:
+def _parse_part(part, where: str, role: str, images: list, videos: list, most_images: int, most_videos: int) -> dict:
     """One content part -> the engine's part; an image (video) part is appended to `images` (`videos`) and refers
-    to it by index."""
+    to it by index. A conversation may hold `most_images` (`most_videos`) in all."""
     if not isinstance(part, dict):
         raise ParameterError(f"{where} must be an object with a 'type'", param=where)
     kind = part.get("type")
@@ -246,17 +262,21 @@ def _parse_part(part, where: str, role: str, images: list, max_images: int, vide
         if not isinstance(url, str) or not url:
             raise ParameterError(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url")
         images.append(ImageURL(url, f"{where}.image_url"))
-        if len(images) > max_images:
-            raise ParameterError(f"too many images: at most {max_images} per request (--max-images)",
-                               param="messages", code="too_many_images")
+        if len(images) > most_images:
+            raise ParameterError(f"too many images: the conversation holds more than {most_images} "
+                                 f"({HISTORY_MEDIA_FACTOR} x --max-images); start a new conversation (the chat "
+                                 f"page's 'new chat')", param=where,
+                                 code="too_many_images")
         return {"type": "image", "image": len(images) - 1}
     if kind in ("video_url", "video"):
         if role != "user":
             raise ParameterError(f"{where}: videos are only accepted in user messages", param=where)
         videos.append(_video_url(part, kind, where))
-        if len(videos) > max_videos:
-            raise ParameterError(f"too many videos: at most {max_videos} per request (--max-videos)",
-                               param="messages", code="too_many_videos")
+        if len(videos) > most_videos:
+            raise ParameterError(f"too many videos: the conversation holds more than {most_videos} "
+                                 f"({HISTORY_MEDIA_FACTOR} x --max-videos); start a new conversation (the chat "
+                                 f"page's 'new chat')", param=where,
+                                 code="too_many_videos")
         return {"type": "video", "video": len(videos) - 1}
     raise ParameterError(f"{where}.type must be 'text', 'image_url', 'video_url' or 'video', got "
                        f"{json.dumps(kind)[:40]}", param=f"{where}.type")
