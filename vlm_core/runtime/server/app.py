@@ -40,6 +40,7 @@ from vlm_core.errors import (
     UnsupportedMediaType,
     UserError,
 )
+from vlm_core.kernels.video import MAX_FRAME_PIXELS
 from vlm_core.runtime.request import compile_grammar
 from vlm_core.runtime.server import images, metrics, schema, videos, worker
 from vlm_core.runtime.server.config import ServeConfig
@@ -379,8 +380,10 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
                                   prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,
                                   batch_invariant=config.batch_invariant)
     vlm.family.check_pixel_budget(config.min_pixels, config.max_pixels, PIXEL_FLAGS)  # against the model's context
-    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own check (header size) comes first.
-    Image.MAX_IMAGE_PIXELS = config.max_image_pixels
+    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that. Our own header checks (--max-image-pixels for
+    # images, MAX_FRAME_PIXELS for video frames) must come first, with their messages naming the size, so PIL's
+    # process-wide guard is never set below either.
+    Image.MAX_IMAGE_PIXELS = max(config.max_image_pixels, MAX_FRAME_PIXELS)
     scheduler = Scheduler(config.workers, config.max_queue, config.timeout)
     server = ChatServer(config, vlm, scheduler)
 
