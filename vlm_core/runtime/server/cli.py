@@ -10,6 +10,7 @@ import sys
 from vlm_core.command_name import command_name
 from vlm_core.errors import UserError
 from vlm_core.kernels.image import ImageError
+from vlm_core.runtime.cluster.launch import add_arguments as add_ray_arguments
 from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
 
 
@@ -88,6 +89,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         f"within the context)")
     p.add_argument("--log-level", default=default("log_level"),
                    choices=["critical", "error", "warning", "info", "debug"])
+    add_ray_arguments(p)  # --ray, --replicas, --ray-address, ... (runtime/cluster/launch.py)
     return p
 
 
@@ -99,6 +101,10 @@ def main(argv=None, prog: str | None = None) -> int:
         if not is_loopback(config.host) and not config.api_key:
             print(f"warning: listening on {config.host} with no API key: anyone who can reach this port can use "
                   f"the model", file=sys.stderr)
+        if args.ray:  # the same routes through Ray Serve, over --replicas model replicas
+            from vlm_core.runtime.cluster.launch import serve_on_ray
+
+            return serve_on_ray(config, args)
         try:
             import uvicorn
 
