@@ -262,24 +262,24 @@ def _parse_part(part, where: str, role: str, images: list, videos: list, most_im
         if not isinstance(url, str) or not url:
             raise ParameterError(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url")
         images.append(ImageURL(url, f"{where}.image_url"))
-        if len(images) > most_images:
-            raise ParameterError(f"too many images: the conversation holds more than {most_images} "
-                                 f"({HISTORY_MEDIA_FACTOR} x --max-images); start a new conversation (the chat "
-                                 f"page's 'new chat')", param=where,
-                                 code="too_many_images")
+        _check_history_count("image", len(images), most_images, where)
         return {"type": "image", "image": len(images) - 1}
     if kind in ("video_url", "video"):
         if role != "user":
             raise ParameterError(f"{where}: videos are only accepted in user messages", param=where)
         videos.append(_video_url(part, kind, where))
-        if len(videos) > most_videos:
-            raise ParameterError(f"too many videos: the conversation holds more than {most_videos} "
-                                 f"({HISTORY_MEDIA_FACTOR} x --max-videos); start a new conversation (the chat "
-                                 f"page's 'new chat')", param=where,
-                                 code="too_many_videos")
+        _check_history_count("video", len(videos), most_videos, where)
         return {"type": "video", "video": len(videos) - 1}
     raise ParameterError(f"{where}.type must be 'text', 'image_url', 'video_url' or 'video', got "
                        f"{json.dumps(kind)[:40]}", param=f"{where}.type")
+
+
+def _check_history_count(kind: str, count: int, most: int, where: str) -> None:
+    """Refuse the conversation's `count`-th image or video past `most` (HISTORY_MEDIA_FACTOR x the flag)."""
+    if count > most:
+        raise ParameterError(f"too many {kind}s: the conversation holds more than {most} ({HISTORY_MEDIA_FACTOR} x "
+                             f"--max-{kind}s); start a new conversation (the chat page's 'new chat')", param=where,
+                             code=f"too_many_{kind}s")
 
 
 def _video_url(part: dict, kind: str, where: str) -> VideoURL:
