@@ -247,7 +247,7 @@ def test_token_limits_and_stop_are_checked_naming_the_parameter(vlm):
 def test_sampling_params_errors_name_the_parameter():
     import pytest
 
-    with pytest.raises(ValueError, match=r"^temperature must be a finite number >= 0 \(0 = greedy\), got -1$"):
+    with pytest.raises(ValueError, match=r"^temperature must be a number from 0 to 2 \(0 = greedy\), got -1$"):
         SamplingParams(temperature=-1)
 
 

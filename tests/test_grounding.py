@@ -21,7 +21,8 @@ from vlm_core.kernels.grounding import (
 from vlm_core.kernels.image import open_image
 from vlm_core.models import get_family
 from vlm_core.runtime.generate import draw_answer_boxes, main
-from vlm_core.runtime.output.grounding import GroundingImage, grounded_image_index
+from vlm_core.runtime.output.grounding import GroundingImage
+from vlm_core.runtime.output.grounding import grounded_image_index as grounded_image_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "grounding_cases.json"), encoding="utf-8") as f:
@@ -151,6 +152,11 @@ def test_cli_refuses_draw_boxes_for_a_family_without_grounding(tmp_path, capsys,
 
 
 def test_grounded_image_is_the_first_of_the_last_user_turn_with_images():
+    from vlm_core.runtime.chat.messages import normalize_messages
+
+    def grounded_image_index(messages):  # of the messages as the facade has them: normalised once
+        return grounded_image_at(normalize_messages(messages)[0])
+
     image = {"type": "image", "image": "x.png"}
     text = {"type": "text", "text": "Locate it."}
     one_turn = [{"role": "user", "content": [image, dict(image), text]}]

@@ -548,8 +548,10 @@ def test_only_json_bodies_and_no_cors_by_default(server):
 
 @pytest.fixture(scope="module")
 def guarded(qwen_export):
-    """A server that allows one other origin, waits 2 s for a body and holds at most 8 connections."""
-    srv = Server(qwen_export, "--cors-origin", "http://app.example", "--body-timeout", "2", "--max-connections", "8")
+    """A server that allows one other origin, waits 2 s for a body, holds at most 8 connections and resizes each
+    image to at most 64 image tokens (--max-pixels 65536: 64 x 32 x 32)."""
+    srv = Server(qwen_export, "--cors-origin", "http://app.example", "--body-timeout", "2", "--max-connections", "8",
+                 "--max-pixels", "65536")
     yield srv
     srv.stop()
 
@@ -620,6 +622,75 @@ def test_max_connections_caps_open_connections(guarded):
     deadline = time.monotonic() + WAIT_S
     while (status := guarded.request("GET", "/health")[0]) != 200:
         assert time.monotonic() < deadline, f"still {status} after the idle connections closed"
+
+
+def test_image_budget_flags_and_fields(server, guarded):
+    """--max-pixels / --min-pixels and the request fields max_pixels / min_pixels bound each image's area after
+    resizing, as the CLI's flags do (64 image tokens here); a request may lower the server's --max-pixels only."""
+    def prompt_tokens(srv, **fields):
+        status, _, answer = srv.request("POST", "/v1/chat/completions",
+                                        {"messages": image_messages(IMAGE), "max_tokens": 1, **fields})
+        assert status == 200, (fields, answer)
+        return answer["usage"]["prompt_tokens"]
+
+    full, small = prompt_tokens(server), prompt_tokens(server, max_pixels=65536)
+    text_tokens = full - 100  # astronaut.jpg (320x320) is 10 x 10 image tokens of 32 x 32 pixels by default
+    assert small == text_tokens + 64 and prompt_tokens(guarded) == small, (full, small)
+    assert prompt_tokens(guarded, max_pixels=16384) == text_tokens + 16  # lowered by the request
+    assert prompt_tokens(server, min_pixels=512 * 512 * 4) == text_tokens + 1024  # min_pixels enlarges
+    cases = {
+        "not positive": (server, {"max_pixels": 0}, "max_pixels", "positive integer"),
+        "not an integer": (server, {"min_pixels": "lots"}, "min_pixels", "positive integer"),
+        "past the context": (server, {"max_pixels": 10 ** 12}, "max_pixels", "at most"),
+        "below one token": (server, {"max_pixels": 100}, "max_pixels", "at least 1024"),
+        "min above max": (server, {"min_pixels": 200_000, "max_pixels": 100_000}, "min_pixels", "larger than"),
+        "raising the server's": (guarded, {"max_pixels": 100_000}, "max_pixels", "--max-pixels (65536)"),
+        "min above the server's max": (guarded, {"min_pixels": 100_000}, "min_pixels", "larger than"),
+    }
+    for name, (srv, fields, param, says) in cases.items():
+        status, _, answer = srv.request("POST", "/v1/chat/completions",
+                                        {"messages": image_messages(IMAGE), "max_tokens": 1, **fields})
+        error = _error(answer)
+        assert status == 400 and error["param"] == param and says in error["message"], (name, error)
+    status, _, answer = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "max_pixels": 65536})
+    assert status == 400 and _error(answer)["param"] == "max_pixels" and "no image" in answer["error"]["message"]
+
+
+def test_max_images_counts_the_new_turn(server):
+    """The page resends a conversation's earlier images with each turn: --max-images (8 here) bounds the images
+    after the last assistant message, so a 10th image in a conversation is answered; the conversation may hold
+    8 x --max-images in all."""
+    png = lambda i: "data:image/png;base64," + base64.b64encode(_png((8, 8 + i))).decode()
+
+    def conversation(turns: int, last: int = 1) -> list:
+        messages = []
+        for i in range(turns):
+            messages += [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png(i)}},
+                                                      {"type": "text", "text": "and this?"}]},
+                         {"role": "assistant", "content": "a picture"}]
+        return messages + [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png(turns + j)}}
+                                                         for j in range(last)] + [{"type": "text", "text": "this?"}]}]
+
+    status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": conversation(9), "max_tokens": 1})
+    assert status == 200, answer
+    status, _, answer = server.request("POST", "/v1/chat/completions",
+                                       {"messages": conversation(1, last=9), "max_tokens": 1})
+    error = _error(answer)
+    assert status == 400 and error["code"] == "too_many_images" and "9 in the new messages" in error["message"]
+    assert "--max-images" in error["message"], error
+    status, _, answer = server.request("POST", "/v1/chat/completions", {"messages": conversation(64), "max_tokens": 1})
+    error = _error(answer)
+    assert status == 400 and "start a new conversation" in error["message"], error
+    assert error["param"] == "messages[128].content[0]", error  # the 65th image
+    # videos are counted the same way
+    from vlm_core.runtime.server import schema
+
+    clip = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    turns = [{"role": "user", "content": [clip]}, {"role": "assistant", "content": "a clip"}] * 5
+    assert len(schema.parse_chat_request({"messages": turns + [{"role": "user", "content": [clip]}]}, 8, 4).videos) == 6
+    with pytest.raises(schema.ParameterError, match="5 in the new messages, at most 4"):
+        schema.parse_chat_request({"messages": turns + [{"role": "user", "content": [clip] * 5}]}, 8, 4)
 
 
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(server):
@@ -794,14 +865,25 @@ def test_refuses_public_host_without_key(qwen_export):
 
 def test_refuses_a_cors_origin_that_is_not_an_origin(qwen_export):
     out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--cors-origin",
-                          "https://app.example/"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          "https://app.example/"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=False)
     assert out.returncode == 2 and "--cors-origin 'https://app.example/' is not an origin" in out.stderr, out.stderr
+
+
+def test_refuses_an_image_budget_that_cannot_work(qwen_export):
+    for flags, says in ((["--max-pixels", "0"], "--max-pixels must be a positive integer"),
+                        (["--min-pixels", "5000", "--max-pixels", "4096"], "--min-pixels (5000) is larger"),
+                        (["--max-pixels", "100"], "--max-pixels must be at least 1024"),  # the model's, once loaded
+                        (["--min-pixels", str(10 ** 12)], "--min-pixels must be at most")):
+        out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--threads", "1",
+                              *flags], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, (flags, out.stderr)
 
 
 def test_refuses_a_blank_api_key_at_start(qwen_export):
     """A key of spaces (or one a header cannot carry) would refuse every client: refused before the model loads."""
     for key in ("   ", " sekrit", "tab\tkey"):
         out = subprocess.run([sys.executable, "-m", "vlm_core.runtime.server", "-m", qwen_export, "--api-key", key],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 2 and "--api-key" in out.stderr and "Traceback" not in out.stderr, (key, out.stderr)
         assert not key.strip() or key.strip() not in out.stderr  # the key itself is not printed

@@ -137,12 +137,16 @@ class VisionLanguageModel:
 
         `tools` (OpenAI function tools) are passed to the chat template as given, as transformers'
         ``apply_chat_template(tools=...)`` does."""
+        template_messages, images = normalize_messages(messages)
+        return self._render(template_messages, tools), images
+
+    def _render(self, template_messages: list, tools: list | None) -> str:
+        """Normalised messages -> the prompt text (the chat template rendered as transformers does)."""
         if self.chat_template is None:
             raise ModelFolderError(f"{self.folder!r} has no chat template; pass token ids instead")
-        template_messages, images = normalize_messages(messages)
         variables = self.manifest.get("template_variables", {})
         return render_chat(self.chat_template, template_messages, add_generation_prompt=True, tools=tools or None,
-                           **variables), images
+                           **variables)
 
     def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None,
                 tools: list | None = None, video: VideoOptions | None = None, max_new_tokens: int = 0):
@@ -152,7 +156,8 @@ class VisionLanguageModel:
         `min_pixels` / `max_pixels` bound each image; `video` (VideoOptions: fps, max_frames, max_pixels)
         each clip. Clips are probed before any frame is decoded: ones that cannot fit the context with
         `max_new_tokens` are refused then (VideoError)."""
-        text, sources = self.render(messages, tools)
+        template_messages, sources = normalize_messages(messages)  # the one normalisation of these messages
+        text = self._render(template_messages, tools)
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
             sources = [_fetch_if_remote(source) for source in sources]
         media = None
@@ -165,7 +170,8 @@ class VisionLanguageModel:
         else:
             prompt = self.family.prepare(input_ids, media.pixel_values, media.grid_thw, media.kinds)
         if self.family.grounding_scale:  # the image an answer's boxes refer to
-            prompt.grounding_image = grounding_image(messages, [s for s in sources if not isinstance(s, VideoPart)])
+            prompt.grounding_image = grounding_image(template_messages,
+                                                     [s for s in sources if not isinstance(s, VideoPart)])
         return prompt
 
     # --- generation ---------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vlm_core.kernels.grounding import grounding_boxes, image_size_as_seen
-from vlm_core.runtime.chat.messages import normalize_messages
 
 
 class GroundingImage(NamedTuple):
@@ -24,10 +23,10 @@ class GroundingImage(NamedTuple):
     height: int
 
 
-def grounded_image_index(messages) -> int | None:
+def grounded_image_index(template_messages: list) -> int | None:
     """Index (among all the conversation's images, in order) of the first image of the last user message
-    holding images; None when no user message holds one."""
-    template_messages, _ = normalize_messages(messages)
+    holding images; None when no user message holds one. `template_messages` are normalised
+    (chat/messages.py's `normalize_messages`), as the facade has them once it has prepared a prompt."""
     index, chosen = 0, None
     for message in template_messages:
         parts = message.get("content")
@@ -38,13 +37,13 @@ def grounded_image_index(messages) -> int | None:
     return chosen
 
 
-def grounding_image(messages, images: list) -> GroundingImage | None:
+def grounding_image(template_messages: list, images: list) -> GroundingImage | None:
     """The GroundingImage of a conversation whose image sources (in order) are `images`; None without images.
 
     Reads one image header (the images were just decoded for the model, so this cannot fail where they did not)."""
     if not images:
         return None
-    index = grounded_image_index(messages)
+    index = grounded_image_index(template_messages)
     if index is None:
         return None
     width, height = image_size_as_seen(images[index])

@@ -40,6 +40,7 @@ from vlm_core.errors import (
     UnsupportedMediaType,
     UserError,
 )
+from vlm_core.kernels.video import MAX_FRAME_PIXELS
 from vlm_core.runtime.request import compile_grammar
 from vlm_core.runtime.server import images, metrics, schema, videos, worker
 from vlm_core.runtime.server.config import ServeConfig
@@ -57,6 +58,7 @@ log = logging.getLogger("vlm_core.runtime.server")
 # Bodies above this are parsed on a thread: a video data: URL is megabytes of JSON string.
 LARGE_BODY_BYTES = 1 << 20
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PIXEL_FLAGS = {"min_pixels": "--min-pixels", "max_pixels": "--max-pixels"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +218,8 @@ class ChatServer:
         else:
             body = schema.parse_json(body)
         chat = schema.parse_chat_request(body, self.config.max_images, self.config.max_videos,
-                                         self.vlm.generation_defaults)
+                                         self.vlm.generation_defaults, self.config.image_budget,
+                                         self.vlm.family.check_pixel_budget)
         del body  # the request's JSON, video data: URLs included, is not kept while the answer is generated
         if chat.model is not None and chat.model != self.model_name:
             raise NotFound(f"model {chat.model!r} is not served here; this server serves {self.model_name!r}",
@@ -376,8 +379,11 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
         vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
                                   prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,
                                   batch_invariant=config.batch_invariant)
-    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own check (header size) comes first.
-    Image.MAX_IMAGE_PIXELS = config.max_image_pixels
+    vlm.family.check_pixel_budget(config.min_pixels, config.max_pixels, PIXEL_FLAGS)  # against the model's context
+    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that. Our own header checks (--max-image-pixels for
+    # images, MAX_FRAME_PIXELS for video frames) must come first, with their messages naming the size, so PIL's
+    # process-wide guard is never set below either.
+    Image.MAX_IMAGE_PIXELS = max(config.max_image_pixels, MAX_FRAME_PIXELS)
     scheduler = Scheduler(config.workers, config.max_queue, config.timeout)
     server = ChatServer(config, vlm, scheduler)
 

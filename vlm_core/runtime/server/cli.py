@@ -10,6 +10,7 @@ import sys
 from vlm_core.command_name import command_name
 from vlm_core.errors import UserError
 from vlm_core.kernels.image import ImageError
+from vlm_core.runtime.cluster.launch import add_arguments as add_ray_arguments
 from vlm_core.runtime.server.config import ServeConfig, default, is_loopback
 
 
@@ -27,6 +28,11 @@ REQUEST_LIMITS = (
     ("--max-videos", int, "most videos in one request (default {})"),
     ("--max-image-pixels", int, "most pixels (width x height) of an uploaded image or video frame, checked before "
                                 "decoding (default {:,})"),
+)
+IMAGE_BUDGET = (
+    ("--min-pixels", "each image's least area in pixels after resizing (default: the model's preprocessing)"),
+    ("--max-pixels", "each image's most area in pixels after resizing, so at most max_pixels / (patch x merge)^2 "
+                     "image tokens (default: the model's preprocessing); a request's max_pixels may only lower it"),
 )
 
 
@@ -69,6 +75,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     for flag, kind, text in REQUEST_LIMITS:
         field = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, default=default(field), help=text.format(default(field)))
+    for flag, text in IMAGE_BUDGET:
+        p.add_argument(flag, type=int, default=default(flag[2:].replace("-", "_")), metavar="N", help=text)
     p.add_argument("--video-fps", type=float, default=default("video_fps"), metavar="FPS",
                    help="frames sampled per second of video when a request gives no video_fps (default: the "
                         "model's video_preprocessor_config.json)")
@@ -81,6 +89,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         f"within the context)")
     p.add_argument("--log-level", default=default("log_level"),
                    choices=["critical", "error", "warning", "info", "debug"])
+    add_ray_arguments(p)  # --ray, --replicas, --ray-address, ... (runtime/cluster/launch.py)
     return p
 
 
@@ -92,6 +101,10 @@ def main(argv=None, prog: str | None = None) -> int:
         if not is_loopback(config.host) and not config.api_key:
             print(f"warning: listening on {config.host} with no API key: anyone who can reach this port can use "
                   f"the model", file=sys.stderr)
+        if args.ray:  # the same routes through Ray Serve, over --replicas model replicas
+            from vlm_core.runtime.cluster.launch import serve_on_ray
+
+            return serve_on_ray(config, args)
         try:
             import uvicorn
 

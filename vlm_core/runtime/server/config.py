@@ -33,6 +33,9 @@ class ServeConfig:
     max_images: int = 8
     max_videos: int = 4
     max_image_pixels: int = 40_000_000  # also each video frame's, checked from the container before decoding
+    # each image's area after resizing (the CLI's --min-pixels / --max-pixels); None: the model's preprocessing
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     # the video budget when a request gives none (video_fps, ...); None: the model's video_preprocessor_config.json
     video_fps: float | None = None
     video_max_frames: int | None = None
@@ -59,6 +62,11 @@ class ServeConfig:
         return VideoOptions(self.video_fps, self.video_max_frames, self.video_max_pixels)
 
     @property
+    def image_budget(self) -> dict:
+        """The server's image budget, {"min_pixels", "max_pixels"} as given (requests may lower max_pixels)."""
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+
+    @property
     def name(self) -> str:
         """The model id clients use."""
         return self.model_name or os.path.basename(os.path.normpath(self.model))
@@ -76,6 +84,12 @@ class ServeConfig:
                                       "max_pixels": "--video-max-pixels"})
         except ValueError as e:
             raise UserError(str(e)) from None
+        for flag in ("min-pixels", "max-pixels"):  # their upper bounds depend on the model (create_app checks them)
+            value = getattr(self, flag.replace("-", "_"))
+            if value is not None and value < 1:
+                raise UserError(f"--{flag} must be a positive integer, got {value}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise UserError(f"--min-pixels ({self.min_pixels}) is larger than --max-pixels ({self.max_pixels})")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.cache_mb < 0:

@@ -21,6 +21,8 @@ from vlm_core.errors import ParameterError, UserError
 MAX_STOP_STRINGS = 4
 MAX_JSON_DEPTH = 64  # a chat request needs 6; a response_format JSON schema a few more per nesting level
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+# --max-images / --max-videos bound a request's new turn; a whole conversation, resent, may hold this many times more
+HISTORY_MEDIA_FACTOR = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,8 @@ class VideoURL:
 
 # Request fields of the video budget -> models.media.VideoOptions fields.
 VIDEO_FIELDS = {"video_fps": "fps", "video_max_frames": "max_frames", "video_max_pixels": "max_pixels"}
+# Request fields of the image budget (each image's area after resizing; `vlm.prepare`'s arguments of the same names).
+PIXEL_FIELDS = ("min_pixels", "max_pixels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,9 @@ class ChatRequest:
     # the request's video budget: the VideoOptions fields it gave (fps, max_frames, max_pixels); the server's
     # --video-* defaults fill the others
     video: dict = dataclasses.field(default_factory=dict)
+    # the image budget in force: min_pixels / max_pixels, the request's over the server's --min/--max-pixels
+    # (absent: the model's own)
+    image_budget: dict = dataclasses.field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
@@ -161,12 +168,19 @@ def _get(body: dict, name: str, check, expected: str, default=None):
 
 
 def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, list, list]:
-    """OpenAI messages -> (engine messages with image and video indices, [ImageURL], [VideoURL])."""
+    """OpenAI messages -> (engine messages with image and video indices, [ImageURL], [VideoURL]).
+
+    A chat client resends a conversation's earlier images and videos with each turn (the prefix and image-feature
+    caches hold their work), so `max_images` / `max_videos` bound the new turn, the messages after the last
+    assistant message, and the whole conversation may hold HISTORY_MEDIA_FACTOR times more."""
     if not isinstance(raw, list) or not raw:
         raise ParameterError("'messages' must be a non-empty list of message objects", param="messages")
     messages, images, videos = [], [], []
+    earlier = (0, 0)  # images and videos before the new turn
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            earlier = (len(images), len(videos))
         if not isinstance(message, dict):
             raise ParameterError(f"{where} must be an object with 'role' and 'content'", param=where)
         role = message.get("role")
@@ -194,9 +208,16 @@ def parse_messages(raw, max_images: int, max_videos: int = 4) -> tuple[list, lis
         if not isinstance(content, list):
             raise ParameterError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
-        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, max_images, videos, max_videos)
+        parts = [_parse_part(part, f"{where}.content[{j}]", role, images, videos,
+                             HISTORY_MEDIA_FACTOR * max_images, HISTORY_MEDIA_FACTOR * max_videos)
                  for j, part in enumerate(content)]
         messages.append({"role": role, "content": parts, **extra})
+    for kind, items, before, most in (("image", images, earlier[0], max_images),
+                                      ("video", videos, earlier[1], max_videos)):
+        if len(items) - before > most:
+            raise ParameterError(f"too many {kind}s: {len(items) - before} in the new messages, at most {most} per "
+                                 f"request (--max-{kind}s); send fewer at once", param="messages",
+                                 code=f"too_many_{kind}s")
     return messages, images, videos
 
 
@@ -223,9 +244,9 @@ def _tool_fields(message: dict, role: str, where: str) -> dict:
     return {"tool_calls": calls}
 
 
-def _parse_part(part, where: str, role: str, images: list, max_images: int, videos: list, max_videos: int) -> dict:
+def _parse_part(part, where: str, role: str, images: list, videos: list, most_images: int, most_videos: int) -> dict:
     """One content part -> the engine's part; an image (video) part is appended to `images` (`videos`) and refers
-    to it by index."""
+    to it by index. A conversation may hold `most_images` (`most_videos`) in all."""
     if not isinstance(part, dict):
         raise ParameterError(f"{where} must be an object with a 'type'", param=where)
     kind = part.get("type")
@@ -241,20 +262,24 @@ def _parse_part(part, where: str, role: str, images: list, max_images: int, vide
         if not isinstance(url, str) or not url:
             raise ParameterError(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url")
         images.append(ImageURL(url, f"{where}.image_url"))
-        if len(images) > max_images:
-            raise ParameterError(f"too many images: at most {max_images} per request (--max-images)",
-                               param="messages", code="too_many_images")
+        _check_history_count("image", len(images), most_images, where)
         return {"type": "image", "image": len(images) - 1}
     if kind in ("video_url", "video"):
         if role != "user":
             raise ParameterError(f"{where}: videos are only accepted in user messages", param=where)
         videos.append(_video_url(part, kind, where))
-        if len(videos) > max_videos:
-            raise ParameterError(f"too many videos: at most {max_videos} per request (--max-videos)",
-                               param="messages", code="too_many_videos")
+        _check_history_count("video", len(videos), most_videos, where)
         return {"type": "video", "video": len(videos) - 1}
     raise ParameterError(f"{where}.type must be 'text', 'image_url', 'video_url' or 'video', got "
                        f"{json.dumps(kind)[:40]}", param=f"{where}.type")
+
+
+def _check_history_count(kind: str, count: int, most: int, where: str) -> None:
+    """Refuse the conversation's `count`-th image or video past `most` (HISTORY_MEDIA_FACTOR x the flag)."""
+    if count > most:
+        raise ParameterError(f"too many {kind}s: the conversation holds more than {most} ({HISTORY_MEDIA_FACTOR} x "
+                             f"--max-{kind}s); start a new conversation (the chat page's 'new chat')", param=where,
+                             code=f"too_many_{kind}s")
 
 
 def _video_url(part: dict, kind: str, where: str) -> VideoURL:
@@ -285,11 +310,14 @@ SERVER_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", 
                 "batch_invariant": "batch_invariant"}
 
 
-def parse_chat_request(body, max_images: int, max_videos: int = 4,
-                       generation_defaults: dict | None = None) -> ChatRequest:
+def parse_chat_request(body, max_images: int, max_videos: int = 4, generation_defaults: dict | None = None,
+                       image_budget: dict | None = None, check_pixel_budget=None) -> ChatRequest:
     """A parsed JSON body -> ChatRequest, checked once: its `options` are the API's GenerationOptions (sampling
     over the model's generation_config `generation_defaults`), so nothing downstream checks them again; only
-    the grammar is compiled later, by the app (it needs the model). Refuses unsupported OpenAI fields by name."""
+    the grammar is compiled later, by the app (it needs the model). Refuses unsupported OpenAI fields by name.
+
+    `image_budget` is the server's ({"min_pixels", "max_pixels"}, from --min-pixels / --max-pixels), and
+    `check_pixel_budget(min_pixels, max_pixels)` the model family's check of the budget in force."""
     from vlm_core.runtime.request import check_options
 
     if not isinstance(body, dict):
@@ -315,13 +343,14 @@ def parse_chat_request(body, max_images: int, max_videos: int = 4,
         name = next(name for name, field in VIDEO_FIELDS.items() if field in video)
         raise ParameterError(f"'{name}' is set but the request holds no video; leave it out, or add a video part",
                              param=name)
+    pixels = _parse_image_budget(body, images, image_budget or {}, check_pixel_budget)
     options = check_options(
         make_sampling(_parse_sampling(body), generation_defaults or {}), max_tokens, min_tokens,
         _parse_stop(body.get("stop")), _parse_logprobs(body), body.get("response_format"), body.get("tools"),
         body.get("tool_choice"),
         _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True),
         batch_invariant=invariant, names={**SERVER_NAMES, "max_new_tokens": length_field})
-    return ChatRequest(messages=messages, images=images, videos=videos, video=video,
+    return ChatRequest(messages=messages, images=images, videos=videos, video=video, image_budget=pixels,
                        stream=stream, include_usage=include_usage,
                        model=_get(body, "model", lambda v: isinstance(v, str), "a string", None), options=options)
 
@@ -341,6 +370,27 @@ def _parse_video_budget(body: dict) -> dict:
         except ValueError as e:
             raise ParameterError(str(e), param=name) from None
         budget[field] = value if field == "fps" else int(value)
+    return budget
+
+
+def _parse_image_budget(body: dict, images: list, server: dict, check) -> dict:
+    """min_pixels / max_pixels (extensions, as the CLI's --min-pixels / --max-pixels: each image's area after
+    resizing) over the server's budget -> the budget in force. A request may lower the server's --max-pixels,
+    never raise it; `check` (the family's check_pixel_budget) refuses what the model cannot take."""
+    given = {name: _get(body, name, lambda v: _is_int(v) and v >= 1, "a positive integer", None)
+             for name in PIXEL_FIELDS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and not images:
+        name = next(iter(given))
+        raise ParameterError(f"'{name}' is set but the request holds no image; leave it out, or add an image part",
+                             param=name)
+    most = server.get("max_pixels")
+    if most is not None and given.get("max_pixels", 0) > most:
+        raise ParameterError(f"'max_pixels' may lower this server's --max-pixels ({most}), not raise it; got "
+                             f"{given['max_pixels']}", param="max_pixels")
+    budget = {name: value for name, value in {**server, **given}.items() if value is not None}
+    if given and check is not None:
+        check(budget.get("min_pixels"), budget.get("max_pixels"))
     return budget
 
 

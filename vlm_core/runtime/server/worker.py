@@ -117,9 +117,9 @@ def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo]
     messages = request.engine_messages(images, [v.data for v in videos])
     tools = request.options.tools
     if not videos:
-        return vlm.prepare(messages, tools=tools)
+        return vlm.prepare(messages, tools=tools, **request.image_budget)
     with as_request_error(list(videos)):
-        return vlm.prepare(messages, tools=tools, video=video,
+        return vlm.prepare(messages, tools=tools, video=video, **request.image_budget,
                            max_new_tokens=request.options.max_new_tokens or max(request.options.min_new_tokens, 1))
 
 
@@ -140,6 +140,6 @@ def _max_tokens(vlm, request: ChatRequest, prompt_tokens: int, default_max_token
         raise ParameterError(
             f"this model's context is {vlm.max_context} tokens; the messages take {prompt_tokens} tokens and "
             f"max_tokens is {max_tokens}: together {prompt_tokens + max_tokens}. Shorten the messages, send "
-            f"fewer or smaller images{media}, or lower max_tokens", param="messages",
+            f"fewer or smaller images (max_pixels){media}, or lower max_tokens", param="messages",
             code="context_length_exceeded") from None
     return max_tokens
