@@ -88,10 +88,13 @@ class VLMIngress:
         return parts()
 
     def routers(self) -> list:
-        """(class name, deployment, replicas, decisions) of the request routers in this process (diagnostics)."""
+        """The request routers of this process (diagnostics, benchmarks): deployment, replicas, decisions by
+        reason, and the mean time `choose` took per decision in microseconds."""
         from vlm_core.runtime.cluster.router import ROUTERS
 
-        return [(type(r).__name__, r.deployment_name, r.replica_ids(), dict(r.decisions)) for r in list(ROUTERS)]
+        return [{"deployment": r.deployment_name, "replicas": r.replica_ids(), "decisions": dict(r.decisions),
+                 "choose_us": round(r.decision_seconds / max(sum(r.decisions.values()), 1) * 1e6, 1)}
+                for r in list(ROUTERS)]
 
     async def replicas(self) -> list:
         """The model replicas the router knows; the first call sends one request so that a router exists."""

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server and a chat page for one exported model (`python -m vlm_core.runtime.server -m OUT`).
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events with ``"stream": true``),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and the chat page at ``/``
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` and the chat page at ``/``
 (plain HTML + JS + CSS from runtime/server/static/, nothing from a CDN).
 
 Needs the optional ``serve`` extra (Starlette + uvicorn); the runtime itself stays numpy, onnxruntime,
@@ -23,6 +23,9 @@ The request path, one idea per module:
 * ``app.py``: the Starlette routes; one table maps error types to HTTP statuses and OpenAI's error
   shape ``{"error": {"message", "type", "param", "code"}}``.
 * ``config.py`` / ``cli.py``: ServeConfig (every default, once) and the command line.
+* ``metrics.py``: ``GET /metrics`` in Prometheus' format under vLLM's names (the 'metrics' extra).
+* ``asgi_call.py``: one request to the app in-process, no socket (vlm-batch and the Ray replicas answer
+  through it, so their answers are the server's).
 
 Auth: with ``--api-key KEY`` every ``/v1/`` route needs ``Authorization: Bearer KEY`` (constant-time
 compare); ``/`` and ``/health`` stay open (the page asks for the key and keeps it in the browser). A
