@@ -21,7 +21,13 @@ from vlm_core.runtime.checks import check_text
 from vlm_core.runtime.engine.onnx_sessions import check_threads
 from vlm_core.runtime.output.grounding import answer_boxes
 from vlm_core.runtime.output.result import ResultAccumulator, summarize_timings
-from vlm_core.runtime.request import GenerationOptions, check_options, compile_grammar
+from vlm_core.runtime.request import (
+    SAMPLING_FIELDS,
+    GenerationOptions,
+    check_options,
+    compile_grammar,
+    sampling_over_defaults,
+)
 
 # The generation parameters as this command's user writes them (errors name the flags).
 CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens", "stop": "--stop",
@@ -179,13 +185,9 @@ def check_prompt(text: str, args) -> None:
 def sampling_from_args(args, defaults: dict) -> SamplingParams:
     """Flags over the model's generation_config defaults; --greedy wins. A value out of range is a
     UserError naming its flag (`--temperature`), not the SamplingParams field."""
-    explicit = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-                if getattr(args, name) is not None}
-    wants_sampling = defaults.get("do_sample", False) or any(k in explicit for k in ("temperature", "top_k", "top_p", "min_p"))
-    values = {k: defaults[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if k in defaults}
-    values.update(explicit)
+    explicit = {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name) is not None}
     try:
-        return SamplingParams(greedy=args.greedy or not wants_sampling, seed=args.seed, **values)
+        return sampling_over_defaults(explicit, defaults, greedy=args.greedy, seed=args.seed)
     except SamplingParamError as e:
         raise UserError(e.naming(e.flag)) from None
 

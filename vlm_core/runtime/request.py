@@ -28,6 +28,23 @@ from vlm_core.runtime.checks import (
     check_token_limits,
 )
 
+# The SamplingParams fields a generation_config.json or a caller may set (besides greedy and seed).
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def sampling_over_defaults(explicit: dict, defaults: dict, greedy: bool = False, seed: int | None = None) -> SamplingParams:
+    """The caller's sampling values (`explicit`) over the model's generation_config `defaults`, as transformers
+    merges them: it samples only when the config does (do_sample) or the caller gives a sampling value; `greedy`
+    wins, and temperature 0 is greedy. Raises SamplingParamError naming the SamplingParams field out of range.
+    The one merge of the CLI's flags and the server's request fields."""
+    wants_sampling = defaults.get("do_sample", False) or any(k in explicit for k in ("temperature", "top_k",
+                                                                                     "top_p", "min_p"))
+    values = {k: defaults[k] for k in SAMPLING_FIELDS if k in defaults}
+    values.update({k: explicit[k] for k in SAMPLING_FIELDS if k in explicit})
+    greedy = greedy or not wants_sampling or values.get("temperature", 1.0) == 0
+    return SamplingParams(greedy=greedy, seed=seed, **values)  # checked when made
+
+
 # Parameter -> the name the Python API's callers write (the defaults of `check_options`' `names`).
 API_NAMES = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens", "stop": "stop",
              "logprobs": "logprobs", "response_format": "response_format", "tools": "tools", "video": "video",

@@ -456,16 +456,10 @@ def make_sampling(explicit: dict, defaults: dict):
 
     Returns: a validated kernels.sampling.SamplingParams. Raises ParameterError naming the field out of range.
     """
-    from vlm_core.kernels.sampling import SamplingParams
+    from vlm_core.runtime.request import sampling_over_defaults
 
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-    wants_sampling = defaults.get("do_sample", False) or any(k in explicit for k in ("temperature", "top_k",
-                                                                                     "top_p", "min_p"))
-    values = {k: defaults[k] for k in names if k in defaults}
-    values.update({k: explicit[k] for k in names if k in explicit})
-    greedy = not wants_sampling or values.get("temperature", 1.0) == 0
     try:
-        return SamplingParams(greedy=greedy, seed=explicit.get("seed"), **values).validate()
+        return sampling_over_defaults(explicit, defaults, seed=explicit.get("seed"))
     except ValueError as e:  # names the field, as a SamplingParams field or a CLI flag ("--top-p ...")
         param = getattr(e, "param", None) or str(e).split(" ", 1)[0].lstrip("-").replace("-", "_")
         raise ParameterError(str(e).replace("--", "", 1), param=param) from None

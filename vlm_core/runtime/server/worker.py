@@ -4,11 +4,12 @@
                  videos=encoded_videos, video=VideoOptions(fps=2))
     # Prepared(prompt_tokens), GenerationChunk..., Finished(finish_reason, completion_tokens, timings)
 
-`generate` is the boundary a batched engine plugs into: it receives decoded images and videos' bytes and drives
-`vlm.prepare` (which samples and decodes the frames: CPU work, here on the worker thread) and
-`vlm.stream_generate`; everything before it (parsing, fetching, header checks) ran off the worker,
-and everything after it (HTTP, SSE) reads the events. The scheduler closes the generator when a job
-is cancelled or times out, which closes the engine's generator and frees its KV cache.
+`generate` is the boundary a batched engine plugs into: it receives decoded images and videos' bytes, drives
+`vlm.prepare` (which samples and decodes the frames: CPU work, here on the worker thread), submits the prompt
+with the request's checked options (`vlm.submit`) and reads the sequence's chunks; everything before it
+(parsing, fetching, header checks) ran off the worker, and everything after it (HTTP, SSE) reads the events.
+The scheduler closes the generator when a job is cancelled or times out, which cancels the sequence: the
+engine frees its KV row at its next step.
 """
 from __future__ import annotations
 
