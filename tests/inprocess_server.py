@@ -52,3 +52,15 @@ def wait_for(condition, timeout: float = 60.0, what: str = "the condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.02)
+
+
+def import_httpx():
+    """The openai client's HTTP library, for requests to the server: httpx2 where it is installed (this
+    environment's openai uses it), else httpx; the calling test module is skipped, saying so, without either."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import pytest
+
+        httpx = pytest.importorskip("httpx", reason="needs httpx (the openai client's HTTP library)")
+    return httpx

@@ -13,12 +13,9 @@ import pytest
 
 pytest.importorskip("starlette", reason="vlm-batch needs the 'serve' extra (starlette)")
 pytest.importorskip("uvicorn", reason="the reference server needs the 'serve' extra (uvicorn)")
-try:  # the openai client's HTTP library (httpx2 in this environment)
-    import httpx2 as httpx
-except ImportError:
-    httpx = pytest.importorskip("httpx")
+from inprocess_server import InProcessServer, import_httpx, wait_for  # noqa: E402
 
-from inprocess_server import InProcessServer, wait_for
+httpx = import_httpx()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(ROOT, "assets", "astronaut.jpg")

@@ -18,12 +18,9 @@ ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'vlm
 serve = pytest.importorskip("ray.serve")
 pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
-try:  # the openai client's HTTP library (httpx2 in this environment)
-    import httpx2 as httpx
-except ImportError:
-    httpx = pytest.importorskip("httpx")
+from inprocess_server import InProcessServer, import_httpx, wait_for  # noqa: E402
 
-from inprocess_server import InProcessServer, wait_for
+httpx = import_httpx()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPLICA = "x-vlm-replica"
