@@ -128,10 +128,12 @@ def test_gauges_while_streams_run_and_queue(served):
     try:
         for thread in threads:
             thread.start()
-        scraped = wait_for(lambda: scrape_when(lambda s: value(s, "vllm:num_requests_running") == 2
-                                               and value(s, "vllm:num_requests_waiting") == 2),
-                           what="2 running and 2 waiting")
-        assert vlm.engine.stats()["decoding"] + vlm.engine.stats()["prefilling"] == 2 and scheduler.queued == 2
+        # wait on the truth (the engine's and the scheduler's own counts), which then holds while the long streams
+        # decode; the scrape taken after it must say the same (reading both at once can race an admission)
+        wait_for(lambda: (lambda stats: stats["decoding"] + stats["prefilling"] == 2 and scheduler.queued == 2)(
+            vlm.engine.stats()) or None, what="2 running and 2 waiting")
+        scraped = scrape(served)
+        assert value(scraped, "vllm:num_requests_running") == 2 and value(scraped, "vllm:num_requests_waiting") == 2
         usage = value(scraped, "vllm:kv_cache_usage_perc")
         capacity = vlm.engine.parallel * vlm.max_context
         assert 0 < usage < 1
