@@ -174,6 +174,27 @@ def open_image(src: ImageSource) -> Image.Image:
     raise ImageError(f"{name}: unsupported image input; pass a file path, a data: URL, bytes or a PIL image")
 
 
+def peek_size(src: ImageSource) -> tuple[int, int] | None:
+    """(height, width) of an image source from its header alone (no pixel decoded), or None when the header
+    cannot be read: the full load (`open_image`) then reports why, naming the source.
+
+    The EXIF orientation is not applied: a rotated photo's edges are swapped, which a caller planning an area
+    budget may ignore (smart_resize's area is the same either way)."""
+    from vlm_core.kernels.image_url import is_data_url, is_remote_url, resolve_image_url
+
+    try:
+        if isinstance(src, Image.Image):
+            return src.height, src.width
+        if isinstance(src, str) and (is_remote_url(src) or (is_data_url(src) and not os.path.isfile(src))):
+            src = resolve_image_url(src)  # a data: URL's bytes (a remote one is refused: None)
+        opened = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else src
+        with Image.open(opened) as image:
+            width, height = image.size
+    except Exception:  # any failure is the full load's to explain
+        return None
+    return (height, width) if height > 0 and width > 0 else None
+
+
 def convert_to_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of `image`, compositing transparency onto white (transformers' `convert_to_rgb`)."""
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None

@@ -53,6 +53,13 @@ class FamilyBase:
         """Refuse per-image pixel bounds that cannot work (ParameterError naming them as `names` spells them);
         a family whose images have no pixel budget (a fixed input size, tiles) ignores them."""
 
+    def fit_image_budget(self, sizes: list, token_limit: int, min_pixels=None) -> int | None:
+        """A per-image max_pixels, below the model's own, under which images of `sizes` ((height, width) each, in
+        prompt order) take at most `token_limit` prompt tokens together; None when the model's own budget already
+        fits them, when no budget does, or when this family's images cost a fixed number of tokens (nothing to
+        scale: MiniGPT-4)."""
+        return None
+
     # --- required -------------------------------------------------------------------------------
     def preprocess(self, sources, min_pixels=None, max_pixels=None, video=None, token_limit=None) -> MediaInputs:
         """Images (and clips where `reads_video`) in prompt order -> MediaInputs."""

@@ -274,15 +274,14 @@ def media_messages(prompt: str, media: list, system: str | None) -> list:
 def prepare_prompt(model, messages: list, args, video):
     """`model.prepare` with the image and video budgets; an image that cannot be read is a UserError naming --image
     and the path, and a clip that cannot be decoded, or whose frames cannot fit the context with --max-new-tokens
-    (refused before decoding), one naming --video and the path."""
+    (refused before decoding), one naming --video and the path. Images scaled down to fit the context (no
+    --max-pixels given) are a `note:` line on stderr."""
     model.family.check_pixel_budget(args.min_pixels, args.max_pixels, PIXEL_FLAGS)
     from vlm_core.kernels.video import VideoError, VideoTooLong
 
     try:
-        if not args.video:
-            return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        return model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels, video=video,
-                             max_new_tokens=args.max_new_tokens)
+        prompt = model.prepare(messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels, video=video,
+                               max_new_tokens=args.max_new_tokens, names=PIXEL_FLAGS)
     except ImageError as e:  # its message starts with the path
         raise UserError(f"--image {e}") from None
     except VideoTooLong as e:
@@ -290,6 +289,9 @@ def prepare_prompt(model, messages: list, args, video):
                                                 "lower --max-new-tokens"))) from None
     except VideoError as e:  # its message starts with the path
         raise UserError(f"--video {e}") from None
+    for warning in prompt.warnings:  # images scaled down to fit the context: one line each, the answer goes on
+        print(f"note: {warning}", file=sys.stderr)
+    return prompt
 
 
 def check_draw_boxes(out: str, images: list) -> None:

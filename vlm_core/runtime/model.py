@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from vlm_core.errors import ContextLengthError, ModelFolderError, ParameterError
+from vlm_core.kernels.image import peek_size
 from vlm_core.kernels.image_url import fetch_remote_image, is_remote_url
 from vlm_core.kernels.sampling import SamplingParams
 from vlm_core.models import get_family
@@ -49,6 +50,10 @@ from vlm_core.runtime.output.result import (
     summarize_timings,
 )
 from vlm_core.runtime.request import GenerationOptions, check_options, compile_grammar
+
+# The tokens left for the answer when images are scaled to fit the context and the caller gave no max_new_tokens
+# (the API's and the CLI's default max_new_tokens), at most a quarter of the context.
+ANSWER_ROOM = 256
 
 
 def _fetch_if_remote(source):
@@ -149,18 +154,23 @@ class VisionLanguageModel:
                            **variables)
 
     def prepare(self, messages: list, min_pixels: int | None = None, max_pixels: int | None = None,
-                tools: list | None = None, video: VideoOptions | None = None, max_new_tokens: int = 0):
+                tools: list | None = None, video: VideoOptions | None = None, max_new_tokens: int = 0,
+                names: dict | None = None):
         """Chat messages (transformers' processor format) -> the family's PreparedPrompt (`tools` rendered
         by the chat template).
 
         `min_pixels` / `max_pixels` bound each image; `video` (VideoOptions: fps, max_frames, max_pixels)
         each clip. Clips are probed before any frame is decoded: ones that cannot fit the context with
-        `max_new_tokens` are refused then (VideoError)."""
+        `max_new_tokens` are refused then (VideoError). Without `max_pixels`, images that would not fit the
+        context beside the text and the answer (`max_new_tokens`, or ANSWER_ROOM tokens when 0) are scaled down
+        (`fit_images`), and `prompt.warnings` says so, naming `names["max_pixels"]` (default ``max_pixels``)."""
         template_messages, sources = normalize_messages(messages)  # the one normalisation of these messages
         text = self._render(template_messages, tools)
         if self.allow_remote_images:  # otherwise load_image refuses http(s) URLs (and decodes data: URLs)
             sources = [_fetch_if_remote(source) for source in sources]
-        media = None
+        media, warnings = None, []
+        if sources and max_pixels is None:
+            max_pixels, warnings = self.fit_images(text, sources, min_pixels, max_new_tokens, names)
         if sources:
             media = self.family.preprocess(sources, min_pixels=min_pixels, max_pixels=max_pixels, video=video,
                                            token_limit=max(self.max_context - max_new_tokens, 0))
@@ -169,10 +179,38 @@ class VisionLanguageModel:
             prompt = self.family.prepare(input_ids)
         else:
             prompt = self.family.prepare(input_ids, media.pixel_values, media.grid_thw, media.kinds)
+        prompt.warnings = warnings
         if self.family.grounding_scale:  # the image an answer's boxes refer to
             prompt.grounding_image = grounding_image(template_messages,
                                                      [s for s in sources if not isinstance(s, VideoPart)])
         return prompt
+
+    def fit_images(self, text: str, sources: list, min_pixels: int | None, max_new_tokens: int,
+                   names: dict | None = None) -> tuple[int | None, list]:
+        """The default image budget, which follows the context: (max_pixels, warnings). When the images (their
+        sizes read from their headers) would take more tokens than the context leaves beside the rendered `text`
+        and the answer (`max_new_tokens`, or ANSWER_ROOM when 0), the family's largest per-image max_pixels that
+        fits, and one warning saying so; else (None, []), the model's own budget. Videos keep their own budget
+        (video_max_pixels) and are not counted here; an image whose header cannot be read is left to the full
+        load to report."""
+        images = [s for s in sources if not isinstance(s, VideoPart)]
+        sizes = [size for size in (peek_size(s) for s in images) if size is not None]
+        if not sizes:
+            return None, []
+        answer = max_new_tokens if max_new_tokens > 0 else min(ANSWER_ROOM, self.max_context // 4)
+        # The unexpanded text holds one placeholder token per image: counting it errs on the safe side.
+        text_tokens = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        token_limit = self.max_context - answer - text_tokens
+        budget = self.family.fit_image_budget(sizes, token_limit, min_pixels)
+        if budget is None:
+            return None, []
+        name = {"max_pixels": "max_pixels", **(names or {})}["max_pixels"]
+        what = "the image" if len(images) == 1 else f"the {len(images)} images"
+        warning = (f"images scaled down: {what} would not fit this model's context of {self.max_context} tokens "
+                   f"beside the text ({text_tokens} tokens) and {answer} for the answer, so each was resized to at "
+                   f"most {budget} pixels ({max(token_limit, 0)} image tokens at most); give {name} to choose the "
+                   f"image budget")
+        return budget, [warning]
 
     # --- generation ---------------------------------------------------------------------------
     def run_decoder(self, feeds: dict, cache: KVCache) -> np.ndarray:
@@ -362,7 +400,7 @@ class VisionLanguageModel:
                                  f"per prompt", "response_format")
         options = [self.options(s, max_new_tokens, min_new_tokens, stop, f, logprobs, batch_invariant=batch_invariant)
                    for s, f in zip(samplings, formats)]  # all errors before any work
-        prepared = [self.prepare(p) if isinstance(p, list) else p for p in prompts]
+        prepared = [self.prepare(p, max_new_tokens=max_new_tokens) if isinstance(p, list) else p for p in prompts]
         for prompt in prepared:
             self.check_context(len(prompt.input_ids), max_new_tokens)
         sequences = [self.submit(p, o) for p, o in zip(prepared, options)]

@@ -23,6 +23,7 @@ from vlm_core.models.qwen3_vl.config import Qwen3VLVisionConfig
 from vlm_core.models.qwen3_vl.preprocess import (
     ImageProcessorParams,
     check_pixel_budget,
+    fit_pixel_budget,
     preprocess_images,
 )
 from vlm_core.models.qwen3_vl.prompt import expand_media_pads, tokenize_prompt
@@ -128,6 +129,14 @@ class Family(FamilyBase):
         """Refuse image pixel bounds that cannot work (preprocess.check_pixel_budget: at least one image token, at
         most the context's worth, min <= max); `names` spells them as the caller does."""
         check_pixel_budget(self.image_params, min_pixels, max_pixels, self.text_config.max_context, names)
+
+    def fit_image_budget(self, sizes: list, token_limit: int, min_pixels=None) -> int | None:
+        """The largest max_pixels (in whole (patch x merge)² tokens) under which images of `sizes` take at most
+        `token_limit` tokens, or None when the checkpoint's max_pixels fits them (preprocess.fit_pixel_budget);
+        at most the context's worth, so that it passes check_pixel_budget (fewer pixels fit all the more)."""
+        budget = fit_pixel_budget(self.image_params, sizes, token_limit, min_pixels)
+        factor = self.image_params.patch_size * self.image_params.merge_size
+        return None if budget is None else min(budget, self.text_config.max_context * factor * factor)
 
     def _plan_clips(self, clips: list, options: VideoOptions, token_limit: int | None) -> list:
         """Probe every clip (no frame decoded): [(info, frame indices)], refusing clips past `token_limit`."""

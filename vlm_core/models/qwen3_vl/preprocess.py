@@ -139,6 +139,43 @@ def check_pixel_budget(params: ImageProcessorParams, min_pixels, max_pixels, max
         raise ParameterError(f"{names['min_pixels']} ({min_pixels}) is larger than {most}", names["min_pixels"])
 
 
+def image_tokens_under(params: ImageProcessorParams, sizes, min_pixels: int | None, max_pixels: int) -> int:
+    """Prompt tokens that images of `sizes` ((height, width) each) take together when resized under
+    `max_pixels` (smart_resize, as preprocess_images does; an image whose size cannot be resized counts 0)."""
+    factor = params.patch_size * params.merge_size
+    low = params.min_pixels if min_pixels is None else min_pixels
+    total = 0
+    for height, width in sizes:
+        try:
+            resized_h, resized_w = smart_resize(height, width, factor, low, max_pixels)
+        except ImageError:  # an aspect ratio past 200: preprocess_images refuses it, naming the image
+            continue
+        total += (resized_h // factor) * (resized_w // factor)
+    return total
+
+
+def fit_pixel_budget(params: ImageProcessorParams, sizes, token_limit: int, min_pixels: int | None = None):
+    """The largest max_pixels under which images of `sizes` take at most `token_limit` prompt tokens together,
+    or None when the checkpoint's own max_pixels already fits them, or when none does (the context check then says
+    what does not fit: scaling the images to nothing would not help). Searched over whole image tokens
+    ((patch_size x merge_size)² pixels each, smart_resize's unit) from one token (or `min_pixels`, below which
+    smart_resize would grow the images again) up to the checkpoint's max_pixels."""
+    if image_tokens_under(params, sizes, min_pixels, params.max_pixels) <= token_limit:
+        return None
+    unit = (params.patch_size * params.merge_size) ** 2
+    low = max(1, -(-(min_pixels or 0) // unit))  # in tokens' worth of pixels
+    high = max(low, params.max_pixels // unit)
+    if image_tokens_under(params, sizes, min_pixels, low * unit) > token_limit:
+        return None
+    while low < high:  # the fewer pixels allowed, the fewer tokens: the largest allowance that fits
+        middle = (low + high + 1) // 2
+        if image_tokens_under(params, sizes, min_pixels, middle * unit) <= token_limit:
+            low = middle
+        else:
+            high = middle - 1
+    return low * unit
+
+
 def preprocess_images(
     images: ImageSource | Iterable[ImageSource],
     params: ImageProcessorParams,

@@ -26,6 +26,8 @@ class GenerationResult:
     logprobs: list | None = None  # [TokenLogprob], one per token id, when asked for (`logprobs=N`)
     # with tools: the calls the model made ([ToolCall]); `text` is then the content outside the call blocks
     tool_calls: list = field(default_factory=list)
+    # what the model did to the input that the caller should know (images scaled down to fit the context)
+    warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         result = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
@@ -35,6 +37,8 @@ class GenerationResult:
             result["logprobs"] = [entry.to_dict() for entry in self.logprobs]
         if self.tool_calls:
             result["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.warnings:
+            result["warnings"] = list(self.warnings)
         return result
 
 
@@ -73,7 +77,7 @@ class ResultAccumulator:
         return GenerationResult(self.text, list(self.token_ids), int(len(prompt.input_ids)), prompt.image_tokens,
                                 self.finish_reason, timings, cached_tokens, boxes=list(boxes),
                                 logprobs=list(self.logprobs) if logprobs_requested else None,
-                                tool_calls=list(self.tool_calls))
+                                tool_calls=list(self.tool_calls), warnings=list(getattr(prompt, "warnings", ())))
 
 
 def summarize_timings(timings: dict, load_s: float) -> dict:

@@ -248,9 +248,10 @@ class ChatServer:
                 watcher.cancel()  # the streaming response watches from here on, as it streams
                 return DisconnectAwareStreamingResponse(
                     self.sse_events(ticket, completion_id, prepared.prompt_tokens, chat.include_usage,
-                                    chat.options.logprobs),
+                                    chat.options.logprobs, prepared.warnings),
                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await self.whole_answer(ticket, completion_id, prepared.prompt_tokens, chat.options.logprobs)
+            return await self.whole_answer(ticket, completion_id, prepared.prompt_tokens, chat.options.logprobs,
+                                           prepared.warnings)
         except BaseException:
             ticket.cancel()  # an error, or the handler was cancelled (client gone, server stopping)
             raise
@@ -279,8 +280,10 @@ class ChatServer:
 
         return await asyncio.to_thread(fetch_and_probe)
 
-    async def whole_answer(self, ticket: Ticket, completion_id: str,
-                           prompt_tokens: int, logprobs: int | None = None) -> JSONResponse:
+    async def whole_answer(self, ticket: Ticket, completion_id: str, prompt_tokens: int,
+                           logprobs: int | None = None, warnings: tuple = ()) -> JSONResponse:
+        """The answer as one chat.completion; `warnings` (images scaled down to fit the context) go in a
+        top-level "warnings" list, which OpenAI's clients ignore, when there are any."""
         pieces, content, calls = [], [], []
         while not isinstance(event := await ticket.next(), worker.Finished):
             pieces.append(event.text)
@@ -295,11 +298,13 @@ class ChatServer:
             "choices": [{"index": 0, "message": message,
                          "logprobs": None if logprobs is None else {"content": content, "refusal": None},
                          "finish_reason": event.finish_reason}],
-            "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings})
+            "usage": usage(prompt_tokens, event.completion_tokens, event.cached_tokens), "timings": event.timings,
+            **({"warnings": list(warnings)} if warnings else {})})
 
     async def sse_events(self, ticket: Ticket, completion_id: str, prompt_tokens: int,
-                         include_usage: bool, logprobs: int | None = None):
-        """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event).
+                         include_usage: bool, logprobs: int | None = None, warnings: tuple = ()):
+        """The answer as chat.completion.chunk events, ending in ``data: [DONE]`` (or an error event); the chunk
+        with the finish_reason carries the `warnings` (as whole_answer's "warnings") when there are any.
 
         With logprobs, each event carries the entries of the tokens whose text it brings (a token whose text
         is held back, such as part of a character, rides on the next event). A tool call is sent whole, when
@@ -334,7 +339,7 @@ class ChatServer:
                                                         "function": {"name": call.name, "arguments": ""}}]}))
                     yield event(choice({"tool_calls": [{"index": calls, "function": {"arguments": call.arguments}}]}))
                     calls += 1
-            yield event(choice({}, item.finish_reason))
+            yield event(choice({}, item.finish_reason), **({"warnings": list(warnings)} if warnings else {}))
             if include_usage:
                 yield event([], usage=usage(prompt_tokens, item.completion_tokens, item.cached_tokens), timings=item.timings)
             yield "data: [DONE]\n\n"

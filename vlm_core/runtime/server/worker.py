@@ -30,6 +30,8 @@ class Prepared:
     """The prompt is ready and fits the context: the first event, before any token."""
 
     prompt_tokens: int
+    # what was done to the input that the client should know (images scaled down to fit the context)
+    warnings: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,7 @@ def generate(vlm, request: ChatRequest, images: list, default_max_tokens: int, v
     prompt_tokens = int(len(prompt.input_ids))
     options = dataclasses.replace(request.options, max_new_tokens=_max_tokens(vlm, request, prompt_tokens,
                                                                                default_max_tokens))
-    yield Prepared(prompt_tokens)
+    yield Prepared(prompt_tokens, tuple(prompt.warnings))
 
     answer, sequence = ResultAccumulator(), vlm.submit(prompt, options)
     try:
@@ -114,11 +116,14 @@ def _about_the_messages(error: Exception, request: ChatRequest, images: list) ->
 def _prepare(vlm, request: ChatRequest, images: list, videos: list[EncodedVideo], video):
     """`vlm.prepare` on the request's messages with its media in place. With videos, frames are sampled within
     `video` and clips that cannot fit the context with max_tokens (or one token, when the server picks
-    max_tokens) are refused before decoding."""
+    max_tokens) are refused before decoding. Without a max_pixels (the request's or --max-pixels), images that
+    would not fit the context beside the text and max_tokens (or the model's ANSWER_ROOM) are scaled down, and
+    the prompt's warnings say so."""
     messages = request.engine_messages(images, [v.data for v in videos])
     tools = request.options.tools
     if not videos:
-        return vlm.prepare(messages, tools=tools, **request.image_budget)
+        return vlm.prepare(messages, tools=tools, **request.image_budget,
+                           max_new_tokens=request.options.max_new_tokens or 0)
     with as_request_error(list(videos)):
         return vlm.prepare(messages, tools=tools, video=video, **request.image_budget,
                            max_new_tokens=request.options.max_new_tokens or max(request.options.min_new_tokens, 1))
