@@ -371,6 +371,11 @@ class _AnimatedImageReader:
         self.image.close()
 
 
+# FFmpeg demuxers that turn text into frames (tty: ANSI/ASCII art, so any .txt file; bintext's bin, xbin, adf,
+# idf): a text file given as a video is a mistake, not a clip of rendered characters.
+TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+
+
 def _import_av():
     try:
         import av
@@ -400,6 +405,9 @@ class _ContainerReader:
         except (self.av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
             raise VideoError(f"{self.name}: not a video file, or a corrupt or truncated one "
                              f"(FFmpeg: {_reason(e)})") from None
+        if self.container.format.name in TEXT_DEMUXERS:
+            raise VideoError(f"{self.name}: a text file, not a video (FFmpeg reads it as a {self.container.format.name} "
+                             f"text-art clip)")
         if not self.container.streams.video:
             raise VideoError(f"{self.name}: has no video stream (an audio file or an image?)")
         self.stream = self.container.streams.video[0]
