@@ -13,12 +13,13 @@ import time
 
 
 class InProcessServer:
-    def __init__(self, app, start_timeout: float = 60.0):
+    def __init__(self, app, start_timeout: float = 60.0, http="h11"):
+        """`http`: uvicorn's protocol (a name, or a class such as head_deadline.head_deadline_protocol(s)'s)."""
         import uvicorn
 
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on", http="h11", ws="none"))
+                                                    lifespan="on", http=http, ws="none"))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout

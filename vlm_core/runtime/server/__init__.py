@@ -26,6 +26,7 @@ The request path, one idea per module:
 * ``metrics.py``: ``GET /metrics`` in Prometheus' format under vLLM's names (the 'metrics' extra).
 * ``asgi_call.py``: one request to the app in-process, no socket (vlm-batch and the Ray replicas answer
   through it, so their answers are the server's).
+* ``head_deadline.py``: uvicorn's h11 protocol with a deadline on each request head (--header-timeout).
 
 Auth: with ``--api-key KEY`` every ``/v1/`` route needs ``Authorization: Bearer KEY`` (constant-time
 compare); ``/`` and ``/health`` stay open (the page asks for the key and keeps it in the browser). A

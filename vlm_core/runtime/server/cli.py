@@ -20,6 +20,8 @@ REQUEST_LIMITS = (
     ("--timeout", float, "seconds a request may take, queueing included (default {:g})"),
     ("--body-timeout", float, "seconds a request body may take to arrive once its headers have (default {:g}); "
                               "later is a 408"),
+    ("--header-timeout", float, "seconds a request's headers may take to arrive once its connection is open or the "
+                                "previous answer is sent (default {:g}); later is a 408 and the connection closed"),
     ("--keep-alive-timeout", float, "seconds an idle connection is kept open between requests (default {:g})"),
     ("--max-connections", int, "open connections at most, idle ones included (default {}); more get 503"),
     ("--max-body-mb", float, "largest request body in MiB (default {:g}: a video sent as a data: URL takes 4/3 of "
@@ -123,8 +125,11 @@ def main(argv=None, prog: str | None = None) -> int:
 
 def serve(app, config: ServeConfig, uvicorn) -> None:
     """Run uvicorn until stopped, printing the bound address once listening (with --port 0, the one picked)."""
+    from vlm_core.runtime.server.head_deadline import head_deadline_protocol
+
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                           http="h11", ws="none", lifespan="on", timeout_graceful_shutdown=5,
+                                           http=head_deadline_protocol(config.header_timeout), ws="none",
+                                           lifespan="on", timeout_graceful_shutdown=5,
                                            timeout_keep_alive=config.keep_alive_timeout,
                                            limit_concurrency=config.max_connections))
     original_startup = server.startup

@@ -27,6 +27,7 @@ class ServeConfig:
     max_queue: int = 8
     timeout: float = 600.0
     body_timeout: float = 30.0  # seconds for a request body to arrive once its headers have
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive (head_deadline.py); later: 408, closed
     keep_alive_timeout: float = 5.0  # an idle connection is closed after this (uvicorn's timeout_keep_alive)
     max_connections: int = 64  # open connections at most (uvicorn's limit_concurrency); more get 503
     max_body_mb: float = 64.0  # a video as a data: URL is 4/3 of its file: clips of up to ~48 MB
@@ -96,7 +97,7 @@ class ServeConfig:
             raise UserError(f"--cache-mb must be 0 (no cache) or more, got {self.cache_mb:g}")
         if self.max_queue < 0:
             raise UserError(f"--max-queue must be 0 or more, got {self.max_queue}")
-        for flag in ("timeout", "max-body-mb", "body-timeout", "keep-alive-timeout"):
+        for flag in ("timeout", "max-body-mb", "body-timeout", "header-timeout", "keep-alive-timeout"):
             value = getattr(self, flag.replace("-", "_"))
             if not 0 < value < float("inf"):
                 raise UserError(f"--{flag} must be a positive number of {'MiB' if 'mb' in flag else 'seconds'}, "
