@@ -61,4 +61,5 @@ def take_forced(sequence, first_logits: np.ndarray, forced: list, forced_logits:
     while not sequence.finished and taken < len(forced) and token == forced[taken]:
         token = sequence.sample(forced_logits[taken])
         taken += 1
+    sequence.timings["forced_tokens"] = sequence.timings.get("forced_tokens", 0) + taken
     return taken
