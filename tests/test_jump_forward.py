@@ -159,3 +159,32 @@ def test_int4_tokens_are_the_step_by_step_ones_or_differ_at_a_near_tie(qwen_expo
         _assert_same_or_near_tie(jumped[0], tokens_of(sequence), sequence.seen_logits, (name, prompt))
         forced += engine.counters["forced_tokens"]
     assert forced >= 50, forced
+
+
+def test_int4_invariant_requests_jump_to_exactly_the_step_by_step_tokens(qwen_export_int4):
+    """A request that asked for invariance never meets MatMulNBits' one-row kernel, step by step (a lone row is
+    padded) or in a chunk (one forced token runs as two): its tokens are exactly the step-by-step ones."""
+    from vlm_core import VisionLanguageModel
+
+    model = VisionLanguageModel(qwen_export_int4, threads=1)
+    forced = 0
+    for sampling in (GREEDY, SamplingParams(temperature=0.8, seed=2)):
+        for name, prompt in _cases():
+            jumped, engine, _ = run_schedule(model, [_request(name, prompt, sampling, True, batch_invariant=True)], [0])
+            stepped, _, _ = run_schedule(model, [_request(name, prompt, sampling, False, batch_invariant=True)], [0])
+            assert jumped == stepped, (name, prompt)
+            forced += engine.counters["forced_tokens"]
+    assert forced >= 100, forced
+
+
+def test_int8_invariant_requests_do_not_jump(qwen_export_int8):
+    """Dynamic int8 quantizes a call's activations with one scale: a chunk could not give a lone step's logits."""
+    from vlm_core import VisionLanguageModel
+
+    model = VisionLanguageModel(qwen_export_int8, threads=1)
+    (tokens,), engine, _ = run_schedule(model, [_request("meter", "Read the meter.", GREEDY, True,
+                                                         batch_invariant=True)], [0])
+    assert engine.counters["forced_tokens"] == 0 and engine.counters["forced_calls"] == 0
+    (stepped,), _, _ = run_schedule(model, [_request("meter", "Read the meter.", GREEDY, False,
+                                                     batch_invariant=True)], [0])
+    assert tokens == stepped

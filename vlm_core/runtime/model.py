@@ -274,6 +274,8 @@ class VisionLanguageModel:
                             logprobs=options.logprobs, token_table=self.token_table,
                             tool_parser=ToolCallParser() if use is not None and use.parses_calls else None,
                             batch_invariant=invariant, jump_forward=jump)
+        # the prefix and image-cache keys, images hashed here on the caller's thread rather than the engine's
+        sequence.key_ids, sequence.image_digests = self.engine.prompt_keys(prompt)
         return self.engine.submit(sequence)
 
     def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,

@@ -220,8 +220,12 @@ class Family(FamilyBase):
         seq, hidden = token_embeds.shape
         num_deepstack = int(self.text_config.num_deepstack)
         inputs_embeds = np.array(token_embeds, dtype=np.float32)
-        deepstack = np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)
+        # Without images the deepstack input is zeros: one row broadcast (no memory), each prompt chunk's
+        # slice made real only for its own call, not [K, 1, S, H] floats for the whole prompt.
+        deepstack = np.broadcast_to(np.zeros((num_deepstack, 1, 1, hidden), dtype=np.float32),
+                                    (num_deepstack, 1, seq, hidden))
         if vision_outputs is not None:
+            deepstack = np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)
             image_embeds, deepstack_embeds = vision_outputs
             is_media = self.media_token_mask(prompt.input_ids)  # images and clips, in prompt order
             inputs_embeds[is_media] = image_embeds

@@ -26,7 +26,7 @@ import traceback
 import numpy as np
 
 from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
-from vlm_core.runtime.engine.jump_forward import plan_forced, run_forced, take_forced
+from vlm_core.runtime.engine.jump_forward import chunk_width, plan_forced, run_forced, take_forced
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.prefix_cache import (
     EngineCache,
@@ -152,7 +152,8 @@ class BatchEngine:
     def _start(self, sequence: Sequence) -> None:
         """Key ids, prefix-cache lookup, a private KV cache for the prompt."""
         prompt = sequence.prompt
-        sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
+        if sequence.key_ids is None:  # not keyed by its submitter (VisionLanguageModel.submit keys on its thread)
+            sequence.key_ids, sequence.image_digests = self.prompt_keys(prompt)
         sequence.cache = self.runner.new_cache(sequence.prompt_len)
         sequence.cache.reserve(sequence.prompt_len)  # the whole prompt at once: its chunks never regrow it
         if self.cache is not None:
@@ -176,8 +177,11 @@ class BatchEngine:
             start += count
         return spans
 
-    def _key_ids(self, prompt) -> tuple[np.ndarray, list]:
-        """(the prompt's key ids, one digest per image or clip): their tokens replaced by their digest id."""
+    def prompt_keys(self, prompt) -> tuple[np.ndarray, list]:
+        """(the prompt's key ids, one digest per image or clip): their tokens replaced by their digest id.
+
+        Any thread may call it (it reads only the prompt and the family): hashing a 1 MP image reads ~25 MB, so
+        submitters do it on their own thread, not the engine's, which would hold every stream up meanwhile."""
         key_ids = np.array(prompt.input_ids, dtype=np.int64)
         if prompt.pixel_values is None:
             return key_ids, []
@@ -279,8 +283,11 @@ class BatchEngine:
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
         calls = plan_decode(self.runner.quantization, [s.batch_invariant for s in self.decoding])
         # rows whose grammar forces tokens after the pending one: a chunk of their own (jump_forward.py)
-        forced = {s.row: f for s in self.decoding if (f := plan_forced(s))} if self.runner.gives_all_positions else {}
-        longest = max(batch.lengths[r] + 1 + len(forced.get(r, ())) for r in range(rows))
+        method = self.runner.quantization
+        forced = ({s.row: f for s in self.decoding if (f := plan_forced(s, method))}
+                  if self.runner.gives_all_positions else {})
+        longest = max(batch.lengths[r] + 1 + (chunk_width(self.decoding[r], forced[r], method) if r in forced else 0)
+                      for r in range(rows))
         batch.reserve(max(call.start + call.width for call in calls), longest, self._slots_limit())
         embeds = self.runner.embed([s.pending_token for s in self.decoding])  # [rows, H]: one lookup for all
         logits = [self._decode_rows(call, embeds) for call in calls]
