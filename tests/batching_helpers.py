@@ -9,7 +9,7 @@ from vlm_core.runtime.engine.step_loop import BatchEngine
 
 def make_sequence(vlm, request: dict) -> Sequence:
     """request: {"messages", "sampling", "max_new_tokens", optional "min_new_tokens", "stop", "response_format",
-    "batch_invariant", "keep_logits"}. With keep_logits the sequence's `seen_logits` collects the logits each of
+    "batch_invariant", "jump_forward" (default True), "keep_logits"}. With keep_logits the sequence's `seen_logits` collects the logits each of
     its tokens was chosen from (after the grammar and the processors, what the sampler saw)."""
     prompt = vlm.prepare(request["messages"])
     stops = list(request.get("stop", [])) + list(getattr(vlm.family, "stop_strings", ()))
@@ -17,7 +17,8 @@ def make_sequence(vlm, request: dict) -> Sequence:
     sequence = Sequence(prompt, request["sampling"], request["max_new_tokens"], request.get("min_new_tokens", 0),
                         stops, vlm.eos_token_ids, vlm.tokenizer,
                         constraint=vlm.grammars.constraint(grammar) if grammar else None,
-                        batch_invariant=request.get("batch_invariant", False))
+                        batch_invariant=request.get("batch_invariant", False),
+                        jump_forward=request.get("jump_forward", True))
     if request.get("keep_logits"):
         sequence.seen_logits, sampler = [], sequence.sampler
 

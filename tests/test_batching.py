@@ -315,3 +315,32 @@ def test_the_repetition_penalty_of_a_growing_sequence_equals_one_computed_afresh
     logits = rng.normal(size=50).astype(np.float32)
     fresh = repetition_penalty_processor(1.3)
     np.testing.assert_array_equal(process(tokens[:5], logits), fresh(tokens[:5], logits))
+
+
+def test_images_are_hashed_on_the_submitting_thread(vlm, photos, monkeypatch):
+    """The prefix and image-cache keys (blake2b over every pixel) are made by the caller, not the engine thread
+    that every stream waits on."""
+    import threading
+
+    from vlm_core.runtime.engine import step_loop
+
+    hashed_on = []
+    real = step_loop.image_hash
+
+    def recording(pixels, grid):
+        hashed_on.append(threading.current_thread().name)
+        return real(pixels, grid)
+
+    monkeypatch.setattr(step_loop, "image_hash", recording)
+    messages = [{"role": "user", "content": [{"type": "image", "path": photos["noise"]},
+                                             {"type": "text", "text": "What is this?"}]}]
+    vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=2)
+    assert hashed_on == [threading.current_thread().name]
+
+
+def test_a_text_prompt_prefills_without_a_whole_prompt_deepstack(vlm):
+    """A text prompt's deepstack input is zeros broadcast from one row: only a chunk's slice becomes real."""
+    prompt = vlm.prepare([{"role": "user", "content": "Describe the sea. " * 40}])
+    feeds = vlm.family.prefill_feeds(prompt, vlm.embed(prompt.input_ids), None)
+    deepstack = feeds["deepstack_embeds"]
+    assert deepstack.shape[2] == len(prompt.input_ids) > 150 and deepstack.strides[2] == 0 and not deepstack.any()

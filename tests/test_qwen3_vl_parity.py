@@ -30,5 +30,5 @@ def test_export_records_parity_in_manifest(qwen_export):
                                                             "first_logits_rel_err"}
     assert parity["first_logits_rel_err"] < LOGITS_RTOL
     assert parity["image_embeds_rel_err"] <= FEATURES_RTOL and parity["deepstack_embeds_rel_err"] <= FEATURES_RTOL
-    assert manifest["format_version"] == 2 and manifest["family"] == "qwen3_vl"
+    assert manifest["format_version"] == 3 and manifest["family"] == "qwen3_vl"
     assert {"vision", "decoder"} <= set(manifest["graphs"])

@@ -34,8 +34,22 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
 
 def decoder_input_names(family_inputs: list[str], num_layers: int) -> list[str]:
     """A decoder graph's inputs: the family's own (embeddings, positions, ...), then the lengths the
-    GroupQueryAttention ops take (export/group_query_attention.py), then the cache buffers."""
-    return family_inputs + ["seqlens_k", "total_sequence_length"] + kv_names("past_key_values", num_layers)
+    GroupQueryAttention ops take (export/group_query_attention.py), then `logits_index` (which positions of
+    the call get logits: `last_hidden`), then the cache buffers."""
+    return (family_inputs + ["seqlens_k", "total_sequence_length", "logits_index"]
+            + kv_names("past_key_values", num_layers))
+
+
+def last_hidden(hidden: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H] -> [B, K, H]: the positions `logits_index` (int64 [K]) names, the only ones the lm_head
+    runs on. A prompt chunk asks for its last position ([S - 1]); a jump-forward chunk for all of them
+    (runtime/engine/jump_forward.py), whose logits check each forced token against what sampling would pick."""
+    return torch.index_select(hidden, 1, logits_index)
+
+
+def example_logits_index(seq: int) -> torch.Tensor:
+    """logits_index for tracing: two positions (a size of 1 would be specialised)."""
+    return torch.arange(seq - 2, seq, dtype=torch.long)
 
 
 def fuse_linears(spec) -> nn.Linear:

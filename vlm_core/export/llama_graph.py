@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from vlm_core.export.fused_ops import rotary, rotary_tables, skip_rms_norm
-from vlm_core.export.graph_layers import decoder_input_names, kv_names, rms_norm
+from vlm_core.export.graph_layers import (
+    decoder_input_names,
+    example_logits_index,
+    kv_names,
+    last_hidden,
+    rms_norm,
+)
 from vlm_core.export.group_query_attention import example_lengths, group_query_attention
 from vlm_core.export.kv_dtype import torch_dtype
 
@@ -17,8 +23,9 @@ class LlamaDecoderGraph(nn.Module):
     q/k norms and deepstack).
 
     Inputs: inputs_embeds [B, S, H], position_ids int64 [B, S], seqlens_k int32 [B] and total_sequence_length
-    int32 [] (export/group_query_attention.py), past_key_values.{i}.key|value [B, kv, C, d] buffers the runtime
-    owns. Outputs: logits [B, vocab] (last position) and present.{i}.key|value [B, kv, C, d]: the past buffers
+    int32 [] (export/group_query_attention.py), logits_index int64 [K] (graph_layers.last_hidden),
+    past_key_values.{i}.key|value [B, kv, C, d] buffers the runtime owns. Outputs: logits [B, K, vocab] (the
+    positions logits_index names) and present.{i}.key|value [B, kv, C, d]: the past buffers
     with the new entries written in (in place when the runtime binds one buffer to both).
     kv_dtype: the cache's dtype (export/kv_dtype.py).
     """
@@ -50,7 +57,7 @@ class LlamaDecoderGraph(nn.Module):
             num_kv_heads=self.num_kv_heads, scale=attn.scaling)
         return attn.o_proj(out), present_key, present_value
 
-    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, logits_index, *past):
         model = self.model
         tables = rotary_tables(*model.rotary_emb(inputs_embeds, position_ids))  # cos/sin of this call's tokens
         lengths = (seqlens_k, total_sequence_length)
@@ -66,10 +73,9 @@ class LlamaDecoderGraph(nn.Module):
             presents += [key, value]
             if index + 1 < len(model.layers):
                 x, hidden = skip_rms_norm(model.layers[index + 1].input_layernorm, hidden, mlp_out)
-        # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
-        hidden, _ = skip_rms_norm(model.norm, hidden[:, -1:, :], mlp_out[:, -1:, :])
-        logits = self.lm_head(hidden)[:, 0]
-        return (logits, *presents)
+        # [B, K, H]: a MatMul (not a Gemm) for the quantizers
+        hidden, _ = skip_rms_norm(model.norm, last_hidden(hidden, logits_index), last_hidden(mlp_out, logits_index))
+        return (self.lm_head(hidden), *presents)
 
 
 def llama_decoder_example(graph: LlamaDecoderGraph, hidden_size: int) -> tuple[tuple, tuple]:
@@ -80,10 +86,10 @@ def llama_decoder_example(graph: LlamaDecoderGraph, hidden_size: int) -> tuple[t
     batch, seq, capacity = 2, 3, 4
     kv_shape = (batch, graph.num_kv_heads, capacity, graph.head_dim)
     args = (torch.randn(batch, seq, hidden_size), torch.arange(seq).repeat(batch, 1),
-            *example_lengths(batch, seq, capacity),
+            *example_lengths(batch, seq, capacity), example_logits_index(seq),
             *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
     b, s, c = Dim("batch"), Dim("sequence"), Dim("past_capacity")
-    dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b}, None, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b}, None, {0: Dim("logits")}, tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
     return args, dynamic
 
 

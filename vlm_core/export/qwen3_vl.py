@@ -7,6 +7,7 @@ import torch
 from torch.export import Dim
 
 from vlm_core.export.family_defaults import extra_assets  # noqa: F401  (no files of its own: the contract's default)
+from vlm_core.export.graph_layers import example_logits_index
 from vlm_core.export.group_query_attention import example_lengths
 from vlm_core.export.kv_dtype import rounding_cache
 from vlm_core.export.onnx_io import export_graph
@@ -84,7 +85,7 @@ def decoder_graph(model, kv_dtype: str = "float32") -> Qwen3VLDecoderGraph:
 
 
 def export_decoder(model, path: str, kv_dtype: str = "float32") -> list[str]:
-    """Write the decoder graph (KV cache of `kv_dtype`, M-RoPE, deepstack inputs, last-position logits) to `path`."""
+    """Write the decoder graph (KV cache of `kv_dtype`, M-RoPE, deepstack inputs, logits at `logits_index`) to `path`."""
     graph = decoder_graph(model, kv_dtype)
     args, dynamic = decoder_example(model, graph)
     return export_graph(graph, args, path, dynamic)
@@ -97,9 +98,10 @@ def decoder_example(model, graph) -> tuple[tuple, tuple]:
     kv_shape = (batch, text.num_key_value_heads, capacity, text.head_dim)
     args = (torch.randn(batch, seq, text.hidden_size), torch.zeros(3, batch, seq, dtype=torch.long),
             torch.zeros(graph.num_deepstack, batch, seq, text.hidden_size), *example_lengths(batch, seq, capacity),
+            example_logits_index(seq),
             *[torch.zeros(kv_shape, dtype=graph.kv_dtype) for _ in range(2 * graph.num_layers)])
     b, s, c = Dim("batch"), Dim("sequence"), Dim("past_capacity")
-    dynamic = ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b}, None,
+    dynamic = ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b}, None, {0: Dim("logits")},
                tuple({0: b, 2: c} for _ in range(2 * graph.num_layers)))
     return args, dynamic
 

@@ -16,6 +16,7 @@ from vlm_core.export.graph_layers import (
     decoder_input_names,
     fuse_linears,
     kv_names,
+    last_hidden,
     rms_norm,
 )
 from vlm_core.export.group_query_attention import group_query_attention
@@ -73,7 +74,7 @@ class Qwen3VLVisionGraph(nn.Module):
 
 
 class Qwen3VLDecoderGraph(nn.Module):
-    """Text decoder with a pre-allocated KV cache and deepstack injection; last-position logits.
+    """Text decoder with a pre-allocated KV cache and deepstack injection; logits at the positions asked for.
 
     The cache is a buffer the runtime owns: past_key_values.{i}.key|value [B, kv_heads, C, head_dim]
     hold C slots; row b's first seqlens_k[b] + 1 - S are filled (seqlens_k int32 [B], with
@@ -83,7 +84,8 @@ class Qwen3VLDecoderGraph(nn.Module):
     (IO binding), no step copies the cache.
 
     Other inputs: inputs_embeds [B, S, H], position_ids int64 [3, B, S] (M-RoPE, applied before the op),
-    deepstack_embeds [K, B, S, H] (zero off image positions). Outputs: logits [B, vocab].
+    deepstack_embeds [K, B, S, H] (zero off image positions), logits_index int64 [N] (graph_layers.last_hidden).
+    Outputs: logits [B, N, vocab] (the positions logits_index names).
 
     kv_dtype: the cache's dtype (past and present); the op then takes q/k/v in it too (export/kv_dtype.py).
     """
@@ -128,7 +130,8 @@ class Qwen3VLDecoderGraph(nn.Module):
             scale=attn.scaling)
         return attn.o_proj(out), present_key, present_value
 
-    def forward(self, inputs_embeds, position_ids, deepstack_embeds, seqlens_k, total_sequence_length, *past):
+    def forward(self, inputs_embeds, position_ids, deepstack_embeds, seqlens_k, total_sequence_length, logits_index,
+                *past):
         model = self.language_model
         # M-RoPE's cos/sin for this call's tokens, once; each layer's RotaryEmbedding ops read them
         tables = rotary_tables(*model.rotary_emb(inputs_embeds, position_ids))
@@ -150,9 +153,8 @@ class Qwen3VLDecoderGraph(nn.Module):
             if index < self.num_deepstack:
                 hidden, pending = hidden + pending + deepstack_embeds[index], None
             presents += [key, value]
-        if pending is None:  # [B, 1, H]: a MatMul (not a Gemm) for the quantizers
-            hidden = rms_norm(model.norm, hidden[:, -1:, :])
+        if pending is None:  # [B, N, H]: a MatMul (not a Gemm) for the quantizers
+            hidden = rms_norm(model.norm, last_hidden(hidden, logits_index))
         else:
-            hidden, _ = skip_rms_norm(model.norm, hidden[:, -1:, :], pending[:, -1:, :])
-        logits = self.lm_head(hidden)[:, 0]  # [B, vocab]
-        return (logits, *presents)
+            hidden, _ = skip_rms_norm(model.norm, last_hidden(hidden, logits_index), last_hidden(pending, logits_index))
+        return (self.lm_head(hidden), *presents)  # logits [B, N, vocab]

@@ -91,7 +91,8 @@ class FamilyBase:
         raise NotImplementedError
 
     def decode_feeds(self, prompt, token_embed: np.ndarray, cache_position: int) -> dict:
-        """Decoder inputs for one new token at `cache_position`."""
+        """Decoder inputs for new tokens after the prompt from `cache_position` on: token_embed [H] (one token)
+        or [S, H] (a run of them: jump-forward's forced tokens)."""
         raise NotImplementedError
 
     # --- defaults -------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class SplicedFamily(FamilyBase):
         return {"inputs_embeds": inputs_embeds[None], "position_ids": prompt.position_ids[None]}
 
     def decode_feeds(self, prompt: PreparedPrompt, token_embed: np.ndarray, cache_position: int) -> dict:
+        """Decoder inputs for new tokens from `cache_position` on: token_embed [H] (one) or [S, H] (a run)."""
         hidden = token_embed.shape[-1]
-        return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
-                "position_ids": np.full((1, 1), cache_position, dtype=np.int64)}
+        embeds = token_embed.reshape(1, -1, hidden).astype(np.float32, copy=False)
+        return {"inputs_embeds": embeds,
+                "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None] + cache_position}

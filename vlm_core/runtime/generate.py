@@ -31,7 +31,7 @@ from vlm_core.runtime.request import (
 
 # The generation parameters as this command's user writes them (errors name the flags).
 CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens", "stop": "--stop",
-             "logprobs": "--logprobs", "batch_invariant": "--batch-invariant"}
+             "logprobs": "--logprobs", "batch_invariant": "--batch-invariant", "jump_forward": "--no-jump-forward"}
 
 # The video budget flags, by VideoOptions field (models/media.py): errors name the flag.
 VIDEO_FLAGS = {"fps": "--video-fps", "max_frames": "--video-max-frames", "max_pixels": "--video-max-pixels"}
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-invariant", action="store_true",
                    help="decode as a batch-invariant request does: the tokens are those the prompt gives in any batch "
                         "(int4 pads a lone row to the batched kernel; slower), e.g. to match a server's answer")
+    p.add_argument("--no-jump-forward", dest="jump_forward", action="store_false",
+                   help="decode the tokens a --json-schema or grammar forces one step each (for measurement; the "
+                        "answer is the same). By default they go through the decoder as one chunk")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text; repeatable")
     p.add_argument("--min-pixels", type=int, help="smallest image area in pixels after resizing (token budget)")
     p.add_argument("--max-pixels", type=int, help="largest image area in pixels after resizing (token budget)")
@@ -221,7 +224,8 @@ def options_from_args(args, defaults: dict) -> GenerationOptions:
     """The generation flags -> GenerationOptions, checked once (errors name the flags); sampling over the model's
     generation_config `defaults`. The response format is compiled later, by the loaded model."""
     return check_options(sampling_from_args(args, defaults), args.max_new_tokens, args.min_new_tokens, args.stop,
-                         args.logprobs, batch_invariant=args.batch_invariant or None, names=CLI_NAMES)
+                         args.logprobs, batch_invariant=args.batch_invariant or None, names=CLI_NAMES,
+                         jump_forward=None if args.jump_forward else False)
 
 
 def video_options_from_args(args):

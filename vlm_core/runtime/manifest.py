@@ -9,7 +9,11 @@ from vlm_core.errors import ModelFolderError
 # 2: the decoder's attention is ONNX Runtime's GroupQueryAttention, with seqlens_k / total_sequence_length
 #    inputs and the KV cache written in place (runtime/engine/decoder_call.py); 1 took an attention_mask and
 #    returned only the new entries.
-FORMAT_VERSION = 2
+# 3: the decoder takes `logits_index` (the positions of the call that get logits) and returns logits
+#    [B, K, vocab]; 2 returned the last position's only [B, vocab].
+FORMAT_VERSION = 3
+# Older versions this runtime still reads, and what such a folder goes without.
+STILL_READ = {2: "jump-forward over forced tokens (its decoder gives only the last position's logits)"}
 MANIFEST = "manifest.json"
 OLD_VERSIONS = {1: "its decoder graph takes an attention mask and returns only new cache entries, while this "
                    "runtime binds the cache in place for GroupQueryAttention"}
@@ -47,7 +51,7 @@ def load_manifest(folder: str) -> dict:
         raise ModelFolderError(f"{path} has format_version {version}, an older export ({OLD_VERSIONS[version]}); "
                                f"this runtime reads format_version {FORMAT_VERSION}: re-export the model from its "
                                f"checkpoint with `python -m vlm_core.export SRC -o {folder}`")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION and version not in STILL_READ:
         raise ModelFolderError(f"{path} has format_version {version!r}, this runtime reads format_version "
                                f"{FORMAT_VERSION}; re-export the model with this version of the exporter")
     for key in REQUIRED:

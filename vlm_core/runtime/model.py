@@ -76,17 +76,20 @@ class VisionLanguageModel:
         batch_invariant: the default for requests that do not say: True makes a request's tokens independent
             of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/decode_plan.py);
             False (default) lets the engine pick the fastest kernels. A request's own `batch_invariant` wins.
+        jump_forward: the default for requests that do not say: True (default) runs the tokens a grammar forces
+            as one decoder chunk, the answer unchanged (runtime/engine/jump_forward.py); False: one step each.
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
     """
 
     def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
-                 batch_invariant: bool = False, allow_remote_images: bool = False):
+                 batch_invariant: bool = False, allow_remote_images: bool = False, jump_forward: bool = True):
         start = time.perf_counter()
         self.folder = folder
         self.allow_remote_images = allow_remote_images
         self.batch_invariant = bool(batch_invariant)
+        self.jump_forward = bool(jump_forward)
         check_threads(threads)
         self.manifest = manifest = load_manifest(folder)
         try:
@@ -251,7 +254,7 @@ class VisionLanguageModel:
     def options(self, sampling: SamplingParams | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
                 stop=None, response_format=None, logprobs: int | None = None, tools: list | None = None,
                 tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None,
-                batch_invariant: bool | None = None) -> GenerationOptions:
+                batch_invariant: bool | None = None, jump_forward: bool | None = None) -> GenerationOptions:
         """The generation arguments, checked once and their grammar compiled -> GenerationOptions.
 
         Args:
@@ -278,10 +281,13 @@ class VisionLanguageModel:
             batch_invariant: True: this request's tokens are exactly what it gives alone, whatever is decoded
                 beside it (greedy and seeded sampling; costs speed on int4 and int8 graphs); None: the model's
                 default (the `batch_invariant` it was loaded with).
+            jump_forward: False: tokens a grammar forces are decoded one step each, as free tokens are (for
+                measurement and debugging; the answer is the same either way, but for float-level near-ties);
+                None: the model's default (the `jump_forward` it was loaded with, True unless said).
 
         Raises ParameterError naming the parameter (a bad schema or grammar: response_format)."""
         options = check_options(sampling, max_new_tokens, min_new_tokens, stop, logprobs, response_format, tools,
-                                tool_choice, parallel_tool_calls, video, batch_invariant)
+                                tool_choice, parallel_tool_calls, video, batch_invariant, jump_forward=jump_forward)
         return compile_grammar(options, self.grammars, self.tokenizer)
 
     def submit(self, prompt, options: GenerationOptions, family_stops: bool = True) -> Sequence:
@@ -298,13 +304,16 @@ class VisionLanguageModel:
         self.check_context(len(prompt.input_ids), options.max_new_tokens)
         use = options.tool_use
         invariant = self.batch_invariant if options.batch_invariant is None else options.batch_invariant
+        jump = self.jump_forward if options.jump_forward is None else options.jump_forward
         sequence = Sequence(prompt, options.sampling, options.max_new_tokens, options.min_new_tokens,
                             list(options.stop) + (list(self.family.stop_strings) if family_stops else []),
                             self.eos_token_ids, self.tokenizer,
                             constraint=self.grammars.constraint(options.grammar) if options.grammar else None,
                             logprobs=options.logprobs, token_table=self.token_table,
                             tool_parser=ToolCallParser() if use is not None and use.parses_calls else None,
-                            batch_invariant=invariant)
+                            batch_invariant=invariant, jump_forward=jump)
+        # the prefix and image-cache keys, images hashed here on the caller's thread rather than the engine's
+        sequence.key_ids, sequence.image_digests = self.engine.prompt_keys(prompt)
         return self.engine.submit(sequence)
 
     def generate_step(self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
@@ -331,7 +340,8 @@ class VisionLanguageModel:
                         min_new_tokens: int = 0, stop: list | None = None, timings: dict | None = None,
                         response_format=None, logprobs: int | None = None, tools: list | None = None,
                         tool_choice=None, parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None,
-                        batch_invariant: bool | None = None, options: GenerationOptions | None = None):
+                        batch_invariant: bool | None = None, options: GenerationOptions | None = None,
+                        jump_forward: bool | None = None):
         """Yield GenerationChunk text deltas (never a broken UTF-8 character); the last one has finish_reason.
 
         `prompt` is a PreparedPrompt or a list of chat messages; the other arguments as in `options()`, or
@@ -341,7 +351,7 @@ class VisionLanguageModel:
         carries it in `tool_calls`."""
         if options is None:
             options = self.options(sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
-                                   tools, tool_choice, parallel_tool_calls, video, batch_invariant)
+                                   tools, tool_choice, parallel_tool_calls, video, batch_invariant, jump_forward)
         sequence = self.submit(prompt, options)
         try:
             yield from sequence.chunks()
@@ -363,7 +373,8 @@ class VisionLanguageModel:
                  min_new_tokens: int = 0, stop: list | None = None, response_format=None,
                  logprobs: int | None = None, tools: list | None = None, tool_choice=None,
                  parallel_tool_calls: bool = True, video: VideoOptions | dict | None = None,
-                 batch_invariant: bool | None = None, options: GenerationOptions | None = None) -> GenerationResult:
+                 batch_invariant: bool | None = None, options: GenerationOptions | None = None,
+                 jump_forward: bool | None = None) -> GenerationResult:
         """The whole answer to `prompt` (a PreparedPrompt or chat messages) as a GenerationResult.
 
         The arguments as in `options()` (or `options` already made by it). `response_format` constrains the
@@ -371,7 +382,7 @@ class VisionLanguageModel:
         `result.tool_calls` holds the calls and `result.text` the content outside them."""
         if options is None:
             options = self.options(sampling, max_new_tokens, min_new_tokens, stop, response_format, logprobs,
-                                   tools, tool_choice, parallel_tool_calls, video, batch_invariant)
+                                   tools, tool_choice, parallel_tool_calls, video, batch_invariant, jump_forward)
         sequence = self.submit(prompt, options)
         try:
             return self._result(sequence)
@@ -380,7 +391,7 @@ class VisionLanguageModel:
 
     def generate_batch(self, prompts: list, sampling=None, max_new_tokens: int = 256, min_new_tokens: int = 0,
                        stop: list | None = None, response_format=None, logprobs: int | None = None,
-                       batch_invariant: bool | None = None) -> list:
+                       batch_invariant: bool | None = None, jump_forward: bool | None = None) -> list:
         """Answer many prompts at once (decoded together, `parallel` at a time): a GenerationResult each.
 
         Args:
@@ -398,8 +409,8 @@ class VisionLanguageModel:
         if len(formats) != len(prompts):
             raise ParameterError(f"response_format has {len(formats)} entries for {len(prompts)} prompts; give one "
                                  f"per prompt", "response_format")
-        options = [self.options(s, max_new_tokens, min_new_tokens, stop, f, logprobs, batch_invariant=batch_invariant)
-                   for s, f in zip(samplings, formats)]  # all errors before any work
+        options = [self.options(s, max_new_tokens, min_new_tokens, stop, f, logprobs, batch_invariant=batch_invariant,
+                                jump_forward=jump_forward) for s, f in zip(samplings, formats)]  # all errors first
         prepared = [self.prepare(p, max_new_tokens=max_new_tokens) if isinstance(p, list) else p for p in prompts]
         for prompt in prepared:
             self.check_context(len(prompt.input_ids), max_new_tokens)

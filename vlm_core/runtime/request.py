@@ -48,7 +48,7 @@ def sampling_over_defaults(explicit: dict, defaults: dict, greedy: bool = False,
 # Parameter -> the name the Python API's callers write (the defaults of `check_options`' `names`).
 API_NAMES = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens", "stop": "stop",
              "logprobs": "logprobs", "response_format": "response_format", "tools": "tools", "video": "video",
-             "sampling": "sampling", "batch_invariant": "batch_invariant"}
+             "sampling": "sampling", "batch_invariant": "batch_invariant", "jump_forward": "jump_forward"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class GenerationOptions:
     report per token (0-20), None for none. response_format: as the caller gave it (None: free text).
     tool_use: the checked tools and tool choice, None without tools. video: the clips' budget, None for the
     model's defaults. batch_invariant: the tokens must not depend on what is decoded beside them; None: the
-    model's default. grammar: the compiled constraint (response format or forced tool call), None: none.
+    model's default. jump_forward: the tokens a grammar forces go through the decoder as one chunk
+    (engine/jump_forward.py); None: the model's default. grammar: the compiled constraint (response format or
+    forced tool call), None: none.
     """
 
     sampling: SamplingParams
@@ -73,6 +75,7 @@ class GenerationOptions:
     tool_use: ToolUse | None = None
     video: VideoOptions | None = None
     batch_invariant: bool | None = None
+    jump_forward: bool | None = None
     grammar: Any = None
 
     @property
@@ -102,7 +105,8 @@ def video_options(video, name: str = "video") -> VideoOptions | None:
 def check_options(sampling: SamplingParams | None = None, max_new_tokens: int | None = 256,
                   min_new_tokens: int = 0, stop=None, logprobs: int | None = None, response_format=None,
                   tools=None, tool_choice=None, parallel_tool_calls: bool = True, video=None,
-                  batch_invariant: bool | None = None, names: dict | None = None) -> GenerationOptions:
+                  batch_invariant: bool | None = None, names: dict | None = None,
+                  jump_forward: bool | None = None) -> GenerationOptions:
     """Every generation argument checked once -> GenerationOptions (grammar not compiled yet).
 
     `names` maps the parameters to what the caller wrote (API_NAMES by default). `max_new_tokens=None` is
@@ -119,9 +123,9 @@ def check_options(sampling: SamplingParams | None = None, max_new_tokens: int | 
     if not isinstance(sampling, SamplingParams):
         raise ParameterError(f"{names['sampling']} must be a SamplingParams, got {type(sampling).__name__}",
                              names["sampling"])
-    if batch_invariant is not None and not isinstance(batch_invariant, bool):
-        raise ParameterError(f"{names['batch_invariant']} must be true or false, got {batch_invariant!r:.40}",
-                             names["batch_invariant"])
+    for name, flag in (("batch_invariant", batch_invariant), ("jump_forward", jump_forward)):
+        if flag is not None and not isinstance(flag, bool):
+            raise ParameterError(f"{names[name]} must be true or false, got {flag!r:.40}", names[name])
     use = tool_use(tools, tool_choice, parallel_tool_calls)
     if use is not None and use.constrained and response_format not in (None, {"type": "text"}):
         raise ParameterError(f"{names['response_format']} cannot be combined with tool_choice {use.choice!r}, "
@@ -129,7 +133,8 @@ def check_options(sampling: SamplingParams | None = None, max_new_tokens: int | 
     return GenerationOptions(sampling=sampling.validate(), max_new_tokens=max_new_tokens,
                              min_new_tokens=int(min_new_tokens), stop=tuple(check_stop_strings(stop, names["stop"])),
                              logprobs=logprobs, response_format=response_format, tool_use=use,
-                             video=video_options(video, names["video"]), batch_invariant=batch_invariant)
+                             video=video_options(video, names["video"]), batch_invariant=batch_invariant,
+                             jump_forward=jump_forward)
 
 
 def compile_grammar(options: GenerationOptions, grammars, tokenizer, names: dict | None = None) -> GenerationOptions:

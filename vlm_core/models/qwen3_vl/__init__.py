@@ -229,8 +229,12 @@ class Family(FamilyBase):
         seq, hidden = token_embeds.shape
         num_deepstack = int(self.text_config.num_deepstack)
         inputs_embeds = np.array(token_embeds, dtype=np.float32)
-        deepstack = np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)
+        # Without images the deepstack input is zeros: one row broadcast (no memory), each prompt chunk's
+        # slice made real only for its own call, not [K, 1, S, H] floats for the whole prompt.
+        deepstack = np.broadcast_to(np.zeros((num_deepstack, 1, 1, hidden), dtype=np.float32),
+                                    (num_deepstack, 1, seq, hidden))
         if vision_outputs is not None:
+            deepstack = np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)
             image_embeds, deepstack_embeds = vision_outputs
             is_media = self.media_token_mask(prompt.input_ids)  # images and clips, in prompt order
             inputs_embeds[is_media] = image_embeds
@@ -239,13 +243,16 @@ class Family(FamilyBase):
                 "deepstack_embeds": deepstack}
 
     def decode_feeds(self, prompt: PreparedPrompt, token_embed: np.ndarray, cache_position: int) -> dict:
-        """Decoder inputs for one new token at cache position `cache_position` (0-based)."""
+        """Decoder inputs for new text tokens after the prompt, the first at cache position `cache_position`
+        (0-based): token_embed [H] (one token) or [S, H] (a run, e.g. jump-forward's forced tokens)."""
         hidden = token_embed.shape[-1]
-        position = cache_position + prompt.rope_delta
+        embeds = token_embed.reshape(1, -1, hidden).astype(np.float32, copy=False)
+        seq = embeds.shape[1]
+        # text after the prompt: the three M-RoPE axes share one position, rope_delta past the cache slot
+        positions = np.arange(seq, dtype=np.int64) + (cache_position + prompt.rope_delta)
         num_deepstack = int(self.text_config.num_deepstack)
-        return {"inputs_embeds": token_embed.reshape(1, 1, hidden).astype(np.float32, copy=False),
-                "position_ids": np.full((3, 1, 1), position, dtype=np.int64),
-                "deepstack_embeds": np.zeros((num_deepstack, 1, 1, hidden), dtype=np.float32)}
+        return {"inputs_embeds": embeds, "position_ids": np.broadcast_to(positions, (3, 1, seq)),
+                "deepstack_embeds": np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)}
 
     def tokenize(self, tokenizer, text: str, media: MediaInputs | None) -> np.ndarray:
         """Rendered prompt text -> int64 token ids, each image pad expanded to its token run and each video

@@ -39,6 +39,8 @@ class ModelRunner:
         # the decode step's binding, kept between steps (engines sharing this runner take turns)
         self._decode_binding = decoder_call.BoundDecoder(sessions["decoder"])
         self._decode_lock = threading.Lock()
+        # a format_version 3 decoder returns every position's logits when asked: what jump-forward needs
+        self.gives_all_positions = decoder_call.gives_all_positions(sessions["decoder"])
 
     @property
     def bytes_per_slot(self) -> int:
@@ -81,6 +83,13 @@ class ModelRunner:
         rows): the binding is then made again, else reused (decoder_call.BoundDecoder)."""
         with self._decode_lock:
             return self._decode_binding.run(feeds, keys, values, lengths_after, buffers_key)
+
+    def run_chunk(self, feeds: dict, keys: list, values: list, length_after: int) -> np.ndarray:
+        """Several new tokens of one batch row (views of its buffers: BatchKVCache.buffers(r, r + 1)) through
+        the decoder, written in after the row's filled slots; returns every position's logits [S, vocab]
+        (jump-forward: engine/jump_forward.py). The decode graph runs it: a few tokens are GEMVs still."""
+        return decoder_call.run_decoder(self.sessions["decoder"], feeds, keys, values, [length_after],
+                                        all_positions=True)[0]
 
     def release_decode_buffers(self) -> None:
         """Let the decode binding drop the KV buffers it holds (the batch emptied: its memory goes back)."""

@@ -54,11 +54,14 @@ class Sequence:
         token_table: a TokenTable for the logprobs' token text (made here when not given).
         tool_parser: a runtime.tools.ToolCallParser: `chunks` then yields the content (the text outside
             ``<tool_call>`` blocks) with the calls on the chunk that completes them. None: text as is.
+        batch_invariant: the tokens must not depend on what is decoded beside it (engine/decode_plan.py).
+        jump_forward: with a constraint, run the tokens it forces as one chunk (engine/jump_forward.py).
     """
 
     def __init__(self, prompt, sampling: SamplingParams | None, max_new_tokens: int, min_new_tokens: int,
                  stop_strings, eos_token_ids, tokenizer, constraint=None, logprobs: int | None = None,
-                 token_table: TokenTable | None = None, tool_parser=None, batch_invariant: bool = False):
+                 token_table: TokenTable | None = None, tool_parser=None, batch_invariant: bool = False,
+                 jump_forward: bool = True):
         self.prompt = prompt
         self.sampling = sampling or SamplingParams(greedy=True)  # checked by the caller (runtime/request.py)
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
@@ -77,6 +80,8 @@ class Sequence:
         self.tool_parser = tool_parser
         # the tokens must equal this request's alone, whatever is decoded beside it (the engine plans for it)
         self.batch_invariant = bool(batch_invariant)
+        # tokens the grammar forces go through the decoder as one chunk, checked as sampled (jump_forward.py)
+        self.jump_forward = bool(jump_forward)
         self.token_table = token_table or (TokenTable(tokenizer) if logprobs is not None else None)
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.stopper = StopStringMatcher(list(stop_strings or []))

@@ -7,7 +7,8 @@ Each `step()`:
      KV cache of its own (batch 1); when its prompt is done it samples its first token and joins the
      decode batch (its KV copied once into a row of the BatchKVCache);
   3. runs every decoding sequence's pending token through the decoder in one call (rows = sequences,
-     per-row positions and masks); finished, stopped or cancelled sequences leave at once, keeping
+     per-row positions and masks), plus one chunk per row whose grammar forces the tokens after it
+     (jump-forward: jump_forward.py); finished, stopped or cancelled sequences leave at once, keeping
      their KV in the prefix cache.
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
 
@@ -25,6 +26,7 @@ import traceback
 import numpy as np
 
 from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
+from vlm_core.runtime.engine.jump_forward import chunk_width, plan_forced, run_forced, take_forced
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.prefix_cache import (
     EngineCache,
@@ -67,7 +69,9 @@ class BatchEngine:
         self.decoding: list[Sequence] = []  # decoding[r] holds batch row r
         self.counters = {"decoder_tokens": 0, "decoder_calls": 0, "vision_images": 0, "steps": 0, "widest_batch": 0,
                          "admitted": 0,  # sequences taken from `waiting` into a slot (read by tests)
-                         "padding_rows": 0}  # decoder rows run only for a request's invariance (decode_plan.py)
+                         "padding_rows": 0,  # decoder rows run only for a request's invariance (decode_plan.py)
+                         # jump-forward (jump_forward.py): chunks run, and forced tokens they saved a step for
+                         "forced_calls": 0, "forced_tokens": 0}
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -148,7 +152,8 @@ class BatchEngine:
     def _start(self, sequence: Sequence) -> None:
         """Key ids, prefix-cache lookup, a private KV cache for the prompt."""
         prompt = sequence.prompt
-        sequence.key_ids, sequence.image_digests = self._key_ids(prompt)
+        if sequence.key_ids is None:  # not keyed by its submitter (VisionLanguageModel.submit keys on its thread)
+            sequence.key_ids, sequence.image_digests = self.prompt_keys(prompt)
         sequence.cache = self.runner.new_cache(sequence.prompt_len)
         sequence.cache.reserve(sequence.prompt_len)  # the whole prompt at once: its chunks never regrow it
         if self.cache is not None:
@@ -172,8 +177,11 @@ class BatchEngine:
             start += count
         return spans
 
-    def _key_ids(self, prompt) -> tuple[np.ndarray, list]:
-        """(the prompt's key ids, one digest per image or clip): their tokens replaced by their digest id."""
+    def prompt_keys(self, prompt) -> tuple[np.ndarray, list]:
+        """(the prompt's key ids, one digest per image or clip): their tokens replaced by their digest id.
+
+        Any thread may call it (it reads only the prompt and the family): hashing a 1 MP image reads ~25 MB, so
+        submitters do it on their own thread, not the engine's, which would hold every stream up meanwhile."""
         key_ids = np.array(prompt.input_ids, dtype=np.int64)
         if prompt.pixel_values is None:
             return key_ids, []
@@ -274,14 +282,27 @@ class BatchEngine:
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
         calls = plan_decode(self.runner.quantization, [s.batch_invariant for s in self.decoding])
-        batch.reserve(max(call.start + call.width for call in calls), max(batch.lengths) + 1, self._slots_limit())
+        # rows whose grammar forces tokens after the pending one: a chunk of their own (jump_forward.py)
+        method = self.runner.quantization
+        forced = ({s.row: f for s in self.decoding if (f := plan_forced(s, method))}
+                  if self.runner.gives_all_positions else {})
+        longest = max(batch.lengths[r] + 1 + (chunk_width(self.decoding[r], forced[r], method) if r in forced else 0)
+                      for r in range(rows))
+        batch.reserve(max(call.start + call.width for call in calls), longest, self._slots_limit())
         embeds = self.runner.embed([s.pending_token for s in self.decoding])  # [rows, H]: one lookup for all
         logits = [self._decode_rows(call, embeds) for call in calls]
         logits = logits[0] if len(calls) == 1 else np.concatenate(logits)  # one call: no copy of the logits
+        forced_logits = {row: self._run_forced(row, tokens) for row, tokens in forced.items()}
         failed = []
         for sequence in list(self.decoding):
             try:
-                sequence.sample(logits[sequence.row])
+                row = sequence.row
+                if row in forced:
+                    taken = take_forced(sequence, logits[row], forced[row], forced_logits[row])
+                    batch.lengths[row] += taken
+                    self.counters["forced_tokens"] += taken
+                else:
+                    sequence.sample(logits[row])
             except Exception as e:  # one request's failure (its grammar) ends only that request
                 failed.append((sequence, e))
         for sequence, error in failed:  # rows move as sequences leave: only after every row has sampled
@@ -308,6 +329,14 @@ class BatchEngine:
         self.counters["decoder_calls"] += 1
         self.counters["padding_rows"] += width - (stop - start)
         return logits[: stop - start]
+
+    def _run_forced(self, row: int, tokens: list) -> np.ndarray:
+        """One jump-forward chunk for batch row `row` (jump_forward.run_forced): logits [len(tokens), vocab]."""
+        logits = run_forced(self.runner, self.batch, self.decoding[row], tokens)
+        self.counters["decoder_tokens"] += len(tokens)
+        self.counters["decoder_calls"] += 1
+        self.counters["forced_calls"] += 1
+        return logits
 
     # --- leaving ------------------------------------------------------------------------------
     def _leave(self, sequence: Sequence, error: BaseException | None = None) -> None:

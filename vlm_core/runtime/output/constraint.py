@@ -127,6 +127,15 @@ class Constraint:
         allowed = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
         return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
+    def forced_tokens(self, limit: int) -> list:
+        """The tokens the grammar forces from here (llguidance's fast-forward tokens), at most `limit`: the
+        keys, quotes and separators of a JSON schema, the rest of a unique enum value. Nothing is consumed."""
+        if limit <= 0 or self.matcher.is_stopped():
+            return []
+        tokens = self.matcher.compute_ff_tokens()
+        self._check()
+        return [int(t) for t in tokens[:limit]]
+
     def advance(self, token_id: int) -> None:
         """Move past a sampled token (one `mask` allowed)."""
         self.matcher.consume_token(int(token_id))

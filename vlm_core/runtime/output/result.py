@@ -86,4 +86,6 @@ def summarize_timings(timings: dict, load_s: float) -> dict:
     decode_s = timings.get("decode_s", 0.0)
     return {"load_s": round(load_s, 4), "vision_s": round(timings.get("vision_s", 0.0), 4),
             "prefill_s": round(timings.get("prefill_s", 0.0), 4), "ttft_s": round(timings.get("ttft_s", 0.0), 4),
-            "decode_tokens_per_s": round(steps / decode_s, 3) if decode_s > 0 else 0.0}
+            "decode_tokens_per_s": round(steps / decode_s, 3) if decode_s > 0 else 0.0,
+            # tokens a grammar forced that went through the decoder in a jump-forward chunk, not a step of their own
+            "forced_tokens": int(timings.get("forced_tokens", 0))}

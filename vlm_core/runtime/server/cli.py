@@ -74,6 +74,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="make every request batch-invariant by default: its tokens are exactly those it gives alone, "
                         "whatever is decoded beside it (slower on int4/int8 models). Off by default; a request can "
                         "ask for it with the body field \"batch_invariant\": true")
+    p.add_argument("--no-jump-forward", dest="jump_forward", action="store_false",
+                   help="decode the tokens a JSON schema or grammar forces one step each, as free tokens are (for "
+                        "measurement and debugging: the answers are the same). By default they go through the "
+                        "decoder as one chunk; a request can turn it off with the body field \"jump_forward\": false")
     for flag, kind, text in REQUEST_LIMITS:
         field = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, default=default(field), help=text.format(default(field)))

@@ -24,6 +24,7 @@ class ServeConfig:
     prefill_chunk: int = 128
     cache_mb: float = 256.0
     batch_invariant: bool = False
+    jump_forward: bool = True  # off with --no-jump-forward (runtime/engine/jump_forward.py)
     max_queue: int = 8
     timeout: float = 600.0
     body_timeout: float = 30.0  # seconds for a request body to arrive once its headers have

@@ -307,7 +307,7 @@ def _video_url(part: dict, kind: str, where: str) -> VideoURL:
 # The generation parameters by their JSON fields (errors name what the client sent).
 SERVER_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop": "stop",
                 "logprobs": "top_logprobs", "response_format": "response_format", "tools": "tools",
-                "batch_invariant": "batch_invariant"}
+                "batch_invariant": "batch_invariant", "jump_forward": "jump_forward"}
 
 
 def parse_chat_request(body, max_images: int, max_videos: int = 4, generation_defaults: dict | None = None,
@@ -338,6 +338,8 @@ def parse_chat_request(body, max_images: int, max_videos: int = 4, generation_de
     _refuse_unsupported(body)
     # an extension field: this request's tokens must not depend on its batch (None: the server's --batch-invariant)
     invariant = _get(body, "batch_invariant", lambda v: isinstance(v, bool), "true or false", None)
+    # an extension field: false decodes the tokens a grammar forces one step each (None: the server's default)
+    jump = _get(body, "jump_forward", lambda v: isinstance(v, bool), "true or false", None)
     video = _parse_video_budget(body)
     if video and not videos:
         name = next(name for name, field in VIDEO_FIELDS.items() if field in video)
@@ -349,7 +351,7 @@ def parse_chat_request(body, max_images: int, max_videos: int = 4, generation_de
         _parse_stop(body.get("stop")), _parse_logprobs(body), body.get("response_format"), body.get("tools"),
         body.get("tool_choice"),
         _get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True),
-        batch_invariant=invariant, names={**SERVER_NAMES, "max_new_tokens": length_field})
+        batch_invariant=invariant, names={**SERVER_NAMES, "max_new_tokens": length_field}, jump_forward=jump)
     return ChatRequest(messages=messages, images=images, videos=videos, video=video, image_budget=pixels,
                        stream=stream, include_usage=include_usage,
                        model=_get(body, "model", lambda v: isinstance(v, str), "a string", None), options=options)
