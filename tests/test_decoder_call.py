@@ -1,4 +1,4 @@
-"""The decoder call of format_version 2 (runtime/engine/decoder_call.py) on a one-layer graph made of ONNX Runtime's
+"""The decoder call of format_version 2 and 3 (runtime/engine/decoder_call.py) on a one-layer graph made of ONNX Runtime's
 GroupQueryAttention op alone: the cache buffers are written in place at each row's own length, and the op
 computes what export/group_query_attention.py's eager twin says it does (rows of different lengths, a
 multi-token chunk on a filled past, a float16 cache)."""
@@ -133,3 +133,16 @@ def test_an_export_of_format_version_1_is_refused_with_the_fix(tmp_path):
         load_manifest(str(tmp_path))
     message = str(error.value)
     assert "format_version 1" in message and "python -m vlm_core.export SRC -o" in message and "GroupQueryAttention" in message
+
+
+def test_a_graph_without_logits_index_refuses_every_positions_logits():
+    """A format_version 2 decoder (no logits_index input) gives the last position's logits only: asking it for
+    every position's (jump-forward) is an error, not a silent last-position answer."""
+    from vlm_core.runtime.engine.decoder_call import gives_all_positions
+
+    session = _session(np.float32)
+    assert not gives_all_positions(session)
+    keys = np.zeros((1, KV_HEADS, 16, HEAD_DIM), np.float32)
+    embeds = np.zeros((1, 3, (HEADS + 2 * KV_HEADS) * HEAD_DIM), np.float32)
+    with pytest.raises(ValueError, match="format_version 2"):
+        run_decoder(session, {"inputs_embeds": embeds}, [keys], [keys.copy()], [3], all_positions=True)

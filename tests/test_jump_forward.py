@@ -161,20 +161,28 @@ def test_int4_tokens_are_the_step_by_step_ones_or_differ_at_a_near_tie(qwen_expo
     assert forced >= 50, forced
 
 
-def test_int4_invariant_requests_jump_to_exactly_the_step_by_step_tokens(qwen_export_int4):
-    """A request that asked for invariance never meets MatMulNBits' one-row kernel, step by step (a lone row is
-    padded) or in a chunk (one forced token runs as two): its tokens are exactly the step-by-step ones."""
+def test_int4_invariant_requests_jump_too_and_stay_batch_invariant(qwen_export_int4):
+    """A request that asked for invariance jumps (a lone forced token runs as a chunk of two, never MatMulNBits'
+    one-row kernel): its tokens are the step-by-step ones or differ first at a near-tie, and they are the same
+    alone and batched with other rows."""
     from vlm_core import VisionLanguageModel
 
     model = VisionLanguageModel(qwen_export_int4, threads=1)
     forced = 0
     for sampling in (GREEDY, SamplingParams(temperature=0.8, seed=2)):
         for name, prompt in _cases():
-            jumped, engine, _ = run_schedule(model, [_request(name, prompt, sampling, True, batch_invariant=True)], [0])
-            stepped, _, _ = run_schedule(model, [_request(name, prompt, sampling, False, batch_invariant=True)], [0])
-            assert jumped == stepped, (name, prompt)
+            request = _request(name, prompt, sampling, True, batch_invariant=True)
+            jumped, engine, _ = run_schedule(model, [request], [0])
+            (sequence,), _, _ = schedule(model, [{**request, "jump_forward": False, "keep_logits": True}], [0])
+            _assert_same_or_near_tie(jumped[0], tokens_of(sequence), sequence.seen_logits, (name, prompt))
             forced += engine.counters["forced_tokens"]
     assert forced >= 100, forced
+    free = {"messages": [{"role": "user", "content": "Describe the sea."}], "sampling": GREEDY, "max_new_tokens": 20}
+    requests = [_request("meter", "Read the meter.", GREEDY, True, batch_invariant=True), free,
+                _request("form", "Fill in the form.", GREEDY, True, batch_invariant=True)]
+    together, _, widest = run_schedule(model, requests, [0, 0, 1])
+    assert widest == 3
+    assert together[0] == alone(model, requests[:1])[0] and together[2] == alone(model, requests[2:])[0]
 
 
 def test_int8_invariant_requests_do_not_jump(qwen_export_int8):
@@ -187,4 +195,14 @@ def test_int8_invariant_requests_do_not_jump(qwen_export_int8):
     assert engine.counters["forced_tokens"] == 0 and engine.counters["forced_calls"] == 0
     (stepped,), _, _ = run_schedule(model, [_request("meter", "Read the meter.", GREEDY, False,
                                                      batch_invariant=True)], [0])
+    assert tokens == stepped
+
+
+def test_a_decoder_without_logits_index_decodes_forced_tokens_step_by_step(vlm, monkeypatch):
+    """A format_version 2 folder (its decoder gives the last position's logits only) is still served, without
+    jump-forward."""
+    monkeypatch.setattr(vlm.runner, "gives_all_positions", False)
+    (tokens,), engine, _ = run_schedule(vlm, [_request("meter", "Read the meter.", GREEDY, True)], [0])
+    assert engine.counters["forced_calls"] == 0
+    (stepped,), _, _ = run_schedule(vlm, [_request("meter", "Read the meter.", GREEDY, False)], [0])
     assert tokens == stepped

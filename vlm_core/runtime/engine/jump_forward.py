@@ -15,17 +15,21 @@ forced tokens past that point is left behind the row's length (never read, overw
 
 So the tokens are the ones step-by-step decoding samples from the same logits: the same grammar mask, logits
 processors, sampler and random draws, one sample per token, and logprobs of forced tokens are exact (each
-comes from its own position's logits). Where the logits themselves come out the same is the kernels' matter,
-as with batching (decode_plan.py):
-- float weights: a chunk's logits equal the one-token calls' (tested token for token);
-- 4-bit MatMulNBits computes one row (M = 1) with another kernel than several. A request that asked for
-  batch invariance never meets the one-row kernel, step by step or here (a chunk of one forced token is run
-  as two, the second's output dropped), so its tokens are exactly the step-by-step ones; a default request's
-  lone steps take the one-row kernel and its chunks the other, so its answer can differ from step by step as
-  a batched one can from alone (on the 2B's random weights: a first difference at a top-2 logit gap of
-  0.02-0.03 in 2 of 4 answers);
-- dynamic int8 quantizes a call's activations with one scale: a chunk's differ from one token's, so a request
-  that asked for invariance does not jump on an int8 export. A forced token the model
+comes from its own position's logits). The logits themselves are the step-by-step ones up to float
+rounding, not bit for bit:
+- GroupQueryAttention runs a multi-token chunk through another path than one token (measured on its op
+  alone, 16/8 heads of 128 over 100 filled slots: up to 3e-7 apart in float32, 2.4e-4 with a float16 cache),
+  so a chunk can flip a near-tie. Tested on the tiny models: every test schema's answer is the step-by-step
+  one, float32 and int4, greedy and seeded. On the 2B's random weights (very flat logits) 2 of 4 invoice
+  answers differ, first at top-2 logit gaps of 0.022 and 0.031 (bench/jump_forward.py). `jump_forward=False`
+  is the bit-exact step-by-step answer.
+- 4-bit MatMulNBits may compute one row (M = 1) with another kernel than several (decode_plan.py; on the
+  AVX-512 VNNI host a row came out the same for any M, on others it did not): a chunk of one forced token
+  of a request that asked for batch invariance runs as two (the second's output dropped), so it never meets
+  the one-row kernel there either.
+- dynamic int8 quantizes a call's activations with one scale: a chunk's differ from one token's more than
+  rounding, so a request that asked for invariance does not jump on an int8 export.
+Batch invariance itself is kept: a row's chunk is its own call, whatever else is decoded. A forced token the model
 would not have picked (llguidance writes forced text in its own tokenization, a model may spell it in other
 tokens) costs the chunk and nothing else: the answer is the step-by-step one.
 
