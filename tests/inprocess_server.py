@@ -8,6 +8,7 @@ scheduler) directly while requests run, which is what checking gauges against th
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -39,6 +40,18 @@ class InProcessServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class LogRecords(logging.Handler):
+    """Every log record handed to it, kept in `records` (attach it to the server's loggers to check that
+    nothing was logged as an error, and no traceback)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "the condition"):

@@ -15,20 +15,11 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inprocess_server import InProcessServer  # noqa: E402
+from inprocess_server import InProcessServer, LogRecords  # noqa: E402
 
 TIMEOUT = 0.5  # the head deadline under test
 CEILING = 20.0  # how long a test waits for the server at most (a generous bound, never the thing waited for)
 HEAD = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def server():
     async def echo(request):
         return JSONResponse({"got": (await request.body()).decode()})
 
-    records = _Records()
+    records = LogRecords()
     loggers = [logging.getLogger(name) for name in ("vlm_core", "uvicorn", "uvicorn.error")]
     for logger in loggers:
         logger.addHandler(records)

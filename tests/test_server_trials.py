@@ -18,7 +18,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inprocess_server import InProcessServer, import_httpx  # noqa: E402
+from inprocess_server import InProcessServer, LogRecords, import_httpx  # noqa: E402
 
 API_KEY = "trial-key"
 HI = [{"role": "user", "content": "hi"}]
@@ -282,22 +282,13 @@ def _rows() -> dict:
 ROWS = _rows()
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module")
 def servers(vlm):
     """(the plain server, the keyed one) over the session's model, and what their loggers wrote."""
     from vlm_core.runtime.server.app import create_app
     from vlm_core.runtime.server.config import ServeConfig
 
-    records = _Records()
+    records = LogRecords()
     loggers = [logging.getLogger(name) for name in ("vlm_core", "uvicorn", "uvicorn.error", "uvicorn.access")]
     for logger in loggers:
         logger.addHandler(records)
