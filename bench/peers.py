@@ -9,8 +9,9 @@ i.e. Qwen3-1.7B's), made once into --work-dir with --genai-python (torch + trans
 (f16) + llama-quantize Q4_K_M, timed by llama-bench. Ours: --ours, an int4 export, given a text-only
 prompt padded to ~--prompt-tokens tokens; the peers then take exactly as many prompt tokens (GenAI the
 same token ids). Every run is a fresh process (peak RSS its own: VmHWM), peers interleaved over --rounds
-rounds (order rotated each round), medians reported. A peer that is not installed is skipped with the
-reason and the recipe (bench/peers_setup.md). Weights differ across runtimes (random); shapes do not.
+rounds (order rotated each round), medians reported with the spread (min-max over the rounds), and the
+ratios to the peers taken within each round (one round's runs share the host's load). A peer that is not
+installed is skipped with the reason and the recipe (bench/peers_setup.md). Weights differ across runtimes (random); shapes do not.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ SHAPES = {  # Qwen3Config fields; "full" is bench/configs/qwen3-vl-2b.json's tex
     "tiny": dict(TEXT, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64),
 }
-PEERS = ("ours", "ours-one-row", "genai", "llama.cpp")
+PEERS = ("ours", "ours-invariant", "genai", "llama.cpp")
 GENAI_RECIPE = ("python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install onnxruntime-genai==0.18.0 "
                 "torch==2.13.0 transformers onnx onnx-ir onnxscript sentencepiece (" + SETUP + ")")
 FILLER = ("The old harbour town wakes slowly: fishermen mend their nets, a baker props open a blue door, and gulls "
@@ -209,14 +210,14 @@ def genai_model(args, python: str, ckpt: str) -> str:
 def setup(args) -> tuple[dict, dict]:
     """Build each asked-for peer's model; returns (runner per peer, skip reason per peer)."""
     runners, skipped = {}, {}
-    ours = [n for n in ("ours", "ours-one-row") if n in args.peers]
+    ours = [n for n in ("ours", "ours-invariant") if n in args.peers]
     if ours:
         if not args.ours:
             skipped.update(dict.fromkeys(ours, "--ours not given (an int4 export of this shape: " + SETUP + ")"))
         elif not os.path.exists(os.path.join(args.ours, "manifest.json")):
             skipped.update(dict.fromkeys(ours, f"--ours {args.ours}: not an exported folder (no manifest.json)"))
         else:
-            for name, invariant in (("ours", True), ("ours-one-row", False)):
+            for name, invariant in (("ours", False), ("ours-invariant", True)):  # ours: the engine's default
                 if name in args.peers:
                     runners[name] = lambda log_path, prompt, invariant=invariant: launch(
                         [sys.executable, "-m", "bench.peers", "--worker", json.dumps(
@@ -267,35 +268,74 @@ def prompt_ids(args) -> list:
 
 
 def median_row(runs: list) -> dict:
-    """Medians over a peer's runs: prompt tokens, prefill and decode tok/s, TTFT, peak RSS."""
+    """Medians over a peer's runs (prompt tokens, prefill and decode tok/s, TTFT, peak RSS), and the spread of
+    the two rates: min and max over the rounds."""
+    def values(key):
+        return [r[key] for r in runs if r.get(key) is not None]
+
     def med(key):
-        values = [r[key] for r in runs if r.get(key) is not None]
-        return statistics.median(values) if values else None
-    return {"prompt_tokens": runs[0]["prompt_tokens"], "prefill_tokens_per_s": med("prefill_tokens_per_s"),
-            "decode_tokens_per_s": med("decode_tokens_per_s"), "ttft_s": med("ttft_s"),
-            "peak_rss_mb": med("peak_rss_mb"), "rounds": len(runs)}
+        return statistics.median(values(key)) if values(key) else None
+    row = {"prompt_tokens": runs[0]["prompt_tokens"], "prefill_tokens_per_s": med("prefill_tokens_per_s"),
+           "decode_tokens_per_s": med("decode_tokens_per_s"), "ttft_s": med("ttft_s"),
+           "peak_rss_mb": med("peak_rss_mb"), "rounds": len(runs)}
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        row[key.replace("tokens_per_s", "min")] = min(values(key)) if values(key) else None
+        row[key.replace("tokens_per_s", "max")] = max(values(key)) if values(key) else None
+    return row
+
+
+def round_ratios(results: dict) -> dict:
+    """Per round, each runtime's decode and prefill rate over the fastest peer's (GenAI, llama.cpp) in that same
+    round: the ratios the targets are about, with their spread (only ratios within one round share the load)."""
+    peers = [n for n in results if not n.startswith("ours")]
+    out = {}
+    for name, r in results.items():
+        ratios = {"decode_vs_fastest_peer": [], "prefill_vs_llama_cpp": []}
+        for run in r.get("runs", []):
+            decode = [q["decode_tokens_per_s"] for p in peers for q in results[p].get("runs", [])
+                      if q["round"] == run["round"] and q.get("decode_tokens_per_s")]
+            llama = [q["prefill_tokens_per_s"] for q in results.get("llama.cpp", {}).get("runs", [])
+                     if q["round"] == run["round"]]
+            if decode and run.get("decode_tokens_per_s"):
+                ratios["decode_vs_fastest_peer"].append(run["decode_tokens_per_s"] / max(decode))
+            if llama and run.get("prefill_tokens_per_s"):
+                ratios["prefill_vs_llama_cpp"].append(run["prefill_tokens_per_s"] / llama[0])
+        out[name] = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
+                     for k, v in ratios.items() if v}
+    return out
+
+
+def spread(median, low, high, spec: str, unit: str = "") -> str:
+    """'median (min-max)' over the rounds, or the median alone for one round."""
+    if median is None:
+        return "-"
+    if low is None or low == high:
+        return format(median, spec) + unit
+    return f"{format(median, spec)}{unit} ({format(low, spec)}-{format(high, spec)})"
 
 
 def table(results: dict) -> str:
-    """The markdown table: one row per peer (skipped ones with their reason)."""
-    rates = {n: r["median"]["decode_tokens_per_s"] for n, r in results.items() if r.get("median")}
-    peer_rates = [v for n, v in rates.items() if not n.startswith("ours") and v] or [v for v in rates.values() if v]
-    best = max(peer_rates) if peer_rates else None
-    names = {"ours": "ours (int4 export; default batch-invariant engine: a lone sequence runs as 2 rows)",
-             "ours-one-row": "ours (int4 export, batch_invariant=False: one row)", "genai": "ONNX Runtime GenAI (int4, acc. level 4)",
-             "llama.cpp": "llama.cpp (Q4_K_M, llama-bench)"}
-    lines = ["| runtime | prompt tokens | prefill tok/s | decode tok/s | peak RSS MiB | decode vs fastest peer |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """The markdown table: one row per peer (skipped ones with their reason); rates as median (min-max) over the
+    rounds, ratios from the same round (median (min-max) over the rounds)."""
+    ratios = round_ratios(results)
+    names = {"ours": "ours (int4 export, default engine: a lone sequence decodes as one row)",
+             "ours-invariant": "ours (int4 export, batch_invariant=True: a lone sequence runs as 2 rows)",
+             "genai": "ONNX Runtime GenAI (int4, acc. level 4)", "llama.cpp": "llama.cpp (Q4_K_M, llama-bench)"}
+    header = ("| runtime | prompt tokens | prefill tok/s | decode tok/s | peak RSS MiB | decode vs fastest peer "
+              "(same round) | prefill vs llama.cpp (same round) |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         m = r.get("median")
         if not m:
             status = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r.get('error', 'no run')}"
-            lines.append(f"| {names[name]} | {status.split('; ')[0]} | | | | |")
+            lines.append(f"| {names[name]} | {status.split('; ')[0]} | | | | | |")
             continue
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        ratio = f"{m['decode_tokens_per_s'] / best:.2f}x" if best and m["decode_tokens_per_s"] else "-"
-        lines.append(f"| {names[name]} | {m['prompt_tokens']} | {fmt(m['prefill_tokens_per_s'], '.1f')} | "
-                     f"{fmt(m['decode_tokens_per_s'], '.1f')} | {fmt(m['peak_rss_mb'], '.0f')} | {ratio} |")
+        ratio = {k: spread(v["median"], v["min"], v["max"], ".2f", "x") for k, v in ratios[name].items()}
+        lines.append(f"| {names[name]} | {m['prompt_tokens']} | "
+                     f"{spread(m['prefill_tokens_per_s'], m['prefill_min'], m['prefill_max'], '.1f')} | "
+                     f"{spread(m['decode_tokens_per_s'], m['decode_min'], m['decode_max'], '.1f')} | "
+                     f"{format(m['peak_rss_mb'], '.0f') if m['peak_rss_mb'] is not None else '-'} | "
+                     f"{ratio.get('decode_vs_fastest_peer', '-')} | {ratio.get('prefill_vs_llama_cpp', '-')} |")
     return "\n".join(lines)
 
 
@@ -340,6 +380,7 @@ def main(argv=None) -> int:
                 continue
             if not name.startswith("ours") and prompt is None:  # ours not run (skipped or failed): the filler's ids
                 prompt = prompt_ids(args)
+            load_before = [round(x, 2) for x in os.getloadavg()]
             try:
                 run = runners[name](os.path.join(args.work_dir, "logs", f"{name}-{r + 1}.log"), prompt)
             except (RuntimeError, ValueError, KeyError, StopIteration) as e:
@@ -349,6 +390,7 @@ def main(argv=None) -> int:
             ids = run.pop("prompt_ids", None)
             prompt = prompt if prompt is not None else ids
             run.setdefault("prefill_tokens_per_s", run["prompt_tokens"] / run["prefill_s"])
+            run["round"], run["load_average_before"] = r + 1, load_before
             results[name]["runs"].append(run)
             log(f"{name} round {r + 1}/{args.rounds}: {run['prompt_tokens']} prompt tokens, prefill "
                 f"{run['prefill_tokens_per_s']:.1f} tok/s, decode {run['decode_tokens_per_s']:.1f} tok/s, "
@@ -356,13 +398,14 @@ def main(argv=None) -> int:
     for r in results.values():
         if r["runs"]:
             r["median"] = median_row(r["runs"])
-    shape = SHAPES[args.shape]
+    shape, end_load = SHAPES[args.shape], [round(x, 2) for x in os.getloadavg()]
     text = (f"## Peers: {args.shape} text decoder ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
             f"intermediate {shape['intermediate_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} "
             f"heads of {shape['head_dim']}, vocab {shape['vocab_size']}), {args.new_tokens} new tokens, "
-            f"{args.threads} threads, median of {args.rounds} interleaved rounds\n\n{machine.markdown(info)}\n"
-            f"- load average at start "
-            f"{info['load_average']} (1, 5, 15 min)\n\n{table(results)}\n\n"
+            f"{args.threads} threads, {args.rounds} interleaved rounds: median (min-max)\n\n"
+            f"{machine.markdown(info)}\n"
+            f"- load average at start {info['load_average']}, at the end {end_load} (1, 5, 15 min; each run's "
+            f"in the JSON)\n\n{table(results)}\n\n"
             f"Prefill: the whole prompt (llama-bench: pp at depth 0); decode: the tokens after the first "
             f"(llama-bench: tg{args.new_tokens} at depth = prompt tokens)." + notes(args, results))
     print(text)
@@ -370,7 +413,8 @@ def main(argv=None) -> int:
     settings = dict({k: v for k, v in vars(args).items() if k not in ("worker", "write_ours_config")},
                     shape_config=shape, prompt_ids=prompt)
     with open(args.json_out, "w", encoding="utf-8") as f:
-        json.dump({"machine": info, "settings": settings, "peers": results, "markdown": text, "started": started,
+        json.dump({"machine": info, "settings": settings, "peers": results, "ratios": round_ratios(results),
+                   "load_average_end": end_load, "markdown": text, "started": started,
                    "elapsed_s": time.time() - started}, f, indent=2)
         f.write("\n")
     log(f"wrote {args.json_out}")
