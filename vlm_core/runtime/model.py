@@ -73,11 +73,15 @@ class VisionLanguageModel:
             False (default) lets the engine pick the fastest kernels. A request's own `batch_invariant` wins.
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
+        prepacked_cache: load the 4-bit (MatMulNBits) graphs with their pre-packed weights memory-mapped from a
+            copy under `folder`/prepacked, written on this host's first load (see runtime/engine/prepacked.py):
+            file-backed pages instead of anonymous memory. False packs in memory at every load and writes
+            nothing.
     """
 
     def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
-                 batch_invariant: bool = False, allow_remote_images: bool = False):
+                 batch_invariant: bool = False, allow_remote_images: bool = False, prepacked_cache: bool = True):
         start = time.perf_counter()
         self.folder = folder
         self.allow_remote_images = allow_remote_images
@@ -100,8 +104,11 @@ class VisionLanguageModel:
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
         pool = ThreadPoolExecutor(max_workers=len(manifest["graphs"]))
+        formats = {name: entry.get("format") for name, entry in manifest.get("quantization", {}).items()
+                   if isinstance(entry, dict)}
         sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision",
-                                      prepack=name != "vision")
+                                      prepack=name != "vision",
+                                      cache_prepacked=prepacked_cache and formats.get(name) == "MatMulNBits")
                     for name, graph in manifest["graphs"].items()}
         self.tokenizer = load_tokenizer(folder, manifest)
         self.chat_template = load_chat_template(folder, manifest)
