@@ -5,7 +5,8 @@ import logging
 import os
 
 from vlm_core.errors import ModelFolderError, ParameterError
-from vlm_core.runtime.engine.prepacked import packed_graph
+from vlm_core.runtime.engine.memory_hints import drop_unmapped_pages
+from vlm_core.runtime.engine.prepacked import DATA_SUFFIX, packed_graph
 
 log = logging.getLogger("vlm_core.runtime")
 
@@ -75,8 +76,10 @@ def create_session(folder: str, graph: dict, threads: int | None = None, arena: 
         packed = packed_graph(folder, graph, lambda: session_options(threads, arena, prepack))
         if packed is not None:
             try:
-                return ort.InferenceSession(packed, session_options(threads, arena, prepack),
-                                            providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(packed, session_options(threads, arena, prepack),
+                                               providers=["CPUExecutionProvider"])
+                drop_unmapped_pages(packed + DATA_SUFFIX)
+                return session
             except Exception as e:  # a damaged copy: the source graph still loads
                 log.warning("note: %s cannot be loaded (%s); packing %s in memory", packed,
                             str(e).splitlines()[0][:200], path)
