@@ -135,7 +135,7 @@ class VisionLanguageModel:
                                   manifest.get("quantization", {}).get("method", "none"),
                                   vision_files=frozenset(graph_files(folder, vision)) if vision else frozenset())
         self.engine = BatchEngine(self.runner, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
-        release_freed_heap()  # what parsing the graphs and the tokenizer left behind (~90 MB on the 2B export)
+        release_freed_heap()  # what parsing the graphs and the tokenizer left behind (~115 MB on the 2B export)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------

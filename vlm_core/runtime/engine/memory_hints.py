@@ -6,7 +6,7 @@ recency. Two things go wrong for a VLM whose 4-bit decoder is memory-mapped (pre
   kernel evicts the decoder's packed weights and the first decode steps read them back from disk (2B int4,
   1792 MiB cgroup: 9 steps of 1.5-3.4 s with ~250 major faults each, then 0.3 s);
 - heap that ONNX Runtime and the tokenizer freed stays in the process (glibc keeps it), anonymous memory that
-  nothing uses: ~90 MB after loading the 2B export.
+  nothing uses: ~115 MB after loading the 2B export.
 After each vision call the runtime marks the vision weights' pages cold (madvise MADV_COLD: reclaimed first,
 kept when memory is plentiful) and returns freed heap to the OS (malloc_trim); once more after loading.
 Linux with glibc; elsewhere both are no-ops.

@@ -1,7 +1,7 @@
 """Pre-packed 4-bit weights written once next to the export, then memory-mapped on every later load.
 
 At session creation MLAS copies each MatMulNBits weight into its own layout (the 4-bit blocks interleaved with
-their scales and block sums). That copy is anonymous memory, and more than the file: 1268 MB for the
+their scales and block sums). That copy is anonymous memory, and more than the file: 1265 MiB for the
 Qwen3-VL-2B int4 decoder, whose weights take 1076 MB on disk. Anonymous memory cannot be dropped under a
 memory limit, so it stays while the vision graph runs its large activations.
 
@@ -9,7 +9,7 @@ ONNX Runtime can write the packed layout into an optimized model's external data
 (`session.save_external_prepacked_constant_initializers`, ONNX format only). Loading that model memory-maps the
 blobs and hands them to the kernels (`UseSharedPrePackedBuffers`) instead of packing again: the same bytes,
 file-backed. Measured on the 2B int4 decoder (ONNX Runtime 1.32, AMD EPYC Zen 4): RssAnon after creating the
-session 1296 -> 76 MB, RssFile 244 -> 1505 MB, and the session is built in 1.8 s instead of 3.6 s.
+session 1265 -> 74 MiB, RssFile 238 -> 1470 MiB, and the session is built in 1.8 s instead of 3.6 s.
 
 The packed layout depends on the CPU (MLAS picks its kernels by instruction set) and on the ONNX Runtime
 version, so it is written on the first load on a host, not at export, into
