@@ -42,6 +42,11 @@ def test_packed_copy_written_once_then_loaded(int4_copy, loaded_paths):
     graph = VisionLanguageModel(int4_copy, threads=1, prepacked_cache=False).manifest["graphs"]["decoder"]
     stale = os.path.join(int4_copy, prepacked.FOLDER, "decoder.int4-0123456789abcdef")
     os.makedirs(stale)  # a copy for another ONNX Runtime or CPU: removed once this host's is written
+    abandoned = os.path.join(int4_copy, prepacked.FOLDER, prepacked.WORK_PREFIX + "dead")
+    writing = os.path.join(int4_copy, prepacked.FOLDER, prepacked.WORK_PREFIX + "live")
+    os.makedirs(abandoned)
+    os.makedirs(writing)  # another process writing now: kept
+    os.utime(abandoned, (0, 0))
     del loaded_paths[:]
     VisionLanguageModel(int4_copy, threads=1)
     target = prepacked.packed_path(int4_copy, graph)
@@ -50,9 +55,9 @@ def test_packed_copy_written_once_then_loaded(int4_copy, loaded_paths):
     assert [p for p in loaded_paths if "decoder" in p] == [source, target]
     # the packed blobs are in the copy's external data: more bytes than the whole source graph
     assert os.path.getsize(target + prepacked.DATA_SUFFIX) > os.path.getsize(source)
-    assert not os.path.exists(stale)
-    assert [e for e in os.listdir(os.path.dirname(os.path.dirname(target)))] == [os.path.basename(
-        os.path.dirname(target))]  # no leftover work folder
+    assert not os.path.exists(stale) and not os.path.exists(abandoned)
+    assert sorted(os.listdir(os.path.dirname(os.path.dirname(target)))) == sorted(
+        [os.path.basename(os.path.dirname(target)), os.path.basename(writing)])  # and no work folder of ours
     written = os.stat(target + prepacked.DATA_SUFFIX).st_mtime_ns
     del loaded_paths[:]
     VisionLanguageModel(int4_copy, threads=1)

@@ -24,11 +24,14 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 
 log = logging.getLogger("vlm_core.runtime")
 
 FOLDER = "prepacked"  # under the model folder; safe to delete at any time (the next load writes it again)
 DATA_SUFFIX = ".data"
+WORK_PREFIX = ".writing-"
+ABANDONED_S = 3600  # a work folder this old was left by a process that died writing (a write takes seconds)
 
 
 def cpu_signature() -> str:
@@ -72,7 +75,7 @@ def write_packed(source: str, target: str, options) -> None:
     final_dir = os.path.dirname(target)
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+    work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
     try:
         name = os.path.basename(target)
         options.optimized_model_filepath = os.path.join(work, name)
@@ -100,13 +103,22 @@ def write_packed(source: str, target: str, options) -> None:
 
 
 def remove_stale(current_dir: str) -> None:
-    """Delete the other packed copies of the same graph (an older ONNX Runtime, a re-export, another CPU).
-    A process still mapping one keeps its pages: unlinking a mapped file frees it only at unmap."""
+    """Delete the other packed copies of the same graph (an older ONNX Runtime, a re-export, another CPU), and
+    work folders abandoned by a process that died writing (OOM-killed, say). A process still mapping a copy
+    keeps its pages: unlinking a mapped file frees it only at unmap."""
     parent, current = os.path.split(current_dir)
     stem = current.rsplit("-", 1)[0]
     for entry in os.listdir(parent):
-        if entry != current and not entry.startswith(".") and entry.rsplit("-", 1)[0] == stem:
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        path = os.path.join(parent, entry)
+        if entry.startswith(WORK_PREFIX):
+            try:
+                abandoned = time.time() - os.stat(path).st_mtime > ABANDONED_S
+            except OSError:
+                continue
+            if abandoned:
+                shutil.rmtree(path, ignore_errors=True)
+        elif entry != current and entry.rsplit("-", 1)[0] == stem:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def packed_graph(folder: str, graph: dict, make_options) -> str | None:
