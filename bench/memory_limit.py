@@ -168,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float,
                    help="per-run limit (default: 5x the unlimited run's wall time + 60 s); a run past it fails")
     p.add_argument("--no-swap", action="store_true", help="also cap swap in the group (no effect without swap)")
+    p.add_argument("--no-prepacked-cache", action="store_true",
+                   help="pack 4-bit weights in memory at every load (the runtime's prepacked_cache=False) instead of "
+                        "mapping the copy under FOLDER/prepacked")
     p.add_argument("--work-dir", default=os.path.join("bench-out", "memory-limit"),
                    help="logs and the resized image (default bench-out/memory-limit)")
     p.add_argument("--json-out", help="results JSON (default WORK/memory-limit.json)")
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
         return 0
     image = None if args.text_only else os.path.abspath(args.image or artifacts.default_image(args.work_dir))
     spec = {"task": "onnx", "folder": args.folder, "image": image,
-            "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads, "warmup": args.warmup}
+            "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads, "warmup": args.warmup,
+            "prepacked_cache": not args.no_prepacked_cache}
     artifacts.log(f"memory cgroup v{cgroup[0]} under {cgroup[1]}; swap {'on: ' + ', '.join(swap) if swap else 'off'}")
 
     def measure(limit_mib, timeout_s, reference):

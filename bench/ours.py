@@ -22,7 +22,8 @@ def load(spec: dict):
     from vlm_core.runtime.model import VisionLanguageModel
 
     return VisionLanguageModel(spec["folder"], threads=spec["threads"], cache_mb=0,
-                               batch_invariant=spec.get("batch_invariant", True))
+                               batch_invariant=spec.get("batch_invariant", True),
+                               prepacked_cache=spec.get("prepacked_cache", True))
 
 
 def timed_answer(vlm, prompt, spec: dict) -> dict:

@@ -24,7 +24,7 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 def check_parity(folder: str, reference: dict, logits_rtol: float = LOGITS_RTOL,
                  features_rtol: float = FEATURES_RTOL) -> dict:
     """Run the folder's graphs on the reference inputs; return the agreement figures and `passed`."""
-    model = VisionLanguageModel(folder)
+    model = VisionLanguageModel(folder, prepacked_cache=False)  # no host-specific copy in the export
     expected_vision = reference["vision_outputs"]
     vision = model.sessions["vision"].run(list(expected_vision), reference["vision_feeds"])
     figures = {f"{name}_rel_err": relative_error(actual, expected_vision[name])
@@ -52,7 +52,7 @@ def check_parity(folder: str, reference: dict, logits_rtol: float = LOGITS_RTOL,
 
 def quantized_agreement(folder: str, reference: dict) -> dict:
     """How close a quantized folder stays to eager fp32 on the reference case (reported, not enforced)."""
-    model = VisionLanguageModel(folder)
+    model = VisionLanguageModel(folder, prepacked_cache=False)  # no host-specific copy in the export
     name, expected_features = next(iter(reference["vision_outputs"].items()))  # the image features
     features = model.sessions["vision"].run([name], reference["vision_feeds"])[0]
     prompt = model.family.prepare(reference["input_ids"], reference["pixel_values"], reference["image_grid_thw"])

@@ -25,6 +25,7 @@ from vlm_core.runtime.chat.messages import build_user_messages, normalize_messag
 from vlm_core.runtime.chat.template import render_chat
 from vlm_core.runtime.chat.tools import ToolCallParser
 from vlm_core.runtime.engine.kv_buffer import KVCache
+from vlm_core.runtime.engine.memory_hints import graph_files, release_freed_heap
 from vlm_core.runtime.engine.onnx_sessions import check_threads, create_session
 from vlm_core.runtime.engine.runner import ModelRunner
 from vlm_core.runtime.engine.sequence import GenerationChunk, Sequence
@@ -77,14 +78,19 @@ class VisionLanguageModel:
             of what is batched with it, at a cost in speed on int4/int8 graphs (see runtime/engine/decode_plan.py);
             False (default) lets the engine pick the fastest kernels. A request's own `batch_invariant` wins.
         jump_forward: the default for requests that do not say: True (default) runs the tokens a grammar forces
-            as one decoder chunk, the answer unchanged (runtime/engine/jump_forward.py); False: one step each.
+            as one decoder chunk, checked as sampled (runtime/engine/jump_forward.py); False: one step each.
         allow_remote_images: fetch images given as http(s) URLs (off: such a URL is refused with an ImageError;
             data: URLs are always decoded).
+        prepacked_cache: load the 4-bit (MatMulNBits) graphs with their pre-packed weights memory-mapped from a
+            copy under `folder`/prepacked, written on this host's first load (see runtime/engine/prepacked.py):
+            file-backed pages instead of anonymous memory. False packs in memory at every load and writes
+            nothing.
     """
 
     def __init__(self, folder: str, threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_mb: float = DEFAULT_CACHE_MB,
-                 batch_invariant: bool = False, allow_remote_images: bool = False, jump_forward: bool = True):
+                 batch_invariant: bool = False, allow_remote_images: bool = False, jump_forward: bool = True,
+                 prepacked_cache: bool = True):
         start = time.perf_counter()
         self.folder = folder
         self.allow_remote_images = allow_remote_images
@@ -108,8 +114,11 @@ class VisionLanguageModel:
         # Session creation (reading and pre-packing weights) runs in ORT's C++ code without the GIL:
         # the graphs load side by side while the tokenizer is parsed here.
         pool = ThreadPoolExecutor(max_workers=len(manifest["graphs"]))
+        formats = {name: entry.get("format") for name, entry in manifest.get("quantization", {}).items()
+                   if isinstance(entry, dict)}
         sessions = {name: pool.submit(create_session, folder, graph, threads, arena=name != "vision",
-                                      prepack=name != "vision")
+                                      prepack=name != "vision",
+                                      cache_prepacked=prepacked_cache and formats.get(name) == "MatMulNBits")
                     for name, graph in manifest["graphs"].items()}
         self.tokenizer = load_tokenizer(folder, manifest)
         self.chat_template = load_chat_template(folder, manifest)
@@ -130,9 +139,12 @@ class VisionLanguageModel:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
         # what runs the graphs, for the engine and for this facade's prefill / run_decoder / encode_images alike
+        vision = manifest["graphs"].get("vision")
         self.runner = ModelRunner(self.family, self.sessions, self.embeddings, self.embedding_scale, self.text_config,
-                                  manifest.get("quantization", {}).get("method", "none"))
+                                  manifest.get("quantization", {}).get("method", "none"),
+                                  vision_files=frozenset(graph_files(folder, vision)) if vision else frozenset())
         self.engine = BatchEngine(self.runner, parallel=parallel, prefill_chunk=prefill_chunk, cache_mb=cache_mb)
+        release_freed_heap()  # what parsing the graphs and the tokenizer left behind (~115 MB on the 2B export)
         self.load_s = time.perf_counter() - start
 
     # --- inputs -------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
 """ONNX Runtime sessions with settings that fit a small CPU host."""
 from __future__ import annotations
 
+import logging
 import os
 
 from vlm_core.errors import ModelFolderError, ParameterError
+from vlm_core.runtime.engine.memory_hints import drop_unmapped_pages
+from vlm_core.runtime.engine.prepacked import DATA_SUFFIX, packed_graph
+
+log = logging.getLogger("vlm_core.runtime")
 
 # Intra-op threads per core at most: more only queue for the same cores, and ONNX Runtime starts an OS thread
 # for each (`--threads 100000` hung at start, and crashed under a memory limit).
@@ -28,7 +33,23 @@ def check_threads(threads, name: str = "threads") -> None:
                              f"{usable_cores()} this process may use), got {threads!r:.40}", name)
 
 
-def create_session(folder: str, graph: dict, threads: int | None = None, arena: bool = True, prepack: bool = True):
+def session_options(threads: int | None, arena: bool, prepack: bool):
+    """SessionOptions for one CPU session (see create_session for `arena` and `prepack`)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or usable_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = arena
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def create_session(folder: str, graph: dict, threads: int | None = None, arena: bool = True, prepack: bool = True,
+                   cache_prepacked: bool = False):
     """An InferenceSession for one manifest graph entry, on the CPU.
 
     Args:
@@ -44,20 +65,27 @@ def create_session(folder: str, graph: dict, threads: int | None = None, arena: 
             that stays for the life of the process (2B int4 export: RssAnon 419 -> 34 MB after load, the
             same vision time within noise). The decoder needs its pre-packed 4-bit weights: without them
             a decode step takes seconds.
+        cache_prepacked: load a copy of the graph whose pre-packed weights are in its external data file
+            (written on this host's first load, see prepacked.py), so they are memory-mapped instead of
+            anonymous memory. A folder that cannot hold the copy loads the graph as without it.
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or usable_cores()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_cpu_mem_arena = arena
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
     path = os.path.join(folder, graph["file"])
+    if prepack and cache_prepacked:
+        packed = packed_graph(folder, graph, lambda: session_options(threads, arena, prepack))
+        if packed is not None:
+            try:
+                session = ort.InferenceSession(packed, session_options(threads, arena, prepack),
+                                               providers=["CPUExecutionProvider"])
+                drop_unmapped_pages(packed + DATA_SUFFIX)
+                return session
+            except Exception as e:  # a damaged copy: the source graph still loads
+                log.warning("note: %s cannot be loaded (%s); packing %s in memory", packed,
+                            str(e).splitlines()[0][:200], path)
     try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, session_options(threads, arena, prepack),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
         raise ModelFolderError(f"{path} cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:300]}); "
                                f"re-export the model") from None

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from vlm_core.runtime.engine import decoder_call
+from vlm_core.runtime.engine import decoder_call, memory_hints
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.kv_slots import BatchKVCache
 
@@ -27,10 +27,14 @@ class ModelRunner:
         embeddings: the token-embedding table [vocab, H] (memory-mapped); embedding_scale: per-token scales or None.
         text_config: the manifest's TextConfig (layers, kv heads, head_dim, context, kv_dtype).
         quantization: the manifest's quantization method ("none", "int8", "int4", "mixed"): decode_plan.py.
+        vision_files: the real paths of the vision graph's files, whose mapped pages are marked cold after each
+            vision call (memory_hints.py).
     """
 
-    def __init__(self, family, sessions: dict, embeddings, embedding_scale, text_config, quantization: str = "none"):
+    def __init__(self, family, sessions: dict, embeddings, embedding_scale, text_config, quantization: str = "none",
+                 vision_files: frozenset = frozenset()):
         self.family, self.sessions = family, sessions
+        self.vision_files = vision_files
         self.embeddings, self.embedding_scale = embeddings, embedding_scale
         self.num_layers, self.num_kv_heads = text_config.num_layers, text_config.num_kv_heads
         self.head_dim, self.max_context = text_config.head_dim, text_config.max_context
@@ -105,7 +109,9 @@ class ModelRunner:
     # --- the vision graph -------------------------------------------------------------------------
     def encode(self, pixel_values: np.ndarray, media_grid) -> list:
         """One vision call on one image or piece of a clip: the vision graph's outputs."""
-        return self.sessions["vision"].run(None, self.family.vision_feeds(pixel_values, media_grid))
+        outputs = self.sessions["vision"].run(None, self.family.vision_feeds(pixel_values, media_grid))
+        memory_hints.after_vision(self.vision_files)  # under a memory limit the decoder's pages stay, not these
+        return outputs
 
     def join_vision(self, per_item: list) -> list:
         """Vision outputs of consecutive images (or pieces of one clip) -> one set, joined along the family's axes."""
