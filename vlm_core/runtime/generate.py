@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-jump-forward", dest="jump_forward", action="store_false",
                    help="decode the tokens a --json-schema or grammar forces one step each (for measurement; the "
                         "answer is the same). By default they go through the decoder as one chunk")
+    p.add_argument("--no-prepacked-cache", dest="prepacked_cache", action="store_false",
+                   help="pack a 4-bit decoder's weights in memory and write nothing to the model folder (default: "
+                        "memory-map the pre-packed copy under MODEL/prepacked, written on this host's first load)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text; repeatable")
     p.add_argument("--min-pixels", type=int, help="smallest image area in pixels after resizing (token budget)")
     p.add_argument("--max-pixels", type=int, help="largest image area in pixels after resizing (token budget)")
@@ -392,7 +395,7 @@ def run(args) -> int:
     video = video_options_from_args(args)
     from vlm_core.runtime.model import VisionLanguageModel
 
-    model = VisionLanguageModel(args.model, threads=args.threads)
+    model = VisionLanguageModel(args.model, threads=args.threads, prepacked_cache=args.prepacked_cache)
     scale = model.family.grounding_scale
     if args.draw_boxes is not None and not scale:
         raise UserError(f"--draw-boxes: {model.manifest['family']} models write no boxes or points "

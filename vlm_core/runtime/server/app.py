@@ -383,7 +383,8 @@ def create_app(config: ServeConfig, vlm=None) -> Starlette:
 
         vlm = VisionLanguageModel(config.model, threads=config.threads, parallel=config.parallel,
                                   prefill_chunk=config.prefill_chunk, cache_mb=config.cache_mb,
-                                  batch_invariant=config.batch_invariant, jump_forward=config.jump_forward)
+                                  batch_invariant=config.batch_invariant, jump_forward=config.jump_forward,
+                                  prepacked_cache=config.prepacked_cache)
     vlm.family.check_pixel_budget(config.min_pixels, config.max_pixels, PIXEL_FLAGS)  # against the model's context
     # PIL warns above MAX_IMAGE_PIXELS and raises above twice that. Our own header checks (--max-image-pixels for
     # images, MAX_FRAME_PIXELS for video frames) must come first, with their messages naming the size, so PIL's

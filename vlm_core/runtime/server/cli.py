@@ -78,6 +78,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="decode the tokens a JSON schema or grammar forces one step each, as free tokens are (for "
                         "measurement and debugging: the answers are the same). By default they go through the "
                         "decoder as one chunk; a request can turn it off with the body field \"jump_forward\": false")
+    p.add_argument("--no-prepacked-cache", dest="prepacked_cache", action="store_false",
+                   help="pack a 4-bit decoder's weights in memory at every start and write nothing to the model folder. "
+                        "By default the first start on a host writes a copy with the weights pre-packed under "
+                        "MODEL/prepacked and later starts memory-map it (file-backed pages, not anonymous memory)")
     for flag, kind, text in REQUEST_LIMITS:
         field = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, default=default(field), help=text.format(default(field)))

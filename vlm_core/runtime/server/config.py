@@ -25,6 +25,7 @@ class ServeConfig:
     cache_mb: float = 256.0
     batch_invariant: bool = False
     jump_forward: bool = True  # off with --no-jump-forward (runtime/engine/jump_forward.py)
+    prepacked_cache: bool = True  # off with --no-prepacked-cache (runtime/engine/prepacked.py)
     max_queue: int = 8
     timeout: float = 600.0
     body_timeout: float = 30.0  # seconds for a request body to arrive once its headers have
