@@ -141,7 +141,7 @@ def test_cli_refuses_draw_boxes_it_cannot_write(tmp_path, capsys, extra, message
 
 def test_cli_refuses_draw_boxes_for_a_family_without_grounding(tmp_path, capsys, monkeypatch):
     class MiniGPT4Model:  # what the CLI reads of a loaded MiniGPT-4 export
-        def __init__(self, folder, threads=None):
+        def __init__(self, folder, threads=None, **options):
             self.family, self.manifest = get_family("minigpt4").Family, {"family": "minigpt4"}
 
     monkeypatch.setattr("vlm_core.runtime.model.VisionLanguageModel", MiniGPT4Model)

@@ -35,13 +35,20 @@ def test_graph_files_are_the_graph_and_its_external_data(tmp_path):
         os.path.realpath(str(tmp_path / "vision.int8.onnx")), os.path.realpath(str(tmp_path / "vision.int8.onnx.data"))}
 
 
-def test_each_vision_call_is_followed_by_the_hints(vlm, photos, monkeypatch):
+def test_each_vision_call_is_followed_by_the_hints(vlm, tmp_path, monkeypatch):
+    from PIL import Image
+
     from vlm_core import SamplingParams
 
     calls = []
     monkeypatch.setattr(memory_hints, "after_vision", lambda files: calls.append(files))
-    messages = [{"role": "user", "content": [{"type": "image", "path": photos["astronaut"]},
-                                             {"type": "image", "path": photos["coffee"]},
+    # images of this test's own: the session model's image-feature cache may hold any shared photo already
+    rng = np.random.default_rng(20261207)
+    paths = []
+    for index, size in enumerate(((61, 83), (90, 47))):
+        paths.append(str(tmp_path / f"image{index}.png"))
+        Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8")).save(paths[-1])
+    messages = [{"role": "user", "content": [{"type": "image", "path": paths[0]}, {"type": "image", "path": paths[1]},
                                              {"type": "text", "text": "Compare."}]}]
     vlm.generate(messages, SamplingParams(greedy=True), max_new_tokens=2)
     vision = vlm.manifest["graphs"]["vision"]

@@ -15,9 +15,10 @@ MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "Describe the 
 
 @pytest.fixture
 def int4_copy(qwen_export_int4, tmp_path) -> str:
-    """A private copy of the tiny int4 export (these tests write under it)."""
+    """A private copy of the tiny int4 export (these tests write under it), without the pre-packed copy an
+    earlier test's load of the shared export may have written."""
     folder = str(tmp_path / "int4")
-    shutil.copytree(qwen_export_int4, folder)
+    shutil.copytree(qwen_export_int4, folder, ignore=shutil.ignore_patterns(prepacked.FOLDER))
     return folder
 
 
