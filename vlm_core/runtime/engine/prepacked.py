@@ -129,6 +129,9 @@ def packed_graph(folder: str, graph: dict, make_options) -> str | None:
     try:
         target = packed_path(folder, graph)
         if not os.path.exists(target):
+            # a copy the size of the graph and its packed weights (2.37 GB for the 2B int4): say so, once
+            log.warning("note: writing %s's pre-packed weights for this host to %s (once; later loads map it; "
+                        "--no-prepacked-cache skips it)", graph["file"], os.path.dirname(target))
             write_packed(source, target, make_options())
         return target
     except Exception as e:  # a read-only or full folder (OSError), or ONNX Runtime refusing to save
