@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+from vlm_core.runtime.engine.memory_hints import drop_unmapped_pages
+
 V1_LIMIT, V1_SWAP, V1_PEAK = "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.max_usage_in_bytes"
 V2_LIMIT, V2_SWAP, V2_PEAK = "memory.max", "memory.swap.max", "memory.peak"
 
@@ -191,19 +193,4 @@ def drop_file_cache(folder: str) -> int:
     """Evict `folder`'s files from the page cache (posix_fadvise DONTNEED: only clean, unmapped pages go).
     Needed because a cached page stays charged to the cgroup that first read it: weights left in the cache
     by an earlier run would not count against the next run's limit. Returns the bytes advised."""
-    total = 0
-    for base, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(base, name)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                total += os.fstat(fd).st_size
-            except (OSError, AttributeError):
-                pass
-            finally:
-                os.close(fd)
-    return total
+    return sum(drop_unmapped_pages(os.path.join(base, name)) for base, _, files in os.walk(folder) for name in files)

@@ -17,12 +17,12 @@ can move a close choice. Torch is not needed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 from . import machine
+from .report import write_json
 
 SCHEMA = {
     "type": "object", "additionalProperties": False,
@@ -96,9 +96,7 @@ def main(argv=None) -> int:
               "runs": [{("jump_forward" if k else "step_by_step"): [{x: y for x, y in r.items() if x != "tokens"}
                                                                   for r in v] for k, v in runs.items()}
                        for runs in rounds]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(_table(result))
     print(f"wrote {args.out}")
     return 0

@@ -1,11 +1,20 @@
 """Summaries of the raw runs: medians, agreement and speed-ups, the markdown tables and the PNG chart."""
 from __future__ import annotations
 
+import json
+import os
 import statistics
 
 METRICS = ("import_s", "load_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tokens_per_s",
            "peak_rss_mb", "cold_ttft_s")
 EAGER = ("eager-fp32", "eager-bf16")
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write a benchmark's results to `path` (its folder made if missing), as every bench script does."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
 
 
 def medians(runs: list) -> dict:

@@ -30,6 +30,7 @@ import threading
 import time
 
 from . import machine
+from .report import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,9 +228,7 @@ def main(argv=None) -> int:
         four = peak_memory(args.export, ["--parallel", "4", *common], 4, args.long_tokens, args.image_size)
         result["memory"] = {"one_stream_peak_mb": one, "four_streams_peak_mb": four, "extra_mb": round(four - one, 1),
                             "tokens_per_stream": args.long_tokens}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(table(result))
     print(f"wrote {args.out}")
     return 0

@@ -9,12 +9,12 @@ one-time llguidance tokenizer build and the schema compile time. Torch is not ne
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 from . import machine
+from .report import write_json
 
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems": 40, "maxItems": 40,
                                                      "items": {"type": "integer", "minimum": 0, "maximum": 9}}},
@@ -53,9 +53,7 @@ def main(argv=None) -> int:
               "tokenizer_build_s": round(tokenizer_s, 3), "schema_compile_s": round(compile_s, 4),
               "decode_tokens_per_s": medians, "slowdown": round(1 - medians["json_schema"] / medians["free"], 4),
               "runs": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print("| answer | decode tok/s (median) |\n|---|---|")
     for name, value in medians.items():
         print(f"| {name} | {value:.2f} |")

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from . import machine
+from .report import write_json
 
 QUESTION = "Describe what happens in this video, with the times."
 QWEN3_VL_2B_VIDEO = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16,
@@ -206,9 +207,7 @@ def main(argv=None) -> None:
         ratio = f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
         fmt = (lambda v: f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else ""))
         print(f"| {name} | {fmt(a)} | {fmt(b)} | {ratio} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

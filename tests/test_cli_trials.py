@@ -24,16 +24,31 @@ PROMPT = ["-p", "Describe the picture."]
 FEW = ["--max-new-tokens", "2", "--greedy"]  # keep the answering rows short
 
 
-def _images(folder: str) -> dict:
-    """name -> a file that is not a usable image (or is one, for the controls)."""
-    from PIL import Image
-
-    def write(name, data: bytes) -> str:
+def _writer(folder: str):
+    """write(name, data) -> the path of `data` written as `folder`/name."""
+    def write(name: str, data: bytes) -> str:
         path = os.path.join(folder, name)
         with open(path, "wb") as f:
             f.write(data)
         return path
 
+    return write
+
+
+def _linked_copy(source: str, folder: str, leave_out: str | None = None) -> str:
+    """`folder` made of symlinks to `source`'s files (all but `leave_out`)."""
+    os.makedirs(folder)
+    for file in os.listdir(source):
+        if file != leave_out:
+            os.symlink(os.path.join(source, file), os.path.join(folder, file))
+    return folder
+
+
+def _images(folder: str) -> dict:
+    """name -> a file that is not a usable image (or is one, for the controls)."""
+    from PIL import Image
+
+    write = _writer(folder)
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format="JPEG")
     jpeg = buffer.getvalue()
@@ -72,10 +87,7 @@ def _folders(qwen_export: str, root: str) -> dict:
     """name -> a model folder: the broken ones of test_model_folder (symlinked copies, one edit each) and more."""
     folders = {}
     for index, (name, (edit, _)) in enumerate(FOLDER_CASES.items()):
-        folder = os.path.join(root, f"broken{index}")
-        os.makedirs(folder)
-        for file in os.listdir(qwen_export):
-            os.symlink(os.path.join(qwen_export, file), os.path.join(folder, file))
+        folder = _linked_copy(qwen_export, os.path.join(root, f"broken{index}"))
         edit(folder)
         folders[name] = folder
     folders["not a model"] = os.path.join(root, "not-a-model")
@@ -85,23 +97,13 @@ def _folders(qwen_export: str, root: str) -> dict:
     with open(folders["a file"], "w", encoding="utf-8") as f:
         f.write("not a folder\n")
     for name, drop in (("no decoder graph file", "decoder.onnx"), ("no tokenizer", "tokenizer.json")):
-        folder = os.path.join(root, name.replace(" ", "-"))
-        os.makedirs(folder)
-        for file in os.listdir(qwen_export):
-            if file != drop:
-                os.symlink(os.path.join(qwen_export, file), os.path.join(folder, file))
-        folders[name] = folder
+        folders[name] = _linked_copy(qwen_export, os.path.join(root, name.replace(" ", "-")), leave_out=drop)
     return folders
 
 
 def _files(tmp: str) -> dict:
     """name -> a prompt, schema or output path the rows use."""
-    def write(name, data: bytes) -> str:
-        path = os.path.join(tmp, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
-
+    write = _writer(tmp)
     return {"tmp": tmp, "empty": write("empty.txt", b""),
             "latin1": write("latin1.txt", "Beschreibe das Bild, schön.".encode("latin-1")),
             "prompt": write("prompt.txt", b"Describe the picture.\n"), "not json": write("schema.txt", b"{not json"),

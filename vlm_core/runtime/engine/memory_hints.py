@@ -68,21 +68,22 @@ def mark_cold(paths: set) -> int:
     return advised
 
 
-def drop_unmapped_pages(path: str) -> None:
-    """Drop `path`'s clean page-cache pages that no process maps (posix_fadvise DONTNEED; mapped pages stay).
-    After loading a packed copy these are what ONNX Runtime read and let go (the unpacked weights beside the
-    packed blobs in the same file): ~200 MB of page cache that a memory limit otherwise keeps while it evicts
-    the decoder's pages."""
+def drop_unmapped_pages(path: str) -> int:
+    """Drop `path`'s clean page-cache pages that no process maps (posix_fadvise DONTNEED; mapped pages stay);
+    returns the file's size when advised, else 0. After loading a packed copy these are what ONNX Runtime read
+    and let go (the unpacked weights beside the packed blobs in the same file): ~200 MB of page cache that a
+    memory limit otherwise keeps while it evicts the decoder's pages."""
     if not hasattr(os, "posix_fadvise"):
-        return
+        return 0
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        return 0
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.fstat(fd).st_size
     except OSError:
-        pass
+        return 0
     finally:
         os.close(fd)
 

@@ -281,9 +281,9 @@ class BatchEngine:
         batch = self.batch
         rows = len(self.decoding)
         self.counters["widest_batch"] = max(self.counters["widest_batch"], rows)
-        calls = plan_decode(self.runner.quantization, [s.batch_invariant for s in self.decoding])
-        # rows whose grammar forces tokens after the pending one: a chunk of their own (jump_forward.py)
         method = self.runner.quantization
+        calls = plan_decode(method, [s.batch_invariant for s in self.decoding])
+        # rows whose grammar forces tokens after the pending one: a chunk of their own (jump_forward.py)
         forced = ({s.row: f for s in self.decoding if (f := plan_forced(s, method))}
                   if self.runner.gives_all_positions else {})
         longest = max(batch.lengths[r] + 1 + (chunk_width(self.decoding[r], forced[r], method) if r in forced else 0)
