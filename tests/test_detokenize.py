@@ -160,26 +160,36 @@ def test_finalize_flushes_incomplete_character(tok):
     assert detok.finalize() == ""
 
 
-class CountingTokenizer:
-    """Proxy that records the length of every id list passed to decode."""
+def test_one_stream_step_per_token(tok, monkeypatch):
+    """One call into tokenizers' DecodeStream per token, and no whole-output decode for a stream that ends
+    on a complete character: the cost per step does not grow with the output."""
+    from vlm_core.runtime.output import detokenize
 
-    def __init__(self, tok):
-        self.tok, self.lengths = tok, []
+    steps, decodes = [], []
+    real_stream = detokenize.DecodeStream
 
-    def decode(self, ids, skip_special_tokens=True):
-        self.lengths.append(len(ids))
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    class CountingStream:
+        def __init__(self, **kw):
+            self.inner = real_stream(**kw)
 
+        def step(self, tokenizer, token_id):
+            steps.append(token_id)
+            return self.inner.step(tokenizer, token_id)
 
-def test_cost_per_step_is_bounded(tok):
+    class CountingDecode(detokenize.StreamingDetokenizer):
+        def finalize(self):
+            if self._unflushed:
+                decodes.append(len(self._ids))
+            return super().finalize()
+
+    monkeypatch.setattr(detokenize, "DecodeStream", CountingStream)
     text = (CHINESE + EMOJI + MIXED) * 20
     ids = tok.encode(text).ids
     assert len(ids) > 1000
-    counting = CountingTokenizer(tok)
-    detok, deltas = stream(counting, ids)
+    detok = CountingDecode(tok)
+    deltas = [detok.add_token(i) for i in ids] + [detok.finalize()]
     assert "".join(deltas) == text
-    assert max(counting.lengths) <= 8  # window of a few tokens, never the whole output
-    assert len(counting.lengths) == 2 * (len(ids) + 1)
+    assert len(steps) == len(ids) and decodes == []
 
 
 def test_matches_tokenizers_decode_stream(tok):

@@ -105,3 +105,22 @@ def test_prefill_then_one_cached_step(case, runs, photos):
     with torch.no_grad():
         expected = model(**longer).logits[0, -1].numpy()
     assert relative_error(step, expected) < LOGITS_RTOL
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_decode_step_feeds_of_several_rows(case, runs, photos):
+    """The decode step builds every row's inputs in one call (decode_rows_feeds): equal to each row's own
+    decode_feeds joined along the batch axis, for rows after prompts with and without an image."""
+    from vlm_core.models.contract import FamilyBase
+
+    vlm, _ = runs(case)
+    prompts = [vlm.prepare(_messages([photos["astronaut"]], "What is it?")),
+               vlm.prepare(_messages([], "Hello there.")), vlm.prepare(_messages([photos["coffee"]], "And this?"))]
+    embeds = vlm.embed([11, 12, 13])
+    positions = [len(p.input_ids) + extra for p, extra in zip(prompts, (0, 5, 2))]
+    batched = vlm.family.decode_rows_feeds(prompts, embeds, positions)
+    joined = FamilyBase.decode_rows_feeds(vlm.family, prompts, embeds, positions)
+    assert set(batched) == set(joined)
+    for name in joined:
+        np.testing.assert_array_equal(batched[name], joined[name], err_msg=name)
+        assert batched[name].dtype == joined[name].dtype and batched[name].shape == joined[name].shape

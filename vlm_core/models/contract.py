@@ -103,3 +103,11 @@ class FamilyBase:
     def split_frames(self, pixel_values: np.ndarray, media_grid, max_patches: int) -> list:
         """One item -> [(pixel_values, media_grid)] pieces for separate vision calls; by default one piece."""
         return [(pixel_values, media_grid)]
+
+    def decode_rows_feeds(self, prompts: list, token_embeds: np.ndarray, cache_positions) -> dict:
+        """Decoder inputs for one decode step of several rows at once: row r's pending token (`token_embeds`
+        [rows, H]) at `cache_positions[r]` after `prompts[r]`. By default each row's `decode_feeds` joined along
+        the batch axis; the families override it with one vectorized call (the decode step's per-row Python)."""
+        parts = [self.decode_feeds(p, e, int(c)) for p, e, c in zip(prompts, token_embeds, cache_positions)]
+        return {name: np.concatenate([part[name] for part in parts], axis=self.decoder_feed_axes[name][0])
+                for name in parts[0]}

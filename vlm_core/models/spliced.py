@@ -61,3 +61,9 @@ class SplicedFamily(FamilyBase):
         embeds = token_embed.reshape(1, -1, hidden).astype(np.float32, copy=False)
         return {"inputs_embeds": embeds,
                 "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None] + cache_position}
+
+    def decode_rows_feeds(self, prompts: list, token_embeds: np.ndarray, cache_positions) -> dict:
+        """One decode step's inputs for every row at once (FamilyBase.decode_rows_feeds): 1-D positions are the
+        cache positions themselves."""
+        return {"inputs_embeds": np.asarray(token_embeds, np.float32)[:, None],
+                "position_ids": np.asarray(cache_positions, np.int64)[:, None]}

@@ -254,6 +254,15 @@ class Family(FamilyBase):
         return {"inputs_embeds": embeds, "position_ids": np.broadcast_to(positions, (3, 1, seq)),
                 "deepstack_embeds": np.zeros((num_deepstack, 1, seq, hidden), dtype=np.float32)}
 
+    def decode_rows_feeds(self, prompts: list, token_embeds: np.ndarray, cache_positions) -> dict:
+        """One decode step's inputs for every row at once (FamilyBase.decode_rows_feeds): each row's M-RoPE
+        position is its cache position past its prompt's rope_delta, on all three axes."""
+        rows, hidden = token_embeds.shape
+        positions = np.asarray(cache_positions, np.int64) + np.array([p.rope_delta for p in prompts], np.int64)
+        return {"inputs_embeds": np.asarray(token_embeds, np.float32)[:, None],
+                "position_ids": np.broadcast_to(positions[None, :, None], (3, rows, 1)),
+                "deepstack_embeds": np.zeros((int(self.text_config.num_deepstack), rows, 1, hidden), np.float32)}
+
     def tokenize(self, tokenizer, text: str, media: MediaInputs | None) -> np.ndarray:
         """Rendered prompt text -> int64 token ids, each image pad expanded to its token run and each video
         pad to its clip's timestamped frame groups."""

@@ -315,14 +315,11 @@ class BatchEngine:
         pending token embedded [rows, H]."""
         batch, runner = self.batch, self.runner
         start, stop, width = call.start, call.stop, call.width
-        parts = []
-        for r in range(start, start + width):
-            real = min(r, stop - 1)  # padding rows repeat the last real row's input
-            parts.append(self.family.decode_feeds(self.decoding[real].prompt, embeds[real], batch.lengths[real]))
-        feeds = {name: np.concatenate([p[name] for p in parts], axis=self.family.decoder_feed_axes[name][0])
-                 for name in parts[0]}
+        real = [min(r, stop - 1) for r in range(start, start + width)]  # padding rows repeat the last real row
+        positions = [batch.lengths[r] for r in real]
+        feeds = self.family.decode_rows_feeds([self.decoding[r].prompt for r in real], embeds[real], positions)
         # padding rows write their (discarded) entry into their own, unused row of the buffer
-        lengths = [batch.lengths[min(r, stop - 1)] + 1 for r in range(start, start + width)]
+        lengths = [p + 1 for p in positions]
         logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths, (batch.layout, start, width))
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start

@@ -1,12 +1,11 @@
 """Incremental (streaming) detokenization and stop-string handling.
 
-`StreamingDetokenizer` turns token ids into text deltas as they are generated, the way
-HF's ``TextStreamer``, mlx-lm's streaming detokenizer and vLLM's incremental
-detokenization do: it decodes only a short window of recent ids (from ``prefix_offset``)
-and emits the part past the text already emitted, holding back output while the
-window ends in U+FFFD (a UTF-8 character split across byte-level BPE tokens, e.g.
-most CJK characters and emoji). Cost per step is O(window), independent of the output
-length, and the concatenated deltas equal ``tokenizer.decode(ids, skip_special_tokens=True)``.
+`StreamingDetokenizer` turns token ids into text deltas as they are generated with the tokenizers
+library's own `DecodeStream` (one call into Rust per token): it decodes a short window of recent ids and
+emits the part past the text already emitted, holding back output while the window ends in U+FFFD (a
+UTF-8 character split across byte-level BPE tokens, e.g. most CJK characters and emoji), as HF's
+``TextStreamer``, TGI and vLLM's incremental detokenization do. Cost per step is O(window), independent
+of the output length, and the concatenated deltas equal ``tokenizer.decode(ids, skip_special_tokens=True)``.
 
 `StopStringMatcher` cuts a text stream at the first stop string, never emitting text
 that could turn out to be the start of one.
@@ -25,18 +24,17 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-__all__ = ["StreamingDetokenizer", "StopStringMatcher"]
+from tokenizers.decoders import DecodeStream
 
-REPLACEMENT_CHAR = "\ufffd"
+__all__ = ["StreamingDetokenizer", "StopStringMatcher"]
 
 
 class StreamingDetokenizer:
     """Token ids in, safe text deltas out, for a ``tokenizers.Tokenizer``.
 
-    State: ``_ids`` all ids so far; text for ``_ids[:_read_offset]`` has been emitted;
-    ``_prefix_offset <= _read_offset`` starts the decode window at a point where the
-    emitted text ended on a complete character (decoding from there reproduces it, and
-    keeps decoders that drop a leading space from changing the delta).
+    Each `add_token` is one `DecodeStream.step` (the window and the held-back bytes live in Rust). Only
+    `finalize` after ids that produced no text yet (an unfinished character, skipped special tokens)
+    decodes the whole output once, to flush what the stream still holds exactly as `decode` would.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
@@ -46,9 +44,9 @@ class StreamingDetokenizer:
 
     def reset(self) -> None:
         """Forget all tokens and text."""
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._unflushed = 0  # ids since the stream last gave text
         self._chunks: list[str] = []
         self._text_cache: Optional[str] = ""
 
@@ -66,34 +64,33 @@ class StreamingDetokenizer:
 
     def add_token(self, token_id: int) -> str:
         """Append one id; return the newly safe text ('' while a character is incomplete)."""
-        self._ids.append(int(token_id))
-        prefix_text, new_text = self._decode_window()
-        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
-            return self._emit(new_text[len(prefix_text) :])
-        return ""
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        delta = self._stream.step(self.tokenizer, token_id)
+        if not delta:
+            self._unflushed += 1
+            return ""
+        self._unflushed = 0
+        return self._emit(delta)
 
     def add_tokens(self, token_ids: Iterable[int]) -> str:
         """Append several ids; return the concatenated deltas."""
         return "".join(self.add_token(t) for t in token_ids)
 
     def finalize(self) -> str:
-        """Flush everything held back (an incomplete character decodes as U+FFFD)."""
-        prefix_text, new_text = self._decode_window()
-        if len(new_text) > len(prefix_text):
-            return self._emit(new_text[len(prefix_text) :])
-        return ""
-
-    def _decode_window(self) -> tuple[str, str]:
-        """(text of ids[prefix:read], text of ids[prefix:]) — the window, not the whole output."""
-        dec = self.tokenizer.decode
-        skip = self.skip_special_tokens
-        prefix_text = dec(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
-        new_text = dec(self._ids[self._prefix_offset :], skip_special_tokens=skip)
-        return prefix_text, new_text
+        """Flush everything held back (an incomplete character decodes as U+FFFD). Later ids start a new
+        stream after the flushed text."""
+        if not self._unflushed:
+            return ""
+        full = self.tokenizer.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
+        emitted = self.text
+        tail = full[len(emitted):] if full.startswith(emitted) else ""
+        self._unflushed = 0
+        # the stream still holds the flushed ids: a fresh one keeps them from being emitted twice
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        return self._emit(tail) if tail else ""
 
     def _emit(self, delta: str) -> str:
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
         self._chunks.append(delta)
         self._text_cache = None
         return delta
