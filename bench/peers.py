@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="decoder shape (default full: 2B's)")
     p.add_argument("--ours", metavar="FOLDER", help="our int4 export of that shape (skipped when not given)")
+    p.add_argument("--ours-variant", metavar="NAME=FOLDER", action="append", default=[],
+                   help="another export of the shape (e.g. block128=FOLDER: another --int4-block-size), run with "
+                        "the default engine in the same rounds as row ours-NAME; repeatable")
     p.add_argument("--genai-python", help="interpreter with onnxruntime-genai, torch, transformers (default: "
                                           "/work/peers-venv/bin/python, else this one)")
     p.add_argument("--llama-bench", help="llama-bench binary (default: on PATH, else /work/llama.cpp/build/bin)")
@@ -87,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     if not args.peers or set(args.peers) - set(PEERS):
         p.error(f"--peers: choose from {','.join(PEERS)}")
+    args.variants = {}
+    for item in args.ours_variant:
+        name, _, folder = item.partition("=")
+        if not name or not folder or not os.path.isfile(os.path.join(folder, "manifest.json")):
+            p.error(f"--ours-variant {item!r}: give NAME=FOLDER, FOLDER an exported folder (with manifest.json)")
+        args.variants[f"ours-{name}"] = os.path.abspath(folder)
+    args.peers += list(args.variants)
     for flag in ("prompt_tokens", "threads", "rounds"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -224,6 +234,11 @@ def setup(args) -> tuple[dict, dict]:
                             {"folder": os.path.abspath(args.ours), "threads": args.threads,
                              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
                              "batch_invariant": invariant})], log_path, args.threads)
+    for name, folder in args.variants.items():
+        runners[name] = lambda log_path, prompt, folder=folder: launch(
+            [sys.executable, "-m", "bench.peers", "--worker", json.dumps(
+                {"folder": folder, "threads": args.threads, "new_tokens": args.new_tokens,
+                 "prompt_tokens": args.prompt_tokens, "batch_invariant": False})], log_path, args.threads)
     tools = None
     if "llama.cpp" in args.peers:
         try:
@@ -328,10 +343,11 @@ def table(results: dict) -> str:
         m = r.get("median")
         if not m:
             status = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r.get('error', 'no run')}"
-            lines.append(f"| {names[name]} | {status.split('; ')[0]} | | | | | |")
+            lines.append(f"| {names.get(name, name)} | {status.split('; ')[0]} | | | | | |")
             continue
         ratio = {k: spread(v["median"], v["min"], v["max"], ".2f", "x") for k, v in ratios[name].items()}
-        lines.append(f"| {names[name]} | {m['prompt_tokens']} | "
+        label = names.get(name) or f"ours, {name[len('ours-'):]} export (default engine)"
+        lines.append(f"| {label} | {m['prompt_tokens']} | "
                      f"{spread(m['prefill_tokens_per_s'], m['prefill_min'], m['prefill_max'], '.1f')} | "
                      f"{spread(m['decode_tokens_per_s'], m['decode_min'], m['decode_max'], '.1f')} | "
                      f"{format(m['peak_rss_mb'], '.0f') if m['peak_rss_mb'] is not None else '-'} | "
@@ -410,7 +426,7 @@ def main(argv=None) -> int:
             f"(llama-bench: tg{args.new_tokens} at depth = prompt tokens)." + notes(args, results))
     print(text)
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
-    settings = dict({k: v for k, v in vars(args).items() if k not in ("worker", "write_ours_config")},
+    settings = dict({k: v for k, v in vars(args).items() if k not in ("worker", "write_ours_config", "ours_variant")},
                     shape_config=shape, prompt_ids=prompt)
     with open(args.json_out, "w", encoding="utf-8") as f:
         json.dump({"machine": info, "settings": settings, "peers": results, "ratios": round_ratios(results),
