@@ -151,18 +151,23 @@ def test_published_files_follow_the_umask(tmp_path):
 
 
 def test_int4_block_size_flag(mg_ckpt, tmp_path):
-    """--int4-block-size reaches the quantizer and the manifest; the folder loads and generates."""
+    """--int4-block-size and --int4-algorithm reach the quantizer and the manifest; the folder loads and
+    generates."""
     import json
+
+    from matmul_nbits_check import check_matmul_nbits
 
     from vlm_core.export.cli import main
     from vlm_core.runtime.model import VisionLanguageModel
 
     out = tmp_path / "b64"
     assert main([mg_ckpt, "-o", str(out), "--quantize", "int4", "--int4-block-size", "64",
-                 "--parity-tokens", "2"]) == 0
+                 "--int4-algorithm", "rtn", "--parity-tokens", "2"]) == 0
     with open(out / "manifest.json") as f:
         record = json.load(f)["quantization"]["decoder"]
     assert record["block_size"] == 64 and record["ops"]["MatMulNBits"] > 0
+    assert record["algorithm"] == "rtn" and record["symmetric"] is True
+    check_matmul_nbits(str(out / "decoder.int4.onnx"), block_size=64, zero_points=False)
     model = VisionLanguageModel(str(out), threads=2)
     result = model.generate([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_new_tokens=3,
                             min_new_tokens=3)

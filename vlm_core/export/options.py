@@ -22,6 +22,8 @@ class ExportOptions:
     stream: copy the decoder's weights from the checkpoint one tensor at a time (None: when the float32
         model would not fit in memory; see export/memory_plan.py and export/streamed.py).
     int4_block_size: weights per 4-bit scale for int4 / mixed.
+    int4_algorithm: how int4 / mixed fit the 4-bit weights: "hqq" (scale and zero point per block, HQQ) or
+        "rtn" (symmetric round-to-nearest); export/quantize.py.
     force: replace a non-empty output folder.
     isolate: run the PyTorch stage in a child process (None: for checkpoints over 1 GiB; see
         export/torch_stage.py)."""
@@ -30,12 +32,15 @@ class ExportOptions:
     kv_dtype: str | None = None
     parity_tokens: int = 8
     stream: bool | None = None
-    int4_block_size: int = 32
+    int4_block_size: int = 128
+    int4_algorithm: str = "hqq"
     force: bool = False
     isolate: bool | None = None
 
     def __post_init__(self):
         if self.kv_dtype is None:
             object.__setattr__(self, "kv_dtype", default_kv_dtype(self.quantize))  # frozen: set once, here
+        if self.int4_algorithm not in ("hqq", "rtn"):
+            raise ExportError(f"int4 algorithm {self.int4_algorithm!r}: choose hqq or rtn (--int4-algorithm)")
         if self.kv_dtype not in KV_DTYPES:
             raise ExportError(f"KV cache dtype {self.kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")

@@ -41,12 +41,13 @@ def count_steps(options: ExportOptions, plan: MemoryPlan | None = None, prelude_
 
 def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
                parity_tokens: int = 8, isolate: bool | None = None, stream: bool | None = None,
-               int4_block_size: int = 32, kv_dtype: str | None = None) -> dict:
+               int4_block_size: int = 128, kv_dtype: str | None = None, int4_algorithm: str = "hqq") -> dict:
     """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity.
 
     The keywords are ExportOptions' fields (export/options.py)."""
     options = ExportOptions(quantize=quantize, kv_dtype=kv_dtype, parity_tokens=parity_tokens, stream=stream,
-                            int4_block_size=int4_block_size, force=force, isolate=isolate)
+                            int4_block_size=int4_block_size, int4_algorithm=int4_algorithm, force=force,
+                            isolate=isolate)
     return export_checkpoint(source, out, options, progress)
 
 
@@ -95,7 +96,7 @@ def _build(source, staging, family, family_name, options: ExportOptions, plan: M
     if options.quantize != "none":
         with progress.step(f"quantizing ({options.quantize}) and measuring agreement with eager PyTorch"):
             agreement = quantize_and_measure(staging, manifest, reference, options.quantize,
-                                             options.int4_block_size)
+                                             options.int4_block_size, options.int4_algorithm)
         progress.log(f"quantized agreement with eager {agreement['reference_dtype']}: " + ", ".join(
             f"{k}={v}" for k, v in agreement.items() if k != "reference_dtype"))
         if not plan.verify_fp32 and not plausible(agreement):

@@ -5,9 +5,13 @@ Configurations (`python -m vlm_core.export ... --quantize`):
 - int8: every MatMul with a constant weight becomes dynamic int8 (DynamicQuantizeLinear +
   MatMulInteger, ORT's `quantize_dynamic`), in the vision graph and the decoder. Int8 GEMMs use the
   CPU's VNNI/AMX units: fast for prompt-sized inputs.
-- int4: the decoder's MatMuls (LM head included) become 4-bit MatMulNBits, symmetric, block 32,
-  accuracy_level 4 (int8 activations: ORT's fastest single-token kernel on CPU, and decode is
-  bandwidth-bound); the vision graph is int8 as above.
+- int4: the decoder's MatMuls (LM head included) become 4-bit MatMulNBits, accuracy_level 4 (int8
+  activations: ORT's fastest single-token kernel on CPU), by default block 128 with a scale and a zero
+  point per block fitted by HQQ (half-quadratic quantization, ORT's HQQWeightOnlyQuantizer: no calibration
+  data); `algorithm="rtn"` is plain symmetric round-to-nearest (block 32 was the default before). MLAS's
+  decode kernel costs per block, so block 128 decodes ~1.35x faster than 32; HQQ's fitted zero points
+  win back the accuracy the larger block loses with round-to-nearest (docs/performance.md, "Accuracy").
+  The vision graph is int8 as above.
 Token embeddings are stored as int8 rows with one float32 scale per row for int8/int4.
 The quantizers rewrite only MatMuls with constant weights: the decoder's KV-cache inputs and outputs keep
 their dtype (float16 by default for these methods: export/kv_dtype.py).
@@ -19,7 +23,9 @@ import os
 import numpy as np
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
-INT4_BLOCK_SIZE = 32
+INT4_ALGORITHMS = ("hqq", "rtn")
+INT4_ALGORITHM = "hqq"
+INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
 
 
@@ -117,28 +123,49 @@ def quantize_int8(path: str, out_path: str) -> list[str]:
 
 
 def quantize_int4(path: str, out_path: str, block_size: int = INT4_BLOCK_SIZE,
-                  accuracy_level: int = INT4_ACCURACY_LEVEL) -> list[str]:
-    """4-bit MatMulNBits (symmetric, `block_size`, `accuracy_level`) for every constant-weight MatMul."""
+                  accuracy_level: int = INT4_ACCURACY_LEVEL, algorithm: str = INT4_ALGORITHM) -> list[str]:
+    """4-bit MatMulNBits (`block_size`, `accuracy_level`) for every constant-weight MatMul: "hqq" (a scale and
+    zero point per block, fitted by HQQ) or "rtn" (symmetric round-to-nearest)."""
     import contextlib
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    if algorithm not in INT4_ALGORITHMS:
+        raise ValueError(f"int4 algorithm {algorithm!r}: choose one of {', '.join(INT4_ALGORITHMS)}")
     # External tensors stay on disk: the quantizer reads one weight at a time (relative to the working
     # folder, hence the chdir), so a decoder bigger than memory can be quantized.
     folder = os.path.dirname(os.path.abspath(path))
     model = onnx.load(path, load_external_data=False)
     with contextlib.chdir(folder):
         _gemm_to_matmul(model)
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=accuracy_level)
+        if algorithm == "hqq":
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False,
+                                             accuracy_level=accuracy_level,
+                                             algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=4))
+        else:
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level)
         quantizer.process()
     model = quantizer.model.model
+    _set_accuracy_level(model, accuracy_level)
     for tensor in _external_tensors(model):  # what stayed float32 (norms, biases): small, read now
         onnx.external_data_helper.load_external_data_for_tensor(tensor, folder)
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
     return _save(model, out_path)
+
+
+def _set_accuracy_level(model, accuracy_level: int) -> None:
+    """Give every MatMulNBits node `accuracy_level`: ORT 1.32's HQQ quantizer writes none, and without it MLAS
+    takes its float-activation path (measured ~1.6x slower per decode step than int8 activations)."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", accuracy_level)])
 
 
 def _external_tensors(model):

@@ -29,10 +29,11 @@ PLAUSIBLE_LOGITS_COSINE = 0.5
 PLAUSIBLE_FEATURES_COSINE = 0.9
 
 
-def quantize_and_measure(staging: str, manifest: dict, reference: dict, method: str, int4_block_size: int) -> dict:
+def quantize_and_measure(staging: str, manifest: dict, reference: dict, method: str, int4_block_size: int,
+                         int4_algorithm: str = quantize.INT4_ALGORITHM) -> dict:
     """Quantize the folder (manifest "quantization") and return its agreement with the eager reference,
     also recorded in the manifest (written after each)."""
-    manifest["quantization"] = quantize_folder(staging, manifest, method, int4_block_size)
+    manifest["quantization"] = quantize_folder(staging, manifest, method, int4_block_size, int4_algorithm)
     write_manifest(staging, manifest)
     agreement = parity.quantized_agreement(staging, reference)
     manifest["quantization"]["agreement"] = agreement
@@ -48,7 +49,8 @@ def plausible(agreement: dict) -> bool:
             and agreement["image_embeds_cosine"] >= PLAUSIBLE_FEATURES_COSINE)
 
 
-def quantize_folder(staging: str, manifest: dict, method: str, int4_block_size: int = 32) -> dict:
+def quantize_folder(staging: str, manifest: dict, method: str, int4_block_size: int = quantize.INT4_BLOCK_SIZE,
+                    int4_algorithm: str = quantize.INT4_ALGORITHM) -> dict:
     """Replace the fp32 graphs and embeddings in `staging` by quantized ones; returns the manifest entry."""
     record = {"method": method}
     graphs = {}
@@ -57,9 +59,10 @@ def quantize_folder(staging: str, manifest: dict, method: str, int4_block_size: 
         for name, weight_format in QUANTIZED_GRAPHS[method][source_name]:
             quantized = os.path.join(staging, f"{source_name}.{weight_format}.onnx")
             if weight_format == "int4":
-                extra = quantize.quantize_int4(path, quantized, block_size=int4_block_size)
+                extra = quantize.quantize_int4(path, quantized, block_size=int4_block_size, algorithm=int4_algorithm)
                 record[name] = {"format": "MatMulNBits", "bits": 4, "block_size": int4_block_size,
-                                "accuracy_level": quantize.INT4_ACCURACY_LEVEL, "symmetric": True}
+                                "algorithm": int4_algorithm, "accuracy_level": quantize.INT4_ACCURACY_LEVEL,
+                                "symmetric": int4_algorithm == "rtn"}
             else:
                 extra = quantize.quantize_int8(path, quantized)
                 record[name] = {"format": "dynamic int8 (MatMulInteger)", "per_channel": True}
