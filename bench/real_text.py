@@ -128,11 +128,45 @@ def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, 
     folders = {}
     for method in ["none"] + [m for m in methods if m and m != "none"]:
         folders[method] = os.path.join(work, f"export-{method}")
-        quantize, kv_dtype = ("none", "float16") if method == "none-kv16" else (method, default_kv_dtype(method))
-        if _kv_dtype(folders[method]) != kv_dtype:  # not exported yet, or before the KV dtype was float16
+        quantize, int4 = int4_variant(method)
+        kv_dtype = "float16" if method == "none-kv16" else default_kv_dtype(quantize)
+        if quantize == "none-kv16":
+            quantize = "none"
+        if _kv_dtype(folders[method]) != kv_dtype or _int4(folders[method]) != int4:  # not exported like this yet
             run_export(checkpoint, folders[method], force=True, quantize=quantize, kv_dtype=kv_dtype,
-                       progress=Progress(total=7, heartbeat_s=600))
+                       progress=Progress(total=7, heartbeat_s=600), **int4)
     return folders
+
+
+def int4_variant(method: str) -> tuple[str, dict]:
+    """A --methods entry -> (the --quantize method, the int4 options): "int4" and "mixed" are the export's
+    defaults; "int4-rtn32", "int4-hqq64", ... name the algorithm and block size."""
+    from vlm_core.export.quantize import (
+        INT4_ALGORITHM,
+        INT4_ALGORITHMS,
+        INT4_BLOCK_SIZE,
+    )
+
+    base, _, variant = method.partition("-")
+    if base not in ("int4", "mixed") or not variant:
+        return method, ({"int4_algorithm": INT4_ALGORITHM, "int4_block_size": INT4_BLOCK_SIZE}
+                        if base in ("int4", "mixed") else {})
+    algorithm = variant.rstrip("0123456789")
+    if algorithm not in INT4_ALGORITHMS or not variant[len(algorithm):].isdigit():
+        raise SystemExit(f"--methods {method!r}: write int4-<{'|'.join(INT4_ALGORITHMS)}><block size>, e.g. int4-rtn32")
+    return base, {"int4_algorithm": algorithm, "int4_block_size": int(variant[len(algorithm):])}
+
+
+def _int4(folder: str) -> dict:
+    """The int4 options the export in `folder` was made with ({} when none or not int4)."""
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+            record = json.load(f)["quantization"]["decoder"]
+    except (OSError, KeyError, json.JSONDecodeError, TypeError):
+        return {}
+    if record.get("bits") != 4:
+        return {}
+    return {"int4_algorithm": record.get("algorithm", "rtn"), "int4_block_size": record["block_size"]}
 
 
 def agreement(folders: dict[str, str], positions: int) -> dict:
@@ -190,9 +224,10 @@ def write_json(path: str, record: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.real_text", description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=256, help="teacher-forced positions per prompt")
-    parser.add_argument("--methods", default="none-kv16,int8,int4,mixed",
+    parser.add_argument("--methods", default="none-kv16,int8,int4,int4-rtn32,int4-hqq64,mixed",
                         help="configurations compared with the float32 export: none-kv16 (float32 weights, float16 "
-                             "KV cache) and --quantize methods (default: all)")
+                             "KV cache), --quantize methods with the export's defaults, and int4 variants written "
+                             "int4-<hqq|rtn><block size> (default: all of these)")
     parser.add_argument("--work", default="bench-out/real-text", help="checkpoint and exports go here")
     parser.add_argument("--json-out", default="bench-out/real-text.json")
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ import os
 
 import numpy as np
 import pytest
+from matmul_nbits_check import check_matmul_nbits
 
 from bench.accuracy import cosine, greedy_without_eos, kl_divergence, teacher_forced
-from matmul_nbits_check import check_matmul_nbits
 from vlm_core.kernels.sampling import SamplingParams
 from vlm_core.runtime.model import VisionLanguageModel
 

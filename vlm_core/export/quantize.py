@@ -129,7 +129,10 @@ def quantize_int4(path: str, out_path: str, block_size: int = INT4_BLOCK_SIZE,
     import contextlib
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     if algorithm not in INT4_ALGORITHMS:
         raise ValueError(f"int4 algorithm {algorithm!r}: choose one of {', '.join(INT4_ALGORITHMS)}")

@@ -26,7 +26,12 @@ import traceback
 import numpy as np
 
 from vlm_core.runtime.engine.decode_plan import DecoderCall, plan_decode
-from vlm_core.runtime.engine.jump_forward import chunk_width, plan_forced, run_forced, take_forced
+from vlm_core.runtime.engine.jump_forward import (
+    chunk_width,
+    plan_forced,
+    run_forced,
+    take_forced,
+)
 from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.prefix_cache import (
     EngineCache,
