@@ -140,7 +140,7 @@ def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, 
 
 def int4_variant(method: str) -> tuple[str, dict]:
     """A --methods entry -> (the --quantize method, the int4 options): "int4" and "mixed" are the export's
-    defaults; "int4-rtn32", "int4-hqq64", ... name the algorithm and block size."""
+    defaults; "int4-rtn128", "int4-hqq64", ... name the algorithm and block size."""
     from vlm_core.export.quantize import (
         INT4_ALGORITHM,
         INT4_ALGORITHMS,
@@ -224,7 +224,7 @@ def write_json(path: str, record: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.real_text", description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=256, help="teacher-forced positions per prompt")
-    parser.add_argument("--methods", default="none-kv16,int8,int4,int4-rtn32,int4-hqq64,mixed",
+    parser.add_argument("--methods", default="none-kv16,int8,int4,int4-rtn128,int4-hqq128,mixed",
                         help="configurations compared with the float32 export: none-kv16 (float32 weights, float16 "
                              "KV cache), --quantize methods with the export's defaults, and int4 variants written "
                              "int4-<hqq|rtn><block size> (default: all of these)")

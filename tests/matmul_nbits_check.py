@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def check_matmul_nbits(path: str, block_size: int, zero_points: bool) -> None:
     """Every MatMulNBits node of the graph at `path`: the block size, accuracy level 4 (ORT's HQQ quantizer
-    writes none, and MLAS would take its slower float-activation path), zero points or none."""
+    writes none), zero points or none."""
     import onnx
 
     nodes = [n for n in onnx.load(path, load_external_data=False).graph.node if n.op_type == "MatMulNBits"]

@@ -56,11 +56,11 @@ def test_quantized_config_generates_and_agrees_with_fp32(method, request, photos
         assert set(manifest["graphs"]) == {"vision", "decoder", "prefill"}
     assert "MatMulInteger" in manifest["quantization"]["vision"]["ops"]
     assert manifest["embeddings"]["dtype"] == "int8"
-    if method != "int8":  # the default 4-bit weights: HQQ's scale and zero point per block of 128, int8 activations
+    if method != "int8":  # the default 4-bit weights: symmetric round-to-nearest, blocks of 32, int8 activations
         record = manifest["quantization"]["decoder"]
-        assert (record["algorithm"], record["block_size"], record["symmetric"]) == ("hqq", 128, False)
-        check_matmul_nbits(os.path.join(folder, manifest["graphs"]["decoder"]["file"]), block_size=128,
-                            zero_points=True)
+        assert (record["algorithm"], record["block_size"], record["symmetric"]) == ("rtn", 32, True)
+        check_matmul_nbits(os.path.join(folder, manifest["graphs"]["decoder"]["file"]), block_size=32,
+                            zero_points=False)
     # quantized exports default to a float16 KV cache; the quantizers (prefill twin included) keep its I/O
     assert manifest["text_config"]["kv_dtype"] == "float16"
     for name in ("decoder", "prefill") if method == "mixed" else ("decoder",):

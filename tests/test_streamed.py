@@ -162,12 +162,12 @@ def test_int4_block_size_flag(mg_ckpt, tmp_path):
 
     out = tmp_path / "b64"
     assert main([mg_ckpt, "-o", str(out), "--quantize", "int4", "--int4-block-size", "64",
-                 "--int4-algorithm", "rtn", "--parity-tokens", "2"]) == 0
+                 "--int4-algorithm", "hqq", "--parity-tokens", "2"]) == 0
     with open(out / "manifest.json") as f:
         record = json.load(f)["quantization"]["decoder"]
     assert record["block_size"] == 64 and record["ops"]["MatMulNBits"] > 0
-    assert record["algorithm"] == "rtn" and record["symmetric"] is True
-    check_matmul_nbits(str(out / "decoder.int4.onnx"), block_size=64, zero_points=False)
+    assert record["algorithm"] == "hqq" and record["symmetric"] is False
+    check_matmul_nbits(str(out / "decoder.int4.onnx"), block_size=64, zero_points=True)
     model = VisionLanguageModel(str(out), threads=2)
     result = model.generate([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_new_tokens=3,
                             min_new_tokens=3)

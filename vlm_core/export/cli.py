@@ -29,17 +29,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--quantize", choices=("none", "int8", "int4", "mixed"), default="none",
                         help="weights: none = float32 (default); int8 = dynamic int8 MatMuls everywhere; int4 = "
-                             "4-bit MatMulNBits decoder (HQQ, block 128, accuracy level 4) + int8 vision; mixed = int4 "
+                             "4-bit MatMulNBits decoder (block 32, accuracy level 4) + int8 vision; mixed = int4 "
                              "decoder for single tokens + int8 decoder for the prompt (faster first token, more "
                              "memory) + int8 vision")
-    parser.add_argument("--int4-block-size", type=int, choices=(16, 32, 64, 128), default=128,
-                        help="weights per 4-bit scale for int4/mixed (default 128: ONNX Runtime's 4-bit kernel "
-                             "costs per block, so 128 decodes ~1.35x faster than 32; smaller blocks are more "
-                             "accurate: docs/performance.md)")
-    parser.add_argument("--int4-algorithm", choices=("hqq", "rtn"), default="hqq",
-                        help="how int4/mixed fit the 4-bit weights (default hqq: a scale and zero point per "
-                             "block fitted by HQQ, no calibration data; rtn: symmetric round-to-nearest, the "
-                             "default before, least accurate at block 128)")
+    parser.add_argument("--int4-block-size", type=int, choices=(16, 32, 64, 128), default=32,
+                        help="weights per 4-bit scale for int4/mixed (default 32, the most accurate; ONNX Runtime's "
+                             "4-bit kernel costs per block, so 64 and 128 decode ~1.3x faster and lose accuracy: "
+                             "docs/performance.md)")
+    parser.add_argument("--int4-algorithm", choices=("rtn", "hqq"), default="rtn",
+                        help="how int4/mixed fit the 4-bit weights (default rtn: symmetric round-to-nearest; hqq: "
+                             "a scale and float zero point per block fitted by HQQ, as accurate at block 128 as rtn "
+                             "at 32, but ONNX Runtime has no fast kernel for it: decode ~70x slower, for accuracy "
+                             "studies)")
     parser.add_argument("--kv-dtype", choices=("float16", "float32"), default=None,
                         help="the KV cache's dtype in the decoder graph's inputs/outputs (default: float32 for "
                              "--quantize none, which stays exact to eager PyTorch; float16 for int8/int4/mixed). "

@@ -22,8 +22,8 @@ class ExportOptions:
     stream: copy the decoder's weights from the checkpoint one tensor at a time (None: when the float32
         model would not fit in memory; see export/memory_plan.py and export/streamed.py).
     int4_block_size: weights per 4-bit scale for int4 / mixed.
-    int4_algorithm: how int4 / mixed fit the 4-bit weights: "hqq" (scale and zero point per block, HQQ) or
-        "rtn" (symmetric round-to-nearest); export/quantize.py.
+    int4_algorithm: how int4 / mixed fit the 4-bit weights: "rtn" (symmetric round-to-nearest) or "hqq"
+        (scale and float zero point per block, fitted by HQQ: slow to decode); export/quantize.py.
     force: replace a non-empty output folder.
     isolate: run the PyTorch stage in a child process (None: for checkpoints over 1 GiB; see
         export/torch_stage.py)."""
@@ -32,8 +32,8 @@ class ExportOptions:
     kv_dtype: str | None = None
     parity_tokens: int = 8
     stream: bool | None = None
-    int4_block_size: int = 128
-    int4_algorithm: str = "hqq"
+    int4_block_size: int = 32
+    int4_algorithm: str = "rtn"
     force: bool = False
     isolate: bool | None = None
 

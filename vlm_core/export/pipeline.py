@@ -41,7 +41,7 @@ def count_steps(options: ExportOptions, plan: MemoryPlan | None = None, prelude_
 
 def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
                parity_tokens: int = 8, isolate: bool | None = None, stream: bool | None = None,
-               int4_block_size: int = 128, kv_dtype: str | None = None, int4_algorithm: str = "hqq") -> dict:
+               int4_block_size: int = 32, kv_dtype: str | None = None, int4_algorithm: str = "rtn") -> dict:
     """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity.
 
     The keywords are ExportOptions' fields (export/options.py)."""

@@ -6,11 +6,11 @@ Configurations (`python -m vlm_core.export ... --quantize`):
   MatMulInteger, ORT's `quantize_dynamic`), in the vision graph and the decoder. Int8 GEMMs use the
   CPU's VNNI/AMX units: fast for prompt-sized inputs.
 - int4: the decoder's MatMuls (LM head included) become 4-bit MatMulNBits, accuracy_level 4 (int8
-  activations: ORT's fastest single-token kernel on CPU), by default block 128 with a scale and a zero
-  point per block fitted by HQQ (half-quadratic quantization, ORT's HQQWeightOnlyQuantizer: no calibration
-  data); `algorithm="rtn"` is plain symmetric round-to-nearest (block 32 was the default before). MLAS's
-  decode kernel costs per block, so block 128 decodes ~1.35x faster than 32; HQQ's fitted zero points
-  win back the accuracy the larger block loses with round-to-nearest (docs/performance.md, "Accuracy").
+  activations: ORT's fastest single-token kernel on CPU), by default symmetric round-to-nearest in blocks
+  of 32 ("rtn"). MLAS's decode kernel costs per block: block 128 decodes ~1.35x faster and is less
+  accurate. `algorithm="hqq"` fits a scale and a float zero point per block (ORT's HQQWeightOnlyQuantizer):
+  as accurate at block 128 as round-to-nearest at 32, but ORT 1.32 has no fast kernel for float zero
+  points (a decode step ~70x slower, measured): for accuracy studies only (docs/performance.md).
   The vision graph is int8 as above.
 Token embeddings are stored as int8 rows with one float32 scale per row for int8/int4.
 The quantizers rewrite only MatMuls with constant weights: the decoder's KV-cache inputs and outputs keep
@@ -24,8 +24,8 @@ import numpy as np
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT4_ALGORITHMS = ("hqq", "rtn")
-INT4_ALGORITHM = "hqq"
-INT4_BLOCK_SIZE = 128
+INT4_ALGORITHM = "rtn"
+INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 
 
@@ -160,8 +160,8 @@ def quantize_int4(path: str, out_path: str, block_size: int = INT4_BLOCK_SIZE,
 
 
 def _set_accuracy_level(model, accuracy_level: int) -> None:
-    """Give every MatMulNBits node `accuracy_level`: ORT 1.32's HQQ quantizer writes none, and without it MLAS
-    takes its float-activation path (measured ~1.6x slower per decode step than int8 activations)."""
+    """Give every MatMulNBits node `accuracy_level`: ORT 1.32's HQQ quantizer writes none (the round-to-nearest
+    one writes the level it is given)."""
     from onnx import helper
 
     for node in model.graph.node:
