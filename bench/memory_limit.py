@@ -25,6 +25,7 @@ import time
 from . import artifacts, machine
 from .__main__ import DEFAULT_PROMPT
 from .cgroup import CgroupUnavailable, MemoryGroup, drop_file_cache, probe, swap_devices
+from .report import write_json
 from .worker import RESULT_PREFIX, ROOT, thread_env
 
 MIB = 1 << 20
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         text = f"## memory limit: skipped: {e}\n\n{machine.markdown(host)}"
         print(text)
         result.update(skipped=str(e), markdown=text)
-        _write_json(args.json_out, result)
+        write_json(args.json_out, result)
         return 0
     image = None if args.text_only else os.path.abspath(args.image or artifacts.default_image(args.work_dir))
     spec = {"task": "onnx", "folder": args.folder, "image": image,
@@ -253,16 +254,9 @@ def main(argv=None) -> int:
     result.update(settings=vars(args), image=image, cgroup=list(cgroup),
                   baseline_decode_tokens_per_s=baseline, timeout_s=timeout_s, start_mib=start, unlimited=unlimited,
                   steps=rows, smallest_passing_mib=smallest, markdown=text, elapsed_s=time.time() - started)
-    _write_json(args.json_out, result)
+    write_json(args.json_out, result)
     artifacts.log(f"wrote {args.json_out}")
     return 0
-
-
-def _write_json(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
 
 
 if __name__ == "__main__":

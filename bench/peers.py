@@ -151,6 +151,14 @@ def ours_run(spec: dict) -> dict:
     return {"load_s": load_s, **ours.timed_answer(vlm, prompt, spec), "prompt_ids": [int(i) for i in prompt.input_ids]}
 
 
+def ours_runner(args, folder: str, invariant: bool):
+    """A peer runner (log_path, prompt) -> result: our export in `folder` timed in a fresh worker process."""
+    spec = {"folder": folder, "threads": args.threads, "new_tokens": args.new_tokens,
+            "prompt_tokens": args.prompt_tokens, "batch_invariant": invariant}
+    return lambda log_path, prompt: launch([sys.executable, "-m", "bench.peers", "--worker", json.dumps(spec)],
+                                           log_path, args.threads)
+
+
 def launch(cmd: list, log_path: str, threads: int) -> dict:
     """Run a worker command in a fresh process; return its BENCH-RESULT (stderr to `log_path`). A failure is a
     RuntimeError of one line: the table shows it."""
@@ -229,16 +237,9 @@ def setup(args) -> tuple[dict, dict]:
         else:
             for name, invariant in (("ours", False), ("ours-invariant", True)):  # ours: the engine's default
                 if name in args.peers:
-                    runners[name] = lambda log_path, prompt, invariant=invariant: launch(
-                        [sys.executable, "-m", "bench.peers", "--worker", json.dumps(
-                            {"folder": os.path.abspath(args.ours), "threads": args.threads,
-                             "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-                             "batch_invariant": invariant})], log_path, args.threads)
+                    runners[name] = ours_runner(args, os.path.abspath(args.ours), invariant)
     for name, folder in args.variants.items():
-        runners[name] = lambda log_path, prompt, folder=folder: launch(
-            [sys.executable, "-m", "bench.peers", "--worker", json.dumps(
-                {"folder": folder, "threads": args.threads, "new_tokens": args.new_tokens,
-                 "prompt_tokens": args.prompt_tokens, "batch_invariant": False})], log_path, args.threads)
+        runners[name] = ours_runner(args, folder, False)
     tools = None
     if "llama.cpp" in args.peers:
         try:

@@ -30,8 +30,8 @@ from .real_text import (
     load_smollm2,
     print_table,
     tests_helpers,
-    write_json,
 )
+from .report import write_json
 
 # SmolVLM-256M-Instruct's vision tower and connector (config.json of HuggingFaceTB/SmolVLM-256M-Instruct)
 VISION = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,

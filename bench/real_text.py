@@ -27,6 +27,8 @@ import sys
 
 import numpy as np
 
+from .report import write_json
+
 # Real English prose (public domain): the text each prompt's continuation is teacher-forced along.
 PASSAGES = [
     ("Continue this text from a novel.",
@@ -110,13 +112,19 @@ def reference_logits(vlm, question: str, tokens: list[int]):
                                                                lambda i, _: tokens[i])]
 
 
-def _kv_dtype(folder: str) -> str | None:
-    """The KV cache dtype of the export in `folder` (None: no export there)."""
+def _exported_as(folder: str) -> tuple[str | None, dict]:
+    """(KV cache dtype, int4 options) of the export in `folder`, from its manifest: (None, {}) when there is no
+    export there; the int4 options are {} for weights that are not 4-bit."""
     try:
         with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-            return json.load(f)["text_config"].get("kv_dtype", "float32")
+            manifest = json.load(f)
+        kv_dtype = manifest["text_config"].get("kv_dtype", "float32")
     except (OSError, KeyError, json.JSONDecodeError):
-        return None
+        return None, {}
+    record = (manifest.get("quantization") or {}).get("decoder") or {}
+    if record.get("bits") != 4:
+        return kv_dtype, {}
+    return kv_dtype, {"int4_algorithm": record.get("algorithm", "rtn"), "int4_block_size": record["block_size"]}
 
 
 def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, str]:
@@ -128,11 +136,12 @@ def export_configs(checkpoint: str, work: str, methods: list[str]) -> dict[str, 
     folders = {}
     for method in ["none"] + [m for m in methods if m and m != "none"]:
         folders[method] = os.path.join(work, f"export-{method}")
-        quantize, int4 = int4_variant(method)
-        kv_dtype = "float16" if method == "none-kv16" else default_kv_dtype(quantize)
-        if quantize == "none-kv16":
-            quantize = "none"
-        if _kv_dtype(folders[method]) != kv_dtype or _int4(folders[method]) != int4:  # not exported like this yet
+        if method == "none-kv16":
+            quantize, int4, kv_dtype = "none", {}, "float16"
+        else:
+            quantize, int4 = int4_variant(method)
+            kv_dtype = default_kv_dtype(quantize)
+        if _exported_as(folders[method]) != (kv_dtype, int4):  # not exported like this yet
             run_export(checkpoint, folders[method], force=True, quantize=quantize, kv_dtype=kv_dtype,
                        progress=Progress(total=7, heartbeat_s=600), **int4)
     return folders
@@ -148,25 +157,14 @@ def int4_variant(method: str) -> tuple[str, dict]:
     )
 
     base, _, variant = method.partition("-")
-    if base not in ("int4", "mixed") or not variant:
-        return method, ({"int4_algorithm": INT4_ALGORITHM, "int4_block_size": INT4_BLOCK_SIZE}
-                        if base in ("int4", "mixed") else {})
+    if base not in ("int4", "mixed"):
+        return method, {}
+    if not variant:
+        return method, {"int4_algorithm": INT4_ALGORITHM, "int4_block_size": INT4_BLOCK_SIZE}
     algorithm = variant.rstrip("0123456789")
     if algorithm not in INT4_ALGORITHMS or not variant[len(algorithm):].isdigit():
         raise SystemExit(f"--methods {method!r}: write int4-<{'|'.join(INT4_ALGORITHMS)}><block size>, e.g. int4-rtn32")
     return base, {"int4_algorithm": algorithm, "int4_block_size": int(variant[len(algorithm):])}
-
-
-def _int4(folder: str) -> dict:
-    """The int4 options the export in `folder` was made with ({} when none or not int4)."""
-    try:
-        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-            record = json.load(f)["quantization"]["decoder"]
-    except (OSError, KeyError, json.JSONDecodeError, TypeError):
-        return {}
-    if record.get("bits") != 4:
-        return {}
-    return {"int4_algorithm": record.get("algorithm", "rtn"), "int4_block_size": record["block_size"]}
 
 
 def agreement(folders: dict[str, str], positions: int) -> dict:
@@ -213,12 +211,6 @@ def print_table(title: str, results: dict) -> None:
         print(f"| {method} | {r['logits_cosine_mean']:.4f} | {r['logits_cosine_min']:.4f} | "
               f"{r['top1_agreement_pct']:.1f}% | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | "
               f"{', '.join(map(str, r['greedy_prefix_equal_of_64']))} |")
-
-
-def write_json(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ import tempfile
 import threading
 
 from vlm_core.command_name import command_name
+from vlm_core.export.quantize import INT4_ALGORITHM, INT4_ALGORITHMS, INT4_BLOCK_SIZE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,11 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "4-bit MatMulNBits decoder (block 32, accuracy level 4) + int8 vision; mixed = int4 "
                              "decoder for single tokens + int8 decoder for the prompt (faster first token, more "
                              "memory) + int8 vision")
-    parser.add_argument("--int4-block-size", type=int, choices=(16, 32, 64, 128), default=32,
+    parser.add_argument("--int4-block-size", type=int, choices=(16, 32, 64, 128), default=INT4_BLOCK_SIZE,
                         help="weights per 4-bit scale for int4/mixed (default 32, the most accurate; ONNX Runtime's "
                              "4-bit kernel costs per block, so 64 and 128 decode ~1.3x faster and lose accuracy: "
                              "docs/performance.md)")
-    parser.add_argument("--int4-algorithm", choices=("rtn", "hqq"), default="rtn",
+    parser.add_argument("--int4-algorithm", choices=INT4_ALGORITHMS, default=INT4_ALGORITHM,
                         help="how int4/mixed fit the 4-bit weights (default rtn: symmetric round-to-nearest; hqq: "
                              "a scale and float zero point per block fitted by HQQ, as accurate at block 128 as rtn "
                              "at 32, but ONNX Runtime has no fast kernel for it: decode ~70x slower, for accuracy "

@@ -11,6 +11,7 @@ import dataclasses
 
 from vlm_core.export.errors import ExportError
 from vlm_core.export.kv_dtype import KV_DTYPES, default_kv_dtype
+from vlm_core.export.quantize import INT4_ALGORITHM, INT4_ALGORITHMS, INT4_BLOCK_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +33,16 @@ class ExportOptions:
     kv_dtype: str | None = None
     parity_tokens: int = 8
     stream: bool | None = None
-    int4_block_size: int = 32
-    int4_algorithm: str = "rtn"
+    int4_block_size: int = INT4_BLOCK_SIZE
+    int4_algorithm: str = INT4_ALGORITHM
     force: bool = False
     isolate: bool | None = None
 
     def __post_init__(self):
         if self.kv_dtype is None:
             object.__setattr__(self, "kv_dtype", default_kv_dtype(self.quantize))  # frozen: set once, here
-        if self.int4_algorithm not in ("hqq", "rtn"):
-            raise ExportError(f"int4 algorithm {self.int4_algorithm!r}: choose hqq or rtn (--int4-algorithm)")
+        if self.int4_algorithm not in INT4_ALGORITHMS:
+            raise ExportError(f"int4 algorithm {self.int4_algorithm!r}: choose one of {', '.join(INT4_ALGORITHMS)} "
+                              f"(--int4-algorithm)")
         if self.kv_dtype not in KV_DTYPES:
             raise ExportError(f"KV cache dtype {self.kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")

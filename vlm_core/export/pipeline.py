@@ -24,6 +24,7 @@ from vlm_core.export.memory_plan import MemoryPlan, plan_memory
 from vlm_core.export.options import ExportOptions
 from vlm_core.export.output import prepare_output, publish
 from vlm_core.export.progress import Progress
+from vlm_core.export.quantize import INT4_ALGORITHM, INT4_BLOCK_SIZE
 from vlm_core.export.quantize_step import plausible, quantize_and_measure
 from vlm_core.export.torch_stage import TORCH_STAGE_STEPS, run_torch_stage
 from vlm_core.models import family_for_model_type
@@ -41,7 +42,8 @@ def count_steps(options: ExportOptions, plan: MemoryPlan | None = None, prelude_
 
 def run_export(source: str, out: str, force: bool = False, quantize: str = "none", progress: Progress | None = None,
                parity_tokens: int = 8, isolate: bool | None = None, stream: bool | None = None,
-               int4_block_size: int = 32, kv_dtype: str | None = None, int4_algorithm: str = "rtn") -> dict:
+               int4_block_size: int = INT4_BLOCK_SIZE, kv_dtype: str | None = None,
+               int4_algorithm: str = INT4_ALGORITHM) -> dict:
     """Export `source` to `out`; returns the manifest written. Raises ExportError on bad input or failed parity.
 
     The keywords are ExportOptions' fields (export/options.py)."""

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
-INT4_ALGORITHMS = ("hqq", "rtn")
+INT4_ALGORITHMS = ("rtn", "hqq")
 INT4_ALGORITHM = "rtn"
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
