@@ -69,34 +69,46 @@ def test_prefix_load_and_copy_round_trip():
     np.testing.assert_array_equal(other.values[1][0, :, :7], 6.0)
 
 
-def _prefilled(length, value, layers=2):
-    cache = KVCache(num_layers=layers, num_kv_heads=1, head_dim=2, max_length=4096)
-    _write(cache, length, value)
-    return cache
+def _hold(batch, length, value):
+    """A row prefilled as the engine does: acquired, then written in place by a prompt chunk."""
+    row = batch.acquire(length)
+    keys, values = batch.buffers(row, row + 1)
+    for i in range(batch.num_layers):
+        keys[i][0, :, :length] = value + 2 * i
+        values[i][0, :, :length] = value + 2 * i + 1
+    batch.lengths[row] = length
+    return row
 
 
-def test_batch_rows_join_take_views_and_leave_by_moving_one_row():
+def test_batch_rows_are_held_take_views_and_move_one_row():
     batch = BatchKVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=4096)
-    rows = [batch.add(_prefilled(n, 10.0 * (i + 1))) for i, n in enumerate((3, 7, 5))]
-    assert rows == [0, 1, 2] and batch.lengths == [3, 7, 5] and batch.capacity % CAPACITY_ALIGN == 0
+    rows = [_hold(batch, n, 10.0 * (i + 1)) for i, n in enumerate((3, 7, 5))]
+    assert rows == [0, 1, 2] and batch.lengths[:3] == [3, 7, 5] and batch.capacity % CAPACITY_ALIGN == 0
+    assert batch.copied_slots == {"moved": 0, "loaded": 0}  # written where they are: nothing copied
     keys, values = batch.buffers(0, 3)
     assert all(np.shares_memory(view, store) and view.flags.c_contiguous
                for view, store in ((keys[0], batch.keys[0]), (values[1], batch.values[1])))
     assert keys[0].shape[0] == 3 and batch.buffers(1, 2)[0][0].flags.c_contiguous  # one row: contiguous too
-    for r, at in enumerate(batch.lengths):  # what the decoder call writes: each row at its own length
+    for r, at in enumerate(batch.lengths[:3]):  # what the decoder call writes: each row at its own length
         values[1][r, 0, at] = 300 + r
     batch.advance(0, 3)
-    assert batch.lengths == [4, 8, 6]
-    moved = batch.remove(0)  # the last row moves into row 0
-    assert moved == 2 and batch.lengths == [6, 8]
+    assert batch.lengths[:3] == [4, 8, 6]
+    batch.move(2, 0)  # the last row over a leaving one: its filled slots only
+    assert batch.lengths[:3] == [6, 8, 0] and batch.held[:3] == [True, True, False] and batch.rows == 2
+    assert batch.copied_slots["moved"] == 6
     np.testing.assert_array_equal(batch.keys[0][0, 0, :5, 0], 30.0)
     assert batch.values[1][0, 0, 5, 0] == 302
-    assert batch.remove(1) is None and batch.remove(0) is None and batch.nbytes == 0  # memory given back
+    assert batch.acquire(4) == 2  # the lowest free row
+    batch.release(2)
+    batch.release(1)
+    assert batch.nbytes > 0
+    batch.release(0)
+    assert batch.nbytes == 0 and batch.rows == 0  # nobody holds a row: memory given back
 
 
 def test_batch_grows_slots_and_rows_keeping_content():
     batch = BatchKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_length=4096)
-    batch.add(_prefilled(60, 1.0, layers=1))
+    _hold(batch, 60, 1.0)
     batch.reserve(2, 61)  # a padding row for the next call (decode_plan.py)
     assert batch.allocated_rows == 2 and batch.capacity == 64
     batch.reserve(2, 65)
@@ -107,20 +119,23 @@ def test_batch_grows_slots_and_rows_keeping_content():
     assert batch.capacity == 384 and batch.capacity % CAPACITY_ALIGN == 0  # no limit given: doubled again
     np.testing.assert_array_equal(batch.keys[0][0, 0, :60], 1.0)
     for i in range(3):
-        batch.add(_prefilled(10, 5.0 + i, layers=1))
+        _hold(batch, 10, 5.0 + i)
     assert batch.rows == 4 and batch.allocated_rows == 4
     np.testing.assert_array_equal(batch.keys[0][0, 0, :60], 1.0)
     np.testing.assert_array_equal(batch.keys[0][3, 0, :10], 7.0)
+    assert batch.copied_slots["moved"] == 0  # growth is not counted: it is amortised (kv_buffer.py)
 
 
-def test_batch_row_joins_at_a_chosen_row_moving_that_one_to_the_end():
+def test_batch_rows_swap_and_load_a_prefix():
     batch = BatchKVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=4096)
     for i, n in enumerate((3, 7)):
-        batch.add(_prefilled(n, 10.0 * (i + 1)))
-    assert batch.add(_prefilled(5, 30.0), at=1) == 1  # row 1 (7 slots of 20s) moves to row 2
-    assert batch.lengths == [3, 5, 7]
-    np.testing.assert_array_equal(batch.keys[1][1, 0, :5, 0], 32.0)  # layer i's keys: value + 2i
-    np.testing.assert_array_equal(batch.values[0][2, 0, :7, 0], 21.0)
-    batch.move(2, 0)
-    assert batch.lengths == [7, 5, 7]
-    np.testing.assert_array_equal(batch.keys[0][0, 0, :7, 0], 20.0)
+        _hold(batch, n, 10.0 * (i + 1))
+    batch.swap(0, 1)
+    assert batch.lengths[:2] == [7, 3] and batch.copied_slots["moved"] == 10
+    np.testing.assert_array_equal(batch.keys[1][0, 0, :7, 0], 22.0)  # layer i's keys: value + 2i
+    np.testing.assert_array_equal(batch.values[0][1, 0, :3, 0], 11.0)
+    row = batch.acquire(9)
+    prefix = [np.full((1, 4, 2), 40.0 + i) for i in range(2)]
+    batch.load(row, prefix, [p + 1 for p in prefix])
+    assert row == 2 and batch.lengths[2] == 4 and batch.copied_slots["loaded"] == 4
+    np.testing.assert_array_equal(batch.values[1][2, 0, :4, 0], 42.0)

@@ -74,12 +74,19 @@ class ModelRunner:
         """One batch-1 decoder call on `feeds` (the family's inputs) over `cache`, which takes the new tokens
         in place; returns the last position's logits [vocab]."""
         new_tokens = feeds["inputs_embeds"].shape[1]
+        cache.reserve(cache.offset + new_tokens)
+        logits = self.prefill_row(feeds, cache.keys, cache.values, cache.offset + new_tokens)
+        cache.advance(new_tokens)
+        return logits
+
+    def prefill_row(self, feeds: dict, keys: list, values: list, length_after: int) -> np.ndarray:
+        """Prompt tokens of one sequence through the decoder, written in after its filled slots: `keys` /
+        `values` are its row's buffers (a KVCache's, or a batch row's views BatchKVCache.buffers(r, r + 1)) with
+        room for `length_after` slots; returns the last position's logits [vocab]."""
+        new_tokens = feeds["inputs_embeds"].shape[1]
         # A "prefill" graph (same I/O, weights for GEMMs) takes multi-token runs when the export made one.
         session = self.sessions["prefill"] if new_tokens > 1 and "prefill" in self.sessions else self.sessions["decoder"]
-        cache.reserve(cache.offset + new_tokens)
-        logits = decoder_call.run_decoder(session, feeds, cache.keys, cache.values, [cache.offset + new_tokens])
-        cache.advance(new_tokens)
-        return logits[0]
+        return decoder_call.run_decoder(session, feeds, keys, values, [length_after])[0]
 
     def decode(self, feeds: dict, keys: list, values: list, lengths_after, buffers_key=None) -> np.ndarray:
         """One decoder call for one new token in each of several rows (views of a BatchKVCache's buffers);

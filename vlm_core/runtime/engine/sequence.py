@@ -91,11 +91,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.pending_token: int | None = None  # sampled, not yet run through the decoder
-        self.row: int | None = None  # row in the engine's BatchKVCache while decoding
+        self.row: int | None = None  # its row in the engine's BatchKVCache, from admission to the end
         # prefill state (set by the engine)
         self.key_ids: np.ndarray | None = None
         self.image_digests: list = []  # one per image: keys of the image-feature cache
-        self.cache = None
         self.position = 0
         self.feeds = None
         self.vision_outputs = None

@@ -3,14 +3,20 @@
 Each `step()`:
   1. admits waiting sequences while fewer than `parallel` are active (a prefix-cache lookup each);
   2. does one unit of prompt work for the oldest sequence still reading its prompt: encode one image
-     (through the image-feature cache) or prefill one chunk of at most `prefill_chunk` tokens, in a
-     KV cache of its own (batch 1); when its prompt is done it samples its first token and joins the
-     decode batch (its KV copied once into a row of the BatchKVCache);
+     (through the image-feature cache) or prefill one chunk of at most `prefill_chunk` tokens, straight
+     into the batch row the sequence took when admitted (kv_slots.py; a prefix-cache hit is copied in
+     first); when its prompt is done it samples its first token and joins the decode batch in that row;
   3. runs every decoding sequence's pending token through the decoder in one call (rows = sequences,
      per-row positions and masks), plus one chunk per row whose grammar forces the tokens after it
      (jump-forward: jump_forward.py); finished, stopped or cancelled sequences leave at once, keeping
      their KV in the prefix cache.
 So a long new prompt or image holds running streams up for one chunk (or one image) at most.
+
+A prompt's KV is written once, into the row it is decoded in: rows 0..n-1 are the n decoding sequences (one
+contiguous view per decoder call), and a sequence reading its prompt holds a row after them. It is copied only
+when it must move to stay contiguous: when it joins and a decoding sequence left meanwhile (the hole is filled
+from the sequence's row), or when rows of two kinds of request must change places (int8, below). The batch
+counts the slots it copies (`stats()["kv_copied_slots"]`).
 
 A request that asks for it (`Sequence(batch_invariant=True)`) gets tokens that do not depend on the batch
 (tests check it token by token); the others get the fastest kernels. Each step's decoder calls are planned
@@ -32,7 +38,6 @@ from vlm_core.runtime.engine.jump_forward import (
     run_forced,
     take_forced,
 )
-from vlm_core.runtime.engine.kv_buffer import KVCache
 from vlm_core.runtime.engine.prefix_cache import (
     EngineCache,
     PrefixEntry,
@@ -105,6 +110,7 @@ class BatchEngine:
         """Slots and cache use (for /health)."""
         return {"parallel": self.parallel, "decoding": len(self.decoding), "prefilling": len(self.prefilling),
                 "waiting": len(self.waiting), "kv_mb": round(self.batch.nbytes / 2**20, 1),
+                "kv_copied_slots": dict(self.batch.copied_slots),
                 "cache": self.cache.stats() if self.cache else None, **self.counters}
 
     def _loop(self) -> None:
@@ -159,14 +165,19 @@ class BatchEngine:
         prompt = sequence.prompt
         if sequence.key_ids is None:  # not keyed by its submitter (VisionLanguageModel.submit keys on its thread)
             sequence.key_ids, sequence.image_digests = self.prompt_keys(prompt)
-        sequence.cache = self.runner.new_cache(sequence.prompt_len)
-        sequence.cache.reserve(sequence.prompt_len)  # the whole prompt at once: its chunks never regrow it
-        if self.cache is not None:
-            # At least the last prompt token is always run: its logits give the first new token.
-            entry, length = self.cache.longest_prefix(sequence.key_ids, sequence.prompt_len - 1)
-            if entry is not None and length > 0:
-                sequence.cache.load([k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values])
-                sequence.position = sequence.cached_tokens = length
+        # its row for good, with room for the whole prompt at once: its chunks never regrow it
+        row = self.batch.acquire(sequence.prompt_len, self._slots_limit(sequence))
+        try:
+            if self.cache is not None:
+                # At least the last prompt token is always run: its logits give the first new token.
+                entry, length = self.cache.longest_prefix(sequence.key_ids, sequence.prompt_len - 1)
+                if entry is not None and length > 0:
+                    self.batch.load(row, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values])
+                    sequence.position = sequence.cached_tokens = length
+        except BaseException:
+            self.batch.release(row)
+            raise
+        sequence.row = row
         sequence.state = PREFILL
         self.prefilling.append(sequence)
 
@@ -214,7 +225,7 @@ class BatchEngine:
         end = min(begin + self.prefill_chunk, sequence.prompt_len)
         feeds = {name: _take(value, self.family.decoder_feed_axes[name][1], begin, end)
                  for name, value in sequence.feeds.items()}
-        logits = self._run(feeds, sequence.cache, end - begin)
+        logits = self._run_prompt_chunk(sequence, feeds, end - begin)
         sequence.position = end
         sequence.timings["prefill_s"] += time.perf_counter() - start
         if end < sequence.prompt_len:
@@ -223,8 +234,9 @@ class BatchEngine:
         sequence.feeds = None
         sequence.sample(logits)
         if sequence.finished:
-            self._remember(sequence, sequence.cache, None)
-            sequence.cache = None
+            self._remember(sequence)
+            self.batch.release(sequence.row)
+            sequence.row = None
             return
         self._join(sequence)
 
@@ -250,32 +262,45 @@ class BatchEngine:
         sequence.vision_outputs = (sequence.vision_outputs or []) + [outputs]
         sequence.images_done += 1
 
-    def _run(self, feeds: dict, cache: KVCache, new_tokens: int) -> np.ndarray:
-        """One batch-1 decoder call over a private cache (prompt chunks); returns the last logits."""
-        logits = self.runner.run_decoder(feeds, cache)
+    def _run_prompt_chunk(self, sequence: Sequence, feeds: dict, new_tokens: int) -> np.ndarray:
+        """One decoder call for a chunk of `sequence`'s prompt, written into its batch row; the last logits."""
+        row = sequence.row
+        length = self.batch.lengths[row] + new_tokens
+        logits = self.runner.prefill_row(feeds, *self.batch.buffers(row, row + 1), length)
+        self.batch.lengths[row] = length
         self.counters["decoder_tokens"] += new_tokens
         self.counters["decoder_calls"] += 1
         return logits
 
     # --- decoding -------------------------------------------------------------------------
     def _join(self, sequence: Sequence) -> None:
-        """Copy a prefilled sequence's KV into a batch row: after the rows whose request did not ask for
-        invariance if it did not either, else last (the order plan_decode reads)."""
+        """A prefilled sequence joins the decode batch in the row after the decoding ones (its own, unless a
+        decoding sequence left meanwhile), then changes places with the first row whose request asked for
+        invariance if it did not ask (the order plan_decode reads)."""
+        target = len(self.decoding)
+        if sequence.row != target:
+            self._take_row(sequence, target)
         free = self._free_rows()
-        at = free if not sequence.batch_invariant and free < len(self.decoding) else None
-        sequence.row = self.batch.add(sequence.cache, at, self._slots_limit(sequence))
-        if at is not None:  # the first row that asked moved to the end
-            self.decoding.append(self.decoding[at])
-            self.decoding[-1].row = len(self.decoding) - 1
-            self.decoding[at] = sequence
-        else:
-            self.decoding.append(sequence)
-        sequence.cache = None
+        self.decoding.append(sequence)
+        if not sequence.batch_invariant and free < target:  # only int8 plans care: rows of both kinds
+            self.batch.swap(free, target)
+            self.decoding[free], self.decoding[target] = sequence, self.decoding[free]
+            self.decoding[target].row, sequence.row = target, free
         sequence.state = DECODE
 
+    def _take_row(self, sequence: Sequence, target: int) -> None:
+        """Move `sequence`'s KV to row `target`, changing places with the sequence reading its prompt there."""
+        holder = next((s for s in self.prefilling if s.row == target), None)
+        if holder is None:
+            self.batch.move(sequence.row, target)
+        else:
+            self.batch.swap(sequence.row, target)
+            holder.row = sequence.row
+        sequence.row = target
+
     def _slots_limit(self, joining: Sequence | None = None) -> int:
-        """The most KV slots a decoding row (or `joining`) can ever use: its prompt and all its new tokens."""
-        rows = self.decoding + ([joining] if joining is not None else [])
+        """The most KV slots a row (or `joining`'s) can ever use: its prompt and all its new tokens."""
+        rows = self.decoding + self.prefilling + ([joining] if joining is not None else [])
         return max(s.prompt_len + s.max_new_tokens for s in rows)
 
     def _free_rows(self) -> int:
@@ -323,8 +348,10 @@ class BatchEngine:
         real = [min(r, stop - 1) for r in range(start, start + width)]  # padding rows repeat the last real row
         positions = [batch.lengths[r] for r in real]
         feeds = self.family.decode_rows_feeds([self.decoding[r].prompt for r in real], embeds[real], positions)
-        # padding rows write their (discarded) entry into their own, unused row of the buffer
-        lengths = [p + 1 for p in positions]
+        # A padding row writes its (discarded) entry into its own row of the buffer, after that row's filled slots:
+        # the row is free, or a prompt's still being read, whose next chunk overwrites that slot before reading it.
+        lengths = [positions[i] + 1 if r < stop else batch.lengths[r] + 1
+                   for i, r in enumerate(range(start, start + width))]
         logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths, (batch.layout, start, width))
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
@@ -345,10 +372,13 @@ class BatchEngine:
         """Take a sequence out (finished, cancelled or failed), keeping its KV in the prefix cache."""
         if sequence in self.prefilling:
             self.prefilling.remove(sequence)
-            sequence.cache = sequence.feeds = sequence.vision_outputs = None
+            sequence.feeds = sequence.vision_outputs = None
+            if sequence.row is not None:
+                self.batch.release(sequence.row)
+                sequence.row = None
         elif sequence in self.decoding:
             if error is None:
-                self._remember(sequence, None, sequence.row)
+                self._remember(sequence)
             self._free_row(sequence.row)
             sequence.row = None
         sequence.finish(error=error)
@@ -362,23 +392,28 @@ class BatchEngine:
             self.decoding[row] = self.decoding[last_free]
             self.decoding[row].row = row
             row = last_free
-        moved = self.batch.remove(row)
-        if moved is not None:
-            self.decoding[row] = self.decoding[moved]
+        last = len(self.decoding) - 1
+        if row != last:
+            self.batch.move(last, row)
+            self.decoding[row] = self.decoding[last]
             self.decoding[row].row = row
+        else:
+            self.batch.release(row)
         self.decoding.pop()
         if not self.decoding:  # the batch gave its buffers back: so does the decode binding
             self.runner.release_decode_buffers()
 
-    def _remember(self, sequence: Sequence, cache: KVCache | None, row: int | None) -> None:
-        """Keep the KV of every token that went through the decoder (prompt + all but the last sampled)."""
+    def _remember(self, sequence: Sequence) -> None:
+        """Keep the KV of every token that went through the decoder (prompt + all but the last sampled), from
+        the sequence's row."""
         if self.cache is None:
             return
-        length = cache.offset if cache is not None else self.batch.lengths[row]
+        row = sequence.row
+        length = self.batch.lengths[row]
         if length <= 0 or not self.cache.fits(PrefixEntry.size(length, self.runner.bytes_per_slot)):
             return  # over the whole budget: no copy, and the prefix it extends stays cached
         key_ids = np.concatenate([sequence.key_ids, np.asarray(sequence.tokens[sequence.prompt_len:], np.int64)])
-        keys, values = cache.copy_prefix(length) if cache is not None else self.batch.copy_prefix(row, length)
+        keys, values = self.batch.copy_prefix(row, length)
         self.cache.put_prefix(key_ids[:length], keys, values)
 
 

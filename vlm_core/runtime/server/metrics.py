@@ -154,11 +154,11 @@ class ServerMetrics:
 def engine_state(vlm, scheduler) -> dict:
     """running, waiting and kv_cache_usage (0..1) now, from the engine's `stats()` and the scheduler's queue.
 
-    The filled KV slots are the decode batch's row lengths plus the prompt positions of the sequences being
-    prefilled; read from the event loop while the engine thread runs, so each list is copied before summing."""
+    The filled KV slots are the batch's row lengths (decoding sequences and those still reading their prompt
+    alike); read from the event loop while the engine thread runs, so the list is copied before summing."""
     engine = vlm.engine
     stats = engine.stats()
-    filled = sum(list(engine.batch.lengths)) + sum(int(s.position) for s in list(engine.prefilling))
+    filled = sum(list(engine.batch.lengths))
     capacity = engine.parallel * vlm.max_context
     return {"running": stats["prefilling"] + stats["decoding"], "waiting": scheduler.queued + stats["waiting"],
             "kv_cache_usage": min(1.0, filled / capacity) if capacity else 0.0}
