@@ -59,16 +59,6 @@ def test_growth_is_geometric_so_a_long_sequence_copies_few_slots():
     assert grown_capacity(4096, 4097, 4100) == 4160 and grown_capacity(64, 60, 100) == 64
 
 
-def test_prefix_load_and_copy_round_trip():
-    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=512)
-    _write(cache, 9, 3.0)
-    keys, values = cache.copy_prefix(7)
-    other = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_length=512)
-    other.load(keys, values)
-    assert other.offset == 7 and other.capacity % CAPACITY_ALIGN == 0
-    np.testing.assert_array_equal(other.values[1][0, :, :7], 6.0)
-
-
 def _hold(batch, length, value):
     """A row prefilled as the engine does: acquired, then written in place by a prompt chunk."""
     row = batch.acquire(length)

@@ -59,16 +59,3 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         """Count `new_tokens` more slots as filled (the decoder call wrote them in place: runtime/engine/decoder_call.py)."""
         self.offset += new_tokens
-
-    def load(self, keys: list, values: list) -> None:
-        """Start from a cached prefix: per-layer keys / values [kv_heads, length, head_dim]."""
-        length = keys[0].shape[1]
-        self.reserve(length)
-        for i in range(self.num_layers):
-            self.keys[i][0, :, :length] = keys[i]
-            self.values[i][0, :, :length] = values[i]
-        self.offset = length
-
-    def copy_prefix(self, length: int) -> tuple[list, list]:
-        """Copies of the first `length` slots: per-layer keys / values [kv_heads, length, head_dim]."""
-        return ([k[0, :, :length].copy() for k in self.keys], [v[0, :, :length].copy() for v in self.values])

@@ -265,9 +265,8 @@ class BatchEngine:
     def _run_prompt_chunk(self, sequence: Sequence, feeds: dict, new_tokens: int) -> np.ndarray:
         """One decoder call for a chunk of `sequence`'s prompt, written into its batch row; the last logits."""
         row = sequence.row
-        length = self.batch.lengths[row] + new_tokens
-        logits = self.runner.prefill_row(feeds, *self.batch.buffers(row, row + 1), length)
-        self.batch.lengths[row] = length
+        logits = self.runner.prefill_row(feeds, *self.batch.buffers(row, row + 1), self.batch.lengths[row] + new_tokens)
+        self.batch.advance(row, row + 1, new_tokens)
         self.counters["decoder_tokens"] += new_tokens
         self.counters["decoder_calls"] += 1
         return logits
@@ -329,7 +328,7 @@ class BatchEngine:
                 row = sequence.row
                 if row in forced:
                     taken = take_forced(sequence, logits[row], forced[row], forced_logits[row])
-                    batch.lengths[row] += taken
+                    batch.advance(row, row + 1, taken)
                     self.counters["forced_tokens"] += taken
                 else:
                     sequence.sample(logits[row])
@@ -350,8 +349,7 @@ class BatchEngine:
         feeds = self.family.decode_rows_feeds([self.decoding[r].prompt for r in real], embeds[real], positions)
         # A padding row writes its (discarded) entry into its own row of the buffer, after that row's filled slots:
         # the row is free, or a prompt's still being read, whose next chunk overwrites that slot before reading it.
-        lengths = [positions[i] + 1 if r < stop else batch.lengths[r] + 1
-                   for i, r in enumerate(range(start, start + width))]
+        lengths = [batch.lengths[r] + 1 for r in range(start, start + width)]
         logits = runner.decode(feeds, *batch.buffers(start, start + width), lengths, (batch.layout, start, width))
         batch.advance(start, stop)
         self.counters["decoder_tokens"] += stop - start
